@@ -1,0 +1,174 @@
+"""The one interface every mechanism implements (shared/DESIGN.md, "Three levels").
+
+A mechanism is three things over tensors shaped ``[batch, heads, seq, head_dim]``:
+
+1. ``plan(q, k, v, causal)``: the content- or position-dependent structure,
+   computed once and consumed by every implementation;
+2. implementations of ``attend(q, k, v, plan)``, registered by name
+   (``reference``, ``sdpa``, ``flex``, ``triton``) with
+   :meth:`Mechanism.implementation`;
+3. ``oracle(q, k, v, plan, rows)``: the same output as dense attention with an
+   explicit additive bias (or a weighted sum of such), built in float64 by code
+   that shares nothing with the implementations (see :mod:`attn_zoo.oracle`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from attn_zoo.validation import check_head_dim, check_qkv
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every plan records; mechanisms subclass it with their structure."""
+
+    batch: int
+    heads: int
+    n_q: int
+    n_k: int
+    causal: bool
+
+    @property
+    def full_pairs(self) -> int:
+        """(query, key) pairs of dense attention with the same causality: density's
+        denominator."""
+        per_head = self.n_q * (self.n_q + 1) // 2 if self.causal else self.n_q * self.n_k
+        return self.batch * self.heads * per_head
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of a mechanism's ``attend`` step."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    #: Why it cannot run on a device (None when it can).
+    unavailable: Callable[[torch.device], str | None]
+    #: Whether ``bench run`` picks it when ``--impls`` is not given.
+    default_on: Callable[[torch.device], bool]
+    #: The head dims it accepts (None: any).
+    head_dims: tuple[int, ...] | None = None
+    #: Whether gradients flow through it.
+    differentiable: bool = True
+    #: Whether a run on this device goes through an interpreter (times not comparable).
+    interpreted: Callable[[torch.device], bool] = lambda device: False
+
+
+def _always(device: torch.device) -> str | None:
+    return None
+
+
+def _everywhere(device: torch.device) -> bool:
+    return True
+
+
+class Mechanism:
+    """Base class: subclasses set the class attributes and the three methods."""
+
+    name: ClassVar[str]
+    #: A frozen dataclass whose defaults are the paper's, cited beside them.
+    Config: ClassVar[type]
+    citation: ClassVar[str]
+    #: One line: what each query attends to.
+    summary: ClassVar[str]
+    #: Time and memory of the reference, e.g. "O(N sqrt N)".
+    complexity: ClassVar[str]
+    #: One line: what the float64 oracle computes.
+    oracle_summary: ClassVar[str]
+    #: Whether q and k must have the same sequence length.
+    self_attention: ClassVar[bool] = True
+    impls: ClassVar[dict[str, Impl]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.impls = {}
+
+    def __init__(self, config: Any = None, **overrides: Any) -> None:
+        config = config if config is not None else self.Config()
+        fields = {f.name for f in dataclasses.fields(config)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(
+                f"{self.name}: unknown config field(s) {', '.join(unknown)}; "
+                f"accepted: {', '.join(sorted(fields))}"
+            )
+        self.config = dataclasses.replace(config, **overrides)
+
+    # -- registration ---------------------------------------------------------
+    @classmethod
+    def implementation(
+        cls,
+        name: str,
+        *,
+        unavailable: Callable[[torch.device], str | None] = _always,
+        default_on: Callable[[torch.device], bool] = _everywhere,
+        head_dims: tuple[int, ...] | None = None,
+        differentiable: bool = True,
+        interpreted: Callable[[torch.device], bool] = lambda device: False,
+    ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+        """Decorator registering ``fn(mech, q, k, v, plan) -> out`` under ``name``."""
+
+        def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+            if name in cls.impls:
+                raise ValueError(f"{cls.name}: implementation {name!r} registered twice")
+            cls.impls[name] = Impl(
+                name, fn, unavailable, default_on, head_dims, differentiable, interpreted
+            )
+            return fn
+
+        return register
+
+    # -- the three levels -----------------------------------------------------
+    def plan(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Plan:
+        raise NotImplementedError
+
+    def oracle(self, q, k, v, plan: Plan, rows: torch.Tensor) -> list:
+        """The float64 oracle's terms (:class:`attn_zoo.oracle.Term`) at query ``rows``."""
+        raise NotImplementedError
+
+    def pairs(self, plan: Plan) -> int:
+        """(query, key) score entries the mechanism computes, summed over batch and heads."""
+        raise NotImplementedError
+
+    def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """The (q, k, v) the mechanism actually attends with (shared-QK mechanisms
+        replace k); plain dense attention over these is the ``err_dense`` baseline."""
+        return q, k, v
+
+    # -- use --------------------------------------------------------------------
+    def impl(self, name: str) -> Impl:
+        try:
+            return self.impls[name]
+        except KeyError:
+            raise ValueError(
+                f"{self.name}: unknown implementation {name!r}; accepted: {', '.join(self.impls)}"
+            ) from None
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = True,
+        impl: str = "reference",
+        plan: Plan | None = None,
+    ) -> torch.Tensor:
+        """Attention output ``[batch, heads, n_q, head_dim]`` in q's dtype."""
+        chosen = self.impl(impl)
+        check_qkv(q, k, v, self_attention=self.self_attention, who=self.name)
+        check_head_dim(q.shape[-1], chosen.head_dims, who=f"{self.name}/{impl}")
+        why = chosen.unavailable(q.device)
+        if why is not None:
+            raise ValueError(f"{self.name}/{impl} cannot run on {q.device.type}: {why}")
+        if plan is None:
+            plan = self.plan(q, k, v, causal)
+        return chosen.fn(self, q, k, v, plan)
+
+    def describe(self) -> dict[str, Any]:
+        return {"mechanism": self.name, **dataclasses.asdict(self.config)}

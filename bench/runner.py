@@ -1,0 +1,131 @@
+"""Run one case: time, peak memory, equivalence, work. Never raises for a
+failing case: out-of-memory, NaN/Inf and exceptions become the row's status."""
+
+from __future__ import annotations
+
+import json
+import math
+import traceback
+from dataclasses import asdict, dataclass
+
+import torch
+
+import attn_zoo
+from attn_zoo import oracle
+from attn_zoo.validation import DTYPES
+from bench.cases import Case
+from bench.measure import peak_memory, time_call
+
+#: err_oracle must be under this for the row to be ok (shared/DESIGN.md).
+TOLERANCE = {"float64": 1e-5, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
+#: Backward costs about 2.5x the forward (shared/MECHANISMS.md).
+MODE_FLOP_FACTOR = {"fwd": 1.0, "fwd_bwd": 3.5}
+MODES = tuple(MODE_FLOP_FACTOR)
+
+
+@dataclass(frozen=True)
+class Settings:
+    warmup: int
+    repeats: int
+    seed: int
+    oracle_rows: int
+
+
+def _is_oom(error: BaseException) -> bool:
+    if isinstance(error, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return "out of memory" in text or "can't allocate memory" in text
+
+
+def _inputs(case: Case, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (case.batch, case.heads, case.seq_len, case.head_dim)
+    grad = case.mode == "fwd_bwd"
+    return [
+        torch.randn(shape, generator=g, dtype=torch.float32)
+        .to(device=case.device, dtype=DTYPES[case.dtype])
+        .requires_grad_(grad)
+        for _ in range(3)
+    ]
+
+
+def skip_reason(case: Case) -> str | None:
+    """Why a case cannot run here (None when it can)."""
+    mech = attn_zoo.get(case.mechanism)
+    impl = mech.impl(case.impl)
+    device = torch.device(case.device)
+    why = impl.unavailable(device)
+    if why:
+        return why
+    if impl.head_dims is not None and case.head_dim not in impl.head_dims:
+        return f"head_dim {case.head_dim} unsupported; accepted: {impl.head_dims}"
+    if case.mode == "fwd_bwd" and not impl.differentiable:
+        return "no backward pass"
+    if impl.interpreted(device) and case.dtype == "bfloat16":
+        return "the Triton interpreter has no bfloat16"
+    return None
+
+
+def run_case(case: Case, settings: Settings) -> dict:
+    """The measured row for ``case`` (without the key columns)."""
+    row: dict = {"status": "ok", "note": "", "repeats": settings.repeats}
+    try:
+        mech = attn_zoo.get(case.mechanism)
+        row["config"] = json.dumps(asdict(mech.config), sort_keys=True)
+        why = skip_reason(case)
+        if why:
+            return {**row, "status": "skipped", "note": why}
+        device = torch.device(case.device)
+        impl = mech.impl(case.impl)
+        row["interpreted"] = impl.interpreted(device)
+        q, k, v = _inputs(case, settings.seed)
+        plan = mech.plan(q, k, v, case.causal)
+        pairs = mech.pairs(plan)
+        row["flops"] = 4 * case.head_dim * pairs * MODE_FLOP_FACTOR[case.mode]
+        row["density"] = pairs / plan.full_pairs
+
+        def call():
+            out = mech(q, k, v, causal=case.causal, impl=case.impl)
+            if case.mode == "fwd_bwd":
+                out.backward(torch.ones_like(out))
+            return out
+
+        timing = time_call(call, device, settings.warmup, settings.repeats)
+        row.update(time_ms=timing.median_ms, time_ms_p20=timing.p20_ms, time_ms_p80=timing.p80_ms)
+        peak, out = peak_memory(call, device)
+        row["peak_mem_bytes"] = peak
+        if peak is None:
+            row["note"] = "peak memory not measured on this platform"
+        out = out.detach()
+        if not torch.isfinite(out).all():
+            bad = (~torch.isfinite(out)).sum().item()
+            return {**row, "status": "nan", "note": f"{bad} non-finite output values"}
+        _equivalence(row, mech, case, (q, k, v), plan, out, settings)
+    except Exception as error:  # a failing case is a row, the sweep goes on
+        status = "oom" if _is_oom(error) else "failed"
+        last = traceback.extract_tb(error.__traceback__)[-1:]
+        where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
+        row.update(status=status, note=f"{type(error).__name__}: {error}{where}"[:300])
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return row
+
+
+def _equivalence(row, mech, case, qkv, plan, out, settings) -> None:
+    """err_oracle and err_dense on a recorded sample of query rows."""
+    q, k, v = (t.detach() for t in qkv)
+    rows = oracle.sample_rows(case.seq_len, settings.oracle_rows, seed=settings.seed)
+    row["oracle_rows"] = len(rows)
+    picked = out[:, :, rows.to(out.device)]
+    expected = oracle.evaluate(q, k, v, mech.oracle(q, k, v, plan, rows), rows)
+    row["err_oracle"] = oracle.rel_error(picked, expected)
+    full = oracle.dense(*mech.inputs(q, k, v), case.causal, rows)
+    row["err_dense"] = oracle.rel_error(picked, full)
+    tol = TOLERANCE[case.dtype]
+    if not math.isfinite(row["err_oracle"]) or row["err_oracle"] > tol:
+        row.update(
+            status="failed",
+            note=f"err_oracle {row['err_oracle']:.3g} above the {case.dtype} tolerance {tol:g}",
+        )

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv/ and install attn-zoo with its dev tools.
+# Where there is no NVIDIA GPU, torch's CPU build goes in first, so that the
+# `torch` requirement never pulls several GB of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        python -m pip install -q torch
+    else
+        python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" \
+            --extra-index-url https://download.pytorch.org/whl/cpu
+    fi
+fi
+python -m pip install -q -e ".[dev]"
+python -c "import torch, attn_zoo; print('attn-zoo ready: torch', torch.__version__, '| cuda' if torch.cuda.is_available() else '| cpu')"
