@@ -45,7 +45,7 @@ class Dense(Mechanism):
             return [oracle.Term(torch.zeros((), dtype=torch.float64, device=q.device))]
         return [oracle.Term(oracle.mask_bias(oracle.causal_visible(rows.to(q.device), plan.n_k)))]
 
-    def pairs(self, plan: Plan) -> int:
+    def pairs(self, q, k, v, plan: Plan) -> int:
         return plan.full_pairs
 
 

@@ -132,9 +132,14 @@ class Mechanism:
         """The float64 oracle's terms (:class:`attn_zoo.oracle.Term`) at query ``rows``."""
         raise NotImplementedError
 
-    def pairs(self, plan: Plan) -> int:
-        """(query, key) score entries the mechanism computes, summed over batch and heads."""
-        raise NotImplementedError
+    def pairs(self, q, k, v, plan: Plan) -> int:
+        """(query, key) pairs the mechanism attends, summed over batch and heads:
+        by default counted from the oracle's bias, row chunk by row chunk."""
+        from attn_zoo.oracle import count_visible
+
+        return count_visible(
+            lambda rows: self.oracle(q, k, v, plan, rows), plan.n_q, plan.batch, plan.heads
+        )
 
     def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """The (q, k, v) the mechanism actually attends with (shared-QK mechanisms

@@ -92,6 +92,20 @@ def dense(q, k, v, causal: bool, rows: torch.Tensor) -> torch.Tensor:
     return evaluate(q, k, v, [Term(bias.to(q.device))], rows)
 
 
+def count_visible(terms_at, n_q: int, batch: int, heads: int, chunk: int = 256) -> int:
+    """(query, key) pairs with a finite bias, summed over terms, batch and
+    heads; ``terms_at(rows)`` gives the oracle's terms at those query rows."""
+    total = 0
+    for start in range(0, n_q, chunk):
+        rows = torch.arange(start, min(start + chunk, n_q))
+        for term in terms_at(rows):
+            finite = torch.isfinite(term.bias)
+            finite = finite.view((1,) * (4 - finite.dim()) + tuple(finite.shape))
+            repeat = (batch // finite.shape[0]) * (heads // finite.shape[1])
+            total += int(finite.sum()) * repeat
+    return total
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (0 when both are 0)."""
     out, ref = out.double(), ref.double()

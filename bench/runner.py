@@ -81,7 +81,7 @@ def run_case(case: Case, settings: Settings) -> dict:
         row["interpreted"] = impl.interpreted(device)
         q, k, v = _inputs(case, settings.seed)
         plan = mech.plan(q, k, v, case.causal)
-        pairs = mech.pairs(plan)
+        pairs = mech.pairs(q.detach(), k.detach(), v.detach(), plan)
         row["flops"] = 4 * case.head_dim * pairs * MODE_FLOP_FACTOR[case.mode]
         row["density"] = pairs / plan.full_pairs
 

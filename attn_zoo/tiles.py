@@ -1,0 +1,120 @@
+"""Gathered attention: the four steps every efficient reference is made of.
+
+An efficient mechanism lists, for each tile of queries, the keys that tile may
+see (``index`` tensors of positions, -1 for padding), then
+
+1. :func:`gather` pulls those rows out of q, k, v,
+2. :func:`attend` runs a masked softmax on the small tiles, returning the
+   output and the per-row log-sum-exp,
+3. :func:`scatter` puts tile rows back at their positions,
+4. :func:`merge` combines partial results over disjoint key sets by their
+   log-sum-exp, exactly as flash attention combines key blocks.
+
+No step ever holds an N x N tensor: memory is (rows x keys per row).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def softmax_lse(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax of x, logsumexp of x) along ``dim``, where an all -inf slice
+    gives weights 0 and lse -inf, and no NaN in forward or backward (the
+    shift and the empty-slice guard stay out of the gradient's way)."""
+    top = x.detach().amax(dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    e = torch.exp(x - top)
+    total = e.sum(dim, keepdim=True)
+    nonempty = total > 0
+    total = torch.where(nonempty, total, 1.0)
+    lse = torch.where(nonempty, top + torch.log(total), NEG_INF)
+    return e / total, lse.squeeze(dim)
+
+
+def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` [B, H, N, D] at positions ``index`` [B|1, H|1, *tile] (-1 for
+    padding, which reads row 0 and must be masked by the caller).
+    Returns [B, H, *tile, D]."""
+    b, h, _, d = x.shape
+    tile = index.shape[2:]
+    flat = index.clamp_min(0).reshape(index.shape[0], index.shape[1], -1)
+    flat = flat.expand(b, h, -1)
+    rows = x.gather(2, flat.unsqueeze(-1).expand(-1, -1, -1, d))
+    return rows.reshape(b, h, *tile, d)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    visible: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over the last two dims, accumulated in float32.
+
+    ``visible`` (bool) and ``bias`` (additive, float32) broadcast against the
+    scores [..., q_rows, k_rows]. Returns (out [..., q_rows, D] float32,
+    lse [..., q_rows] float32); a row with no visible key gives out 0 and
+    lse -inf, never NaN.
+    """
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias
+    if visible is not None:
+        scores = scores.masked_fill(~visible, NEG_INF)
+    weights, lse = softmax_lse(scores, dim=-1)
+    return weights @ v.float(), lse
+
+
+def scatter(tiles: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`gather` for an ``index`` that holds each position in
+    [0, n) once (padding -1 is dropped): [B, H, *tile, E] -> [B, H, n, E]."""
+    b, h = tiles.shape[:2]
+    e = tiles.shape[-1]
+    flat = index.reshape(index.shape[0], index.shape[1], -1).expand(b, h, -1)
+    src = tiles.reshape(b, h, -1, e)
+    keep = flat >= 0
+    out = tiles.new_zeros(b, h, n + 1, e)  # row n collects the padding
+    target = torch.where(keep, flat, n).unsqueeze(-1).expand(-1, -1, -1, e)
+    out = out.scatter(2, target, src)
+    return out[:, :, :n]
+
+
+def scatter_result(
+    result: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scatter` for an (out, lse) pair from :func:`attend`."""
+    out, lse = result
+    both = scatter(torch.cat([out, lse.unsqueeze(-1)], dim=-1), index, n)
+    return both[..., :-1], both[..., -1]
+
+
+def merge(
+    parts: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine (out, lse) results over disjoint key sets into the softmax over
+    their union: out = sum_p exp(lse_p - lse) out_p, lse = logsumexp_p lse_p."""
+    weights, lse = softmax_lse(torch.stack([p_lse for _, p_lse in parts]), dim=0)
+    out = sum(w.unsqueeze(-1) * p_out for w, (p_out, _) in zip(weights, parts, strict=True))
+    return out, lse
+
+
+def blocks(n: int, size: int, device=None) -> torch.Tensor:
+    """Positions [0, n) cut into tiles of ``size``: [ceil(n/size), size], -1 padded."""
+    nb = -(-n // size)
+    pos = torch.arange(nb * size, device=device).view(nb, size)
+    return torch.where(pos < n, pos, -1)
+
+
+def window(starts: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """For each start s, positions [s, s + width) clipped to [0, n): [..., width], -1 padded."""
+    pos = starts.unsqueeze(-1) + torch.arange(width, device=starts.device)
+    return torch.where((pos >= 0) & (pos < n), pos, -1)
+
+
+def as_tiles(index: torch.Tensor) -> torch.Tensor:
+    """Give a position-only index [*tile] the [1, 1, *tile] batch/head dims."""
+    return index.view(1, 1, *index.shape)

@@ -1,0 +1,158 @@
+"""Transformer-XL attention (Dai et al. 2019, "Transformer-XL: Attentive
+Language Models Beyond a Fixed-Length Context", Sec. 3.2-3.3).
+
+The sequence is processed as segments of length L. Segment s attends to its
+own positions (causally) and to a memory of the M positions before it, whose
+keys and values get no gradient (SG in Eq. of Sec. 3.2). Scores use relative
+positions (Sec. 3.3):
+
+    A_ij = (q_i + u) . k_j  +  (q_i + v) . W_R R_(i-j),      scaled by 1/sqrt(d),
+
+with sinusoidal R, distances beyond ``clamp_len`` sharing one embedding.
+u, v and W_R are model parameters; here they are drawn from N(0, 1/d) with an
+explicit seed. ``same_length`` hides keys more than M positions behind the
+query, so every query sees the same number of keys. In bidirectional mode the
+whole segment is visible and negative distances get their own embeddings.
+
+The reference computes the relative term the paper's way: one product
+(q + v) R^T over all distances, then the relative shift. Its position
+sequence runs from klen down to -(L - 1) (as in XLNet), so the shifted matrix
+is exact in every entry, masked or not; the oracle builds the term pair by
+pair, so a wrong shift shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attn_zoo import oracle
+from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.registry import register
+from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
+
+
+@dataclass(frozen=True)
+class XLConfig:
+    segment_len: int = 512  # L (enwik8 training: 512)
+    mem_len: int = 512  # M (enwik8 training: 512)
+    same_length: bool = False  # every query sees the same number of keys
+    clamp_len: int | None = None  # distances beyond share one embedding; None: no clamping
+    seed: int = 0  # draws u, v and W_R
+
+
+@dataclass(frozen=True, eq=False)
+class XLPlan(Plan):
+    segment_len: int
+    mem_len: int
+    same_length: bool
+    u: torch.Tensor  # [H, D]
+    v: torch.Tensor  # [H, D]
+    rel: torch.Tensor  # [H, 2 * max_dist + 1, D]: W_R R_d for d = -max_dist .. max_dist
+    max_dist: int
+
+    def rel_at(self, distance: torch.Tensor) -> torch.Tensor:
+        """W_R R_d for integer distances d (any shape): [H, *shape, D]."""
+        return self.rel[:, distance + self.max_dist]
+
+
+def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """R_d = [sin(d w), cos(d w)], w_t = 1 / 10000^(2t / dim) (Vaswani et al. 2017)."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = positions.double()[:, None] * inv_freq[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def rel_shift(x: torch.Tensor, klen: int) -> torch.Tensor:
+    """[.., qlen, klen + qlen] scores against distances klen .. -(qlen - 1) ->
+    [.., qlen, klen] with out[i, j] = x[i, j + qlen - i], i.e. distance
+    (klen - qlen) + i - j (Dai et al. 2019, App. B; XLNet's rel_shift_bnij)."""
+    *lead, qlen, width = x.shape
+    x = x.reshape(*lead, width, qlen)[..., 1:, :]
+    return x.reshape(*lead, qlen, width - 1)[..., :klen]
+
+
+def _segment_starts(positions: torch.Tensor, segment_len: int) -> torch.Tensor:
+    return positions - positions % segment_len
+
+
+@register
+class XL(Mechanism):
+    name = "xl"
+    Config = XLConfig
+    citation = "Dai et al. 2019, Transformer-XL (Sec. 3.2 recurrence, Sec. 3.3 relative positions)"
+    summary = "its segment (causal) plus a memory of the M previous positions; relative positions"
+    complexity = "O(N (M + L)) time and memory"
+    oracle_summary = (
+        "dense softmax with bias u.k_j + (q_i + v).W_R R_(i-j) built pair by pair, "
+        "0/-inf segment+memory mask, stop-gradient on memory pairs"
+    )
+
+    def plan(self, q, k, v, causal: bool) -> XLPlan:
+        cfg = self.config
+        if cfg.segment_len < 1 or cfg.mem_len < 0:
+            raise ValueError("xl: segment_len must be >= 1 and mem_len >= 0")
+        heads, dim = q.shape[1], q.shape[3]
+        g = torch.Generator().manual_seed(cfg.seed)
+        u, vb = (torch.randn(heads, dim, generator=g) * dim**-0.5 for _ in range(2))
+        w_r = torch.randn(heads, dim, dim + dim % 2, generator=g, dtype=torch.float64)
+        w_r *= dim**-0.5
+        max_dist = cfg.mem_len + cfg.segment_len
+        dist = torch.arange(-max_dist, max_dist + 1)
+        if cfg.clamp_len is not None:
+            dist = dist.clamp(-cfg.clamp_len, cfg.clamp_len)
+        rel = torch.einsum("hdp,np->hnd", w_r, sinusoid(dist, dim + dim % 2)).float()
+        n = q.shape[2]
+        device = q.device
+        return XLPlan(
+            q.shape[0], heads, n, n, causal, cfg.segment_len, cfg.mem_len, cfg.same_length,
+            u.to(device), vb.to(device), rel.to(device), max_dist,
+        )  # fmt: skip
+
+    def visible(self, plan: XLPlan, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Pair visibility from positions (broadcasting): memory + segment (+ causal)."""
+        start = _segment_starts(i, plan.segment_len)
+        vis = (j >= start - plan.mem_len) & (j >= 0)
+        vis &= (j <= i) if plan.causal else (j < start + plan.segment_len)
+        if plan.same_length:
+            vis &= i - j <= plan.mem_len
+        return vis
+
+    def oracle(self, q, k, v, plan: XLPlan, rows):
+        i = rows.to(q.device)[:, None]
+        j = torch.arange(plan.n_k, device=q.device)[None, :]
+        vis = self.visible(plan, i, j)
+        memory = j < _segment_starts(i, plan.segment_len)  # stop-gradient pairs
+        q64, k64 = q[:, :, rows.to(q.device)].double(), k.double()
+        u, vb, rel = plan.u.double(), plan.v.double(), plan.rel.double()
+        # u . k_j, with memory keys detached
+        uk = torch.einsum("hd,bhjd->bhj", u, k64)[:, :, None, :]
+        uk = torch.where(memory, torch.einsum("hd,bhjd->bhj", u, k64.detach())[:, :, None], uk)
+        # (q_i + v) . W_R R_(i-j): every distance once, then picked pair by pair
+        qr = torch.einsum("bhrd,hnd->bhrn", q64 + vb[None, :, None, :], rel)
+        # (pairs farther apart than any visible one are masked below)
+        index = (i - j).clamp(-plan.max_dist, plan.max_dist) + plan.max_dist
+        relative = qr.gather(-1, index.expand(*qr.shape[:2], -1, -1))
+        bias = (uk + relative) * q.shape[-1] ** -0.5
+        return [oracle.Term(torch.where(vis, bias, -torch.inf), stop_grad=memory)]
+
+
+@XL.implementation("reference")
+def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
+    """All segments at once: [memory | segment] keys per segment, AC + shifted BD."""
+    n, seg, mem = plan.n_q, plan.segment_len, plan.mem_len
+    qi = blocks(n, seg, q.device)  # [S, L]
+    ki = window(qi[:, 0] - mem, mem + seg, n)  # [S, M + L]: memory, then the segment
+    mem_i, cur_i = as_tiles(ki[:, :mem]), as_tiles(ki[:, mem:])
+    kg = torch.cat([gather(k.detach(), mem_i), gather(k, cur_i)], dim=-2)
+    vg = torch.cat([gather(v.detach(), mem_i), gather(v, cur_i)], dim=-2)
+    qg = gather(q, as_tiles(qi)).float()  # [B, H, S, L, D]
+    klen = mem + seg
+    # (q + v) . W_R R_d for d = klen .. -(L - 1), then shifted into key order
+    distances = torch.arange(klen, -seg, -1, device=q.device)
+    bd = (qg + plan.v[:, None, None, :]) @ plan.rel_at(distances).transpose(-2, -1)[:, None]
+    bd = rel_shift(bd, klen) * q.shape[-1] ** -0.5
+    vis = mech.visible(plan, qi[:, :, None], ki[:, None, :]) & (qi[:, :, None] >= 0)
+    out, _ = attend(qg + plan.u[:, None, None, :], kg, vg, vis, bias=bd)
+    return scatter(out, as_tiles(qi), n).to(q.dtype)
