@@ -1,0 +1,178 @@
+"""Routing attention (Roy et al. 2020, "Efficient Content-Based Sparse
+Attention with Routing Transformers", Sec. 4).
+
+Shared QK, normalized as in lsh. Centroids (about sqrt(N) of them, drawn
+from an explicit seed) are updated by online k-means: ``kmeans_iters`` steps
+of mu <- decay * mu + (1 - decay) * mean of the tokens assigned to mu
+(Sec. 4.1), recorded as ``centroid_update``. Bidirectional mode routes with
+balanced membership: each centroid takes its top-w closest tokens,
+w = ceil(N / n_clusters), so a token may be in no cluster or in several; each
+cluster attends within itself. A local window (Sec. 4: 256) attends around
+every token. A token's output is the mean over the local window and every
+cluster that holds it (the paper puts routing and local attention in separate
+heads; one head averaging both keeps every head comparable here).
+
+Causal mode: top-w over the whole sequence lets future tokens change which
+cluster a past query lands in, and centroids updated on the input have seen
+the future. So causal routing uses the seeded centroids as they are, puts
+each token in its nearest cluster, and lets it attend to itself and the w
+most recent earlier members of that cluster; plus the causal local window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attn_zoo import oracle
+from attn_zoo.grouped import group_pairs, sort_by_group, sorted_attention, visible_sorted
+from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.lsh import shared_keys
+from attn_zoo.registry import register
+from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
+
+UPDATES = ("ema", "none")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    n_clusters: int | None = None  # None: about sqrt(N) (Sec. 4.1)
+    window: int = 256  # local attention window (Sec. 5: 256)
+    centroid_update: str = "ema"  # ema | none: how centroids move (bidirectional only)
+    kmeans_iters: int = 1  # EMA k-means steps on this input
+    ema_decay: float = 0.99  # decay of the original implementation
+    seed: int = 0  # draws the initial centroids
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingPlan(Plan):
+    window: int
+    width: int  # w: members per cluster (bidirectional) / look-back (causal)
+    members: torch.Tensor | None  # bidirectional: [B, H, n_clusters, w] positions, sorted
+    clusters: torch.Tensor | None  # causal: [B, H, N] nearest cluster
+
+
+def _local_visible(i: torch.Tensor, j: torch.Tensor, width: int, causal: bool) -> torch.Tensor:
+    """Local window: 0 <= i - j < width (causal) or |i - j| <= width // 2."""
+    return ((i - j >= 0) & (i - j < width)) if causal else (i - j).abs() <= width // 2
+
+
+@register
+class Routing(Mechanism):
+    name = "routing"
+    Config = RoutingConfig
+    citation = "Roy et al. 2020, Efficient Content-Based Sparse Attention with Routing Transformers"
+    summary = "keys in the same k-means cluster (about sqrt(N) clusters), plus a local window"
+    complexity = "O(N (sqrt N + window)) time and memory"
+    oracle_summary = (
+        "weighted sum of dense softmaxes over shared-QK scores: the local window and each "
+        "cluster holding the query, each with weight 1 / (1 + clusters holding it)"
+    )
+
+    def inputs(self, q, k, v):
+        return q, shared_keys(q), v
+
+    def plan(self, q, k, v, causal: bool) -> RoutingPlan:
+        cfg = self.config
+        if cfg.centroid_update not in UPDATES:
+            raise ValueError(
+                f"routing: unknown centroid_update {cfg.centroid_update!r}; "
+                f"accepted: {', '.join(UPDATES)}"
+            )
+        if cfg.window < 1:
+            raise ValueError("routing: window must be >= 1")
+        b, h, n, d = q.shape
+        n_clusters = min(n, cfg.n_clusters or max(1, round(math.sqrt(n))))
+        g = torch.Generator().manual_seed(cfg.seed)
+        mu = torch.nn.functional.normalize(torch.randn(h, n_clusters, d, generator=g), dim=-1)
+        mu = mu.to(q.device)
+        x = shared_keys(q).float().detach()
+        if not causal and cfg.centroid_update == "ema":
+            for _ in range(cfg.kmeans_iters):
+                nearest = torch.einsum("bhnd,hcd->bhnc", x, mu).argmax(-1)
+                onehot = torch.nn.functional.one_hot(nearest, n_clusters).float()
+                sums = torch.einsum("bhnc,bhnd->hcd", onehot, x)
+                counts = onehot.sum(dim=(0, 2))[..., None]
+                means = torch.where(counts > 0, sums / counts.clamp_min(1), mu)
+                mu = torch.nn.functional.normalize(
+                    cfg.ema_decay * mu + (1 - cfg.ema_decay) * means, dim=-1
+                )
+        similarity = torch.einsum("bhnd,hcd->bhcn", x, mu)
+        width = math.ceil(n / n_clusters)
+        if causal:
+            return RoutingPlan(b, h, n, n, causal, cfg.window, width, None, similarity.argmax(2))
+        members = similarity.topk(width, dim=-1).indices.sort(dim=-1).values
+        return RoutingPlan(b, h, n, n, causal, cfg.window, width, members, None)
+
+    def oracle(self, q, k, v, plan: RoutingPlan, rows):
+        rows = rows.to(q.device)
+        i = rows[:, None]
+        j = torch.arange(plan.n_k, device=q.device)[None, :]
+        keys = self.inputs(q, k, v)[1]
+        local = oracle.mask_bias(_local_visible(i, j, plan.window, plan.causal))
+        if plan.causal:
+            _, rank = sort_by_group(plan.clusters)
+            c = plan.clusters
+            vis = visible_sorted(rank[..., rows, None], rank[..., None, :], c[..., rows, None],
+                                 c[..., None, :], plan.width, "window")  # fmt: skip
+            half = torch.full((), 0.5, dtype=torch.float64, device=q.device)
+            return [oracle.Term(local, half, k=keys), oracle.Term(oracle.mask_bias(vis), half, k=keys)]
+        # holds[b, h, c, n]: token n is a member of cluster c
+        b, h, n_clusters, _ = plan.members.shape
+        holds = torch.zeros(b, h, n_clusters, plan.n_k, dtype=torch.bool, device=q.device)
+        holds.scatter_(-1, plan.members, True)
+        row_holds = holds[..., rows]  # [B, H, C, R]
+        weight = 1.0 / (1.0 + row_holds.sum(2, dtype=torch.float64))[..., None]  # [B, H, R, 1]
+        terms = [oracle.Term(local, weight, k=keys)]
+        # one term per "k-th cluster holding the row", so each row sums only its own clusters
+        order = row_holds.to(torch.int8).argsort(dim=2, descending=True, stable=True)
+        for slot in range(int(row_holds.sum(2).max())):
+            cluster = order[:, :, slot]  # [B, H, R]
+            present = row_holds.gather(2, cluster[:, :, None]).squeeze(2)[..., None]
+            vis = holds.gather(2, cluster[..., None].expand(-1, -1, -1, plan.n_k))
+            terms.append(oracle.Term(oracle.mask_bias(vis), weight * present, k=keys))
+        return terms
+
+    def pairs(self, q, k, v, plan: RoutingPlan) -> int:
+        n, win = plan.n_q, plan.window
+        i = torch.arange(n)
+        local = (i.clamp_max(win - 1) + 1) if plan.causal else (
+            (i + win // 2).clamp_max(n - 1) - (i - win // 2).clamp_min(0) + 1
+        )  # fmt: skip
+        total = int(local.sum()) * plan.batch * plan.heads
+        if plan.causal:
+            return total + group_pairs(plan.clusters, plan.width, "window")
+        return total + plan.members.numel() * plan.width
+
+
+@Routing.implementation("reference")
+def routing_reference(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
+    n = plan.n_q
+    keys = shared_keys(q)
+    # local window, on tiles of `window` queries
+    qi = blocks(n, plan.window, q.device)
+    before = plan.window if plan.causal else plan.window // 2
+    after = 0 if plan.causal else plan.window // 2
+    ki = window(qi[:, 0] - before, before + plan.window + after, n)
+    vis = (ki[:, None, :] >= 0) & _local_visible(
+        qi[:, :, None], ki[:, None, :], plan.window, plan.causal
+    )
+    qi, ki = as_tiles(qi), as_tiles(ki)
+    local, _ = attend(gather(q, qi), gather(keys, ki), gather(v, ki), vis)
+    local = scatter(local, qi, n)
+    if plan.causal:
+        routed, _ = sorted_attention(q, keys, v, plan.clusters, plan.width, "window", 0.0)
+        return ((local + routed) / 2).to(q.dtype)
+    # each cluster attends within itself; a token sums over the clusters holding it
+    members = plan.members
+    routed, _ = attend(gather(q, members), gather(keys, members), gather(v, members))
+    b, h, _, d = q.shape
+    total = local.new_zeros(b, h, n, d).scatter_add_(
+        2, members.reshape(b, h, -1, 1).expand(-1, -1, -1, d), routed.reshape(b, h, -1, d)
+    )
+    count = local.new_zeros(b, h, n).scatter_add_(
+        2, members.reshape(b, h, -1), local.new_ones(members.reshape(b, h, -1).shape)
+    )
+    return ((local + total) / (1 + count[..., None])).to(q.dtype)
