@@ -2,10 +2,14 @@
 
 >>> import attn_zoo, torch
 >>> q = k = v = torch.randn(1, 8, 512, 64)
->>> out = attn_zoo.get("dense")(q, k, v, causal=True, impl="reference")
+>>> out = attn_zoo.get("lsh")(q, k, v, causal=True, impl="reference")
 """
 
-from attn_zoo import adaptive_span, compressive, dense, lsh, routing, sparse, xl  # noqa: F401  (importing registers the mechanisms)
+# isort: off
+# Importing a mechanism's module registers it; this order is the registry's.
+from attn_zoo import dense, sparse, adaptive_span, xl, compressive, lsh, routing  # noqa: F401
+
+# isort: on
 from attn_zoo.interface import Impl, Mechanism, Plan
 from attn_zoo.registry import get, names, register, unregister
 

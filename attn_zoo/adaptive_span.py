@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from attn_zoo import oracle
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, blocks, gather, scatter, softmax_lse, window
+from attn_zoo.tiles import as_tiles, blocks, gather, scatter, softmax_lse, upcast, window
 
 
 def default_spans(heads: int, shortest: float = 32.0, longest: float = 1024.0) -> tuple:
@@ -37,7 +38,8 @@ def default_spans(heads: int, shortest: float = 32.0, longest: float = 1024.0) -
 
 @dataclass(frozen=True)
 class AdaptiveSpanConfig:
-    spans: tuple[float, ...] | None = None  # z_h per head; None: default_spans(heads)
+    spans: tuple[float, ...] | None = None  # z_h per head; None: default_spans over span_range
+    span_range: tuple[float, float] = (32.0, 1024.0)  # shortest and longest default span
     ramp: float = 32.0  # R, the ramp's width (Sec. 3.2: R = 32)
     max_span: int = 8192  # S, the largest span a head may learn (Sec. 4: up to 8192)
     tile: int = 64  # queries per tile in the reference
@@ -61,6 +63,7 @@ def soft_mask(distance: torch.Tensor, span: float | torch.Tensor, ramp: float) -
 @register
 class AdaptiveSpan(Mechanism):
     name = "adaptive_span"
+    small: ClassVar[dict] = {"ramp": 4.0, "span_range": (2.0, 40.0)}
     Config = AdaptiveSpanConfig
     citation = "Sukhbaatar et al. 2019, Adaptive Attention Span in Transformers (Eq. 4-5)"
     summary = "the previous z_h + R positions of head h, weighted by the soft ramp m_z"
@@ -70,9 +73,11 @@ class AdaptiveSpan(Mechanism):
     def plan(self, q, k, v, causal: bool) -> SpanPlan:
         cfg = self.config
         heads = q.shape[1]
-        spans = cfg.spans if cfg.spans is not None else default_spans(heads)
+        spans = cfg.spans if cfg.spans is not None else default_spans(heads, *cfg.span_range)
         if len(spans) != heads:
-            raise ValueError(f"adaptive_span: {len(spans)} spans for {heads} heads; need one per head")
+            raise ValueError(
+                f"adaptive_span: {len(spans)} spans for {heads} heads; need one per head"
+            )
         if cfg.ramp <= 0:
             raise ValueError(f"adaptive_span: ramp R must be positive, got {cfg.ramp}")
         spans = tuple(float(min(max(z, 0.0), cfg.max_span)) for z in spans)
@@ -104,8 +109,8 @@ def adaptive_span_reference(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
         ki = window(qi[:, 0] - before, before + tile + after, n)
         i, j = qi[:, :, None], ki[:, None, :]
         x = (i - j) if plan.causal else (i - j).abs()
-        m = soft_mask(x.float(), plan.spans[h], plan.ramp) * ((j >= 0) & (x >= 0))
-        qh, kh, vh = (t[:, h : h + 1].float() for t in (q, k, v))
+        qh, kh, vh = (upcast(t[:, h : h + 1]) for t in (q, k, v))
+        m = soft_mask(x.to(qh.dtype), plan.spans[h], plan.ramp) * ((j >= 0) & (x >= 0))
         scores = gather(qh, as_tiles(qi)) @ gather(kh, as_tiles(ki)).transpose(-2, -1)
         scores = (scores * q.shape[-1] ** -0.5).masked_fill(m == 0, -torch.inf)
         weights = softmax_lse(scores, dim=-1)[0] * m

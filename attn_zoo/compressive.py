@@ -17,6 +17,7 @@ In bidirectional mode the whole segment is visible.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +94,11 @@ def _segment_starts(positions: torch.Tensor, segment_len: int) -> torch.Tensor:
 @register
 class Compressive(Mechanism):
     name = "compressive"
+    small: ClassVar[dict] = {"segment_len": 8, "mem_len": 8, "cmem_len": 4, "rate": 2}
     Config = CompressiveConfig
-    citation = "Rae et al. 2019, Compressive Transformers for Long-Range Sequence Modelling (Alg. 1)"
+    citation = (
+        "Rae et al. 2019, Compressive Transformers for Long-Range Sequence Modelling (Alg. 1)"
+    )
     summary = "[compressed memory; memory; segment], old memory compressed at rate c"
     complexity = "O(N (Mc + M + L)) time and memory"
     oracle_summary = (
@@ -137,7 +141,9 @@ class Compressive(Mechanism):
         oldest = start - plan.mem_len - plan.cmem_len * c
         slot_vis = (g * c >= oldest) & ((g + 1) * c <= start - plan.mem_len)
         j = torch.arange(plan.n_k, device=q.device)[None, :]
-        raw_vis = (j >= start - plan.mem_len) & ((j <= i) if plan.causal else (j < start + plan.segment_len))
+        raw_vis = (j >= start - plan.mem_len) & (
+            (j <= i) if plan.causal else (j < start + plan.segment_len)
+        )
         vis = torch.cat([slot_vis, raw_vis], dim=-1)
         stop = torch.cat([torch.ones_like(slot_vis), j < start], dim=-1)
         ck = _pool(k.detach().double(), plan, plan.conv_k)
@@ -150,6 +156,8 @@ def _pool(x: torch.Tensor, plan: CompressivePlan, weight: torch.Tensor | None) -
     """The oracle's own f_c, through torch.nn.functional's pooling and conv1d."""
     b, h, n, d = x.shape
     c = plan.rate
+    if n < c:
+        return x[:, :, :0]
     seq = x.transpose(-1, -2)  # [B, H, D, N]
     if plan.compression == "conv":
         per_head = [F.conv1d(seq[:, hh], weight[hh].double(), stride=c) for hh in range(h)]
@@ -164,6 +172,8 @@ def compressive_reference(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
     n, seg, mem, c = plan.n_q, plan.segment_len, plan.mem_len, plan.rate
     ck = compress(k.detach(), c, plan.compression, plan.conv_k)
     cv = compress(v.detach(), c, plan.compression, plan.conv_v)
+    if plan.slots == 0:  # shorter than one group: a masked placeholder slot
+        ck, cv = k.new_zeros(*k.shape[:2], 1, k.shape[3]), v.new_zeros(*v.shape[:2], 1, v.shape[3])
     qi = blocks(n, seg, q.device)  # [S, L]
     start = qi[:, 0]
     si = window((start - mem) // c - plan.cmem_len, plan.cmem_len, plan.slots)  # [S, Mc]

@@ -81,6 +81,9 @@ class Mechanism:
     complexity: ClassVar[str]
     #: One line: what the float64 oracle computes.
     oracle_summary: ClassVar[str]
+    #: Config overrides that exercise every part of the mechanism at N of about
+    #: 64 (several blocks, segments, buckets): used by tests and interpreter runs.
+    small: ClassVar[dict[str, Any]] = {}
     #: Whether q and k must have the same sequence length.
     self_attention: ClassVar[bool] = True
     impls: ClassVar[dict[str, Impl]]

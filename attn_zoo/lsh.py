@@ -19,6 +19,7 @@ itself and the ``bucket_size`` most recent earlier tokens *of its own bucket*
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from attn_zoo import oracle
 from attn_zoo.grouped import group_pairs, sort_by_group, sorted_attention, visible_sorted
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
-from attn_zoo.tiles import merge
+from attn_zoo.tiles import merge, upcast
 
 
 @dataclass(frozen=True)
@@ -52,12 +53,13 @@ class LSHPlan(Plan):
 
 def shared_keys(q: torch.Tensor) -> torch.Tensor:
     """Shared QK: the key of token j is its query, L2-normalized (Sec. 2.2)."""
-    return F.normalize(q.float(), dim=-1).to(q.dtype)
+    return F.normalize(upcast(q), dim=-1).to(q.dtype)
 
 
 @register
 class LSH(Mechanism):
     name = "lsh"
+    small: ClassVar[dict] = {"bucket_size": 8, "n_hashes": 2}
     Config = LSHConfig
     citation = "Kitaev et al. 2020, Reformer: The Efficient Transformer (Sec. 2, Eq. 3-4)"
     summary = "keys in its sorted chunk and the previous one, per hash round (shared QK)"
@@ -77,7 +79,9 @@ class LSH(Mechanism):
         b, h, n, d = q.shape
         n_buckets = cfg.n_buckets or max(2, 2 * round(n / (2 * cfg.bucket_size)))
         if n_buckets % 2:
-            raise ValueError(f"lsh: n_buckets must be even (argmax over [xR; -xR]), got {n_buckets}")
+            raise ValueError(
+                f"lsh: n_buckets must be even (argmax over [xR; -xR]), got {n_buckets}"
+            )
         g = torch.Generator().manual_seed(cfg.seed)
         rotations = torch.randn(h, cfg.n_hashes, d, n_buckets // 2, generator=g).to(q.device)
         rotated = torch.einsum("bhnd,hrdk->bhrnk", shared_keys(q).float(), rotations)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -62,6 +63,7 @@ def _local_visible(i: torch.Tensor, j: torch.Tensor, width: int, causal: bool) -
 @register
 class Routing(Mechanism):
     name = "routing"
+    small: ClassVar[dict] = {"window": 8}
     Config = RoutingConfig
     citation = "Roy et al. 2020, Efficient Content-Based Sparse Attention with Routing Transformers"
     summary = "keys in the same k-means cluster (about sqrt(N) clusters), plus a local window"
@@ -118,7 +120,10 @@ class Routing(Mechanism):
             vis = visible_sorted(rank[..., rows, None], rank[..., None, :], c[..., rows, None],
                                  c[..., None, :], plan.width, "window")  # fmt: skip
             half = torch.full((), 0.5, dtype=torch.float64, device=q.device)
-            return [oracle.Term(local, half, k=keys), oracle.Term(oracle.mask_bias(vis), half, k=keys)]
+            return [
+                oracle.Term(local, half, k=keys),
+                oracle.Term(oracle.mask_bias(vis), half, k=keys),
+            ]
         # holds[b, h, c, n]: token n is a member of cluster c
         b, h, n_clusters, _ = plan.members.shape
         holds = torch.zeros(b, h, n_clusters, plan.n_k, dtype=torch.bool, device=q.device)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -95,6 +96,7 @@ def _band(q, k, v, plan: SparsePlan, half_width: int, same_block: bool):
 @register
 class SparseStrided(_Sparse):
     name = "sparse_strided"
+    small: ClassVar[dict] = {"stride": 8}
     Config = StridedConfig
     citation = "Child et al. 2019, Generating Long Sequences with Sparse Transformers (Sec. 4.2)"
     summary = "the previous l positions, plus every l-th earlier position (merged head)"
@@ -130,6 +132,7 @@ def strided_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
 @register
 class SparseFixed(_Sparse):
     name = "sparse_fixed"
+    small: ClassVar[dict] = {"stride": 8, "summary": 3}
     Config = FixedConfig
     citation = "Child et al. 2019, Generating Long Sequences with Sparse Transformers (Sec. 4.2)"
     summary = "its own block of length l, plus the last c positions of every earlier block"
@@ -149,7 +152,7 @@ class SparseFixed(_Sparse):
 def fixed_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     n, l, c = plan.n_q, plan.stride, plan.summary
     own = _band(q, k, v, plan, half_width=l, same_block=True)
-    if c == 0:
+    if c == 0 or n <= l - c:  # no summary position before the query's block
         return own[0].to(q.dtype)
     # A2 outside the own block: every query tile sees the same summary columns.
     pos = torch.arange(n, device=q.device)

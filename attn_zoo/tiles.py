@@ -20,6 +20,11 @@ import torch
 NEG_INF = float("-inf")
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """The accumulation type of the references: float32, or float64 for float64 inputs."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def softmax_lse(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax of x, logsumexp of x) along ``dim``, where an all -inf slice
     gives weights 0 and lse -inf, and no NaN in forward or backward (the
@@ -53,20 +58,21 @@ def attend(
     visible: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over the last two dims, accumulated in float32.
+    """Softmax attention over the last two dims, accumulated in float32 (float64
+    for float64 inputs).
 
-    ``visible`` (bool) and ``bias`` (additive, float32) broadcast against the
-    scores [..., q_rows, k_rows]. Returns (out [..., q_rows, D] float32,
-    lse [..., q_rows] float32); a row with no visible key gives out 0 and
+    ``visible`` (bool) and ``bias`` (additive) broadcast against the
+    scores [..., q_rows, k_rows]. Returns (out [..., q_rows, D],
+    lse [..., q_rows]); a row with no visible key gives out 0 and
     lse -inf, never NaN.
     """
-    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = (upcast(q) @ upcast(k).transpose(-2, -1)) * q.shape[-1] ** -0.5
     if bias is not None:
         scores = scores + bias
     if visible is not None:
         scores = scores.masked_fill(~visible, NEG_INF)
     weights, lse = softmax_lse(scores, dim=-1)
-    return weights @ v.float(), lse
+    return weights.to(scores.dtype) @ upcast(v), lse
 
 
 def scatter(tiles: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:

@@ -67,6 +67,5 @@ def check_qkv(
 def check_head_dim(head_dim: int, accepted: tuple[int, ...] | None, *, who: str) -> None:
     if accepted is not None and head_dim not in accepted:
         raise ValueError(
-            f"{who}: unsupported head_dim {head_dim}; accepted: "
-            f"{', '.join(map(str, accepted))}"
+            f"{who}: unsupported head_dim {head_dim}; accepted: {', '.join(map(str, accepted))}"
         )

@@ -24,13 +24,14 @@ pair, so a wrong shift shows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from attn_zoo import oracle
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
+from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, upcast, window
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ def _segment_starts(positions: torch.Tensor, segment_len: int) -> torch.Tensor:
 @register
 class XL(Mechanism):
     name = "xl"
+    small: ClassVar[dict] = {"segment_len": 16, "mem_len": 12, "clamp_len": 20}
     Config = XLConfig
     citation = "Dai et al. 2019, Transformer-XL (Sec. 3.2 recurrence, Sec. 3.3 relative positions)"
     summary = "its segment (causal) plus a memory of the M previous positions; relative positions"
@@ -147,12 +149,13 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     mem_i, cur_i = as_tiles(ki[:, :mem]), as_tiles(ki[:, mem:])
     kg = torch.cat([gather(k.detach(), mem_i), gather(k, cur_i)], dim=-2)
     vg = torch.cat([gather(v.detach(), mem_i), gather(v, cur_i)], dim=-2)
-    qg = gather(q, as_tiles(qi)).float()  # [B, H, S, L, D]
+    qg = upcast(gather(q, as_tiles(qi)))  # [B, H, S, L, D]
     klen = mem + seg
     # (q + v) . W_R R_d for d = klen .. -(L - 1), then shifted into key order
     distances = torch.arange(klen, -seg, -1, device=q.device)
-    bd = (qg + plan.v[:, None, None, :]) @ plan.rel_at(distances).transpose(-2, -1)[:, None]
+    rel = plan.rel_at(distances).to(qg.dtype).transpose(-2, -1)[:, None]
+    bd = (qg + plan.v[:, None, None, :].to(qg.dtype)) @ rel
     bd = rel_shift(bd, klen) * q.shape[-1] ** -0.5
     vis = mech.visible(plan, qi[:, :, None], ki[:, None, :]) & (qi[:, :, None] >= 0)
-    out, _ = attend(qg + plan.u[:, None, None, :], kg, vg, vis, bias=bd)
+    out, _ = attend(qg + plan.u[:, None, None, :].to(qg.dtype), kg, vg, vis, bias=bd)
     return scatter(out, as_tiles(qi), n).to(q.dtype)

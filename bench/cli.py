@@ -53,29 +53,49 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="sweep mechanisms x implementations x sequence lengths")
-    run.add_argument("--seq-lens", default=DEFAULT_SEQ_LENS, help="comma-separated (default %(default)s)")
+    run.add_argument(
+        "--seq-lens", default=DEFAULT_SEQ_LENS, help="comma-separated (default %(default)s)"
+    )
     run.add_argument("--mechanisms", default="all", help="comma-separated registry keys, or all")
-    run.add_argument("--impls", default=None,
-                     help="comma-separated; default: every implementation that runs natively here")
+    run.add_argument(
+        "--impls",
+        default=None,
+        help="comma-separated; default: every implementation that runs natively here",
+    )
     run.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     run.add_argument("--dtype", default="float32", help="comma-separated (default float32)")
     run.add_argument("--batch", default="1", help="comma-separated (default 1)")
     run.add_argument("--heads", default="8", help="comma-separated (default 8)")
     run.add_argument("--head-dim", default="64", help="comma-separated (default 64)")
-    run.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
-                     help="causal attention (default) or --no-causal")
+    run.add_argument(
+        "--causal",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="causal attention (default) or --no-causal",
+    )
     run.add_argument("--mode", default="fwd", help="fwd | fwd_bwd, comma-separated (default fwd)")
     run.add_argument("--repeats", type=int, default=5, help="timed calls per case (default 5)")
     run.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     run.add_argument("--seed", type=int, default=0, help="inputs and oracle row sample (default 0)")
-    run.add_argument("--oracle-rows", type=int, default=512,
-                     help="query rows checked against the oracle when N is larger (default 512)")
-    run.add_argument("--interpret", action="store_true",
-                     help="run Triton kernels in Triton's CPU interpreter (slow; small N only)")
+    run.add_argument(
+        "--oracle-rows",
+        type=int,
+        default=512,
+        help="query rows checked against the oracle when N is larger (default 512)",
+    )
+    run.add_argument(
+        "--interpret",
+        action="store_true",
+        help="run Triton kernels in Triton's CPU interpreter (slow; small N only)",
+    )
     run.add_argument("--out", default="results", help="folder for run folders (default results)")
     run.add_argument("--run-id", default=None, help="run folder name (default <device>-<time>)")
-    run.add_argument("--resume", default=None, metavar="RUN_FOLDER",
-                     help="finish an interrupted run, keeping its rows and settings")
+    run.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_FOLDER",
+        help="finish an interrupted run, keeping its rows and settings",
+    )
 
     lst = sub.add_parser("list", help="registered mechanisms, configs, implementations")
     lst.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
