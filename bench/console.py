@@ -11,6 +11,12 @@ from rich.table import Table
 
 from bench.cases import Case
 
+
+def make_console() -> Console:
+    """A rich console; 160 columns wide when the output is not a terminal."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
 STATUS_STYLE = {"ok": "green", "skipped": "dim", "oom": "yellow", "nan": "red", "failed": "red"}
 
 
@@ -35,7 +41,7 @@ class Reporter:
     """Progress over the cases; ``finished`` is called once per case."""
 
     def __init__(self, total: int, console: Console | None = None) -> None:
-        self.console = console or Console(width=None if sys.stdout.isatty() else 160)
+        self.console = console or make_console()
         self.total = total
         self.done = 0
         self.fancy = sys.stdout.isatty() and self.console.is_terminal

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from rich.console import Console
 from rich.table import Table
 
 import attn_zoo
+from bench.console import make_console
 from bench.devices import resolve_device
 
 
@@ -31,5 +31,5 @@ def list_mechanisms(args: argparse.Namespace) -> int:
                 tag += "" if impl.default_on(device) else " (not in the default sweep)"
                 impls.append(f"[green]{impl.name}[/green]{tag}")
         table.add_row(name, mech.citation, mech.summary, config or "-", "\n".join(impls))
-    Console().print(table)
+    make_console().print(table)
     return 0

@@ -1,0 +1,90 @@
+"""Mechanism-specific behaviour the generic tests do not reach."""
+
+import pytest
+import torch
+
+import attn_zoo
+from attn_zoo import oracle
+from attn_zoo.compressive import COMPRESSIONS, attention_reconstruction_loss
+from attn_zoo.xl import rel_shift
+from conftest import qkv, small
+
+
+def agree(mech, n=61, causal=True):
+    q, k, v = qkv(n, heads=2, dim=32)
+    plan = mech.plan(q, k, v, causal)
+    rows = torch.arange(n)
+    expected = oracle.evaluate(q, k, v, mech.oracle(q, k, v, plan, rows), rows)
+    return oracle.rel_error(mech(q, k, v, causal=causal, plan=plan), expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("how", COMPRESSIONS)
+def test_compressive_every_compression(how, causal):
+    assert agree(small("compressive", compression=how, rate=4, mem_len=4), causal=causal) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "config",
+    [{"same_length": True}, {"clamp_len": 3}, {"mem_len": 0}, {"segment_len": 5, "mem_len": 30}],
+)
+def test_xl_variants(config, causal):
+    assert agree(small("xl", **config), causal=causal) < 1e-5
+
+
+def test_rel_shift_puts_each_distance_in_place():
+    qlen, klen = 4, 7
+    distances = torch.arange(klen, -qlen, -1).float()  # klen .. -(qlen - 1)
+    shifted = rel_shift(distances.expand(qlen, -1).contiguous(), klen)
+    i, j = torch.arange(qlen)[:, None], torch.arange(klen)[None, :]
+    assert torch.equal(shifted, ((klen - qlen) + i - j).float())
+
+
+def test_reconstruction_loss_trains_only_the_compression():
+    q, k, v = qkv(16, heads=2, dim=8, grad=True)
+    weights = tuple(torch.randn(2, 8, 8, 2, requires_grad=True) for _ in range(2))
+    loss = attention_reconstruction_loss(q, k, v, rate=2, compression="conv", weights=weights)
+    loss.backward()
+    assert loss > 0
+    assert weights[0].grad is not None and weights[0].grad.abs().sum() > 0
+    assert q.grad is None and k.grad is None and v.grad is None
+    same = attention_reconstruction_loss(q, k, v, rate=1, compression="mean")
+    assert same.item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_routing_without_centroid_updates(causal):
+    assert agree(small("routing", centroid_update="none", n_clusters=5), causal=causal) < 1e-5
+
+
+def test_lsh_self_attends_only_when_alone():
+    """Causal: the first token sees only itself, so it must attend to itself."""
+    mech = small("lsh")
+    q, k, v = qkv(16, heads=1, dim=32)
+    out = mech(q, k, v, causal=True)
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])
+
+
+def test_adaptive_span_per_head_spans_are_configurable():
+    mech = attn_zoo.get("adaptive_span", spans=(0.0, 5.0), ramp=2.0)
+    q, k, v = qkv(30, heads=2, dim=32)
+    out = mech(q, k, v, causal=True)
+    # span 0 with ramp 2: m(0) = 1, m(1) = 0.5, m(2) = 0
+    plan = mech.plan(q, k, v, True)
+    assert plan.width(0) == 2 and plan.width(1) == 7
+    assert agree(mech, n=30) < 1e-5 and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="2 spans for 3 heads"):
+        mech(*qkv(8, heads=3, dim=32))
+
+
+def test_bad_configs_name_the_problem():
+    q, k, v = qkv(16, heads=2, dim=32)
+    with pytest.raises(ValueError, match="accepted: mean, max, conv"):
+        attn_zoo.get("compressive", compression="median")(q, k, v)
+    with pytest.raises(ValueError, match="must divide"):
+        attn_zoo.get("compressive", rate=3, segment_len=8)(q, k, v)
+    with pytest.raises(ValueError, match="n_buckets must be even"):
+        attn_zoo.get("lsh", n_buckets=3)(q, k, v)
+    with pytest.raises(ValueError, match="accepted: ema, none"):
+        attn_zoo.get("routing", centroid_update="sgd")(q, k, v)
