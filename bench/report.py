@@ -1,0 +1,171 @@
+"""``bench report RUN [RUN ...]``: PNG plots and a report.md from run folders."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from bench import plots
+from bench.errors import UsageError
+from bench.runs import Run, load_run
+
+META_KEYS = (
+    "run_id",
+    "device_name",
+    "cpu_model",
+    "python",
+    "torch",
+    "triton",
+    "git_commit",
+    "git_dirty",
+    "started",
+    "command",
+    "matmul_tflops",
+)
+
+
+def _markdown(frame: pd.DataFrame, floatfmt: str = ".3g") -> str:
+    head = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    fmt = lambda x: (
+        format(x, floatfmt)
+        if isinstance(x, float) and not math.isnan(x)
+        else ("" if isinstance(x, float) else str(x))
+    )
+    body = ["| " + " | ".join(fmt(x) for x in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def memory_exponents(run: Run) -> pd.DataFrame:
+    """log(mem(N2) / mem(N1)) / log(N2 / N1) between successive lengths."""
+    out = []
+    ok = run.table[run.table.status == "ok"]
+    for (mech, impl), rows in ok.groupby(["mechanism", "impl"], sort=False):
+        rows = rows.sort_values("seq_len")
+        for (_, a), (_, b) in zip(rows.iterrows(), rows.iloc[1:].iterrows(), strict=False):
+            if a.peak_mem_bytes > 0 and b.peak_mem_bytes > 0:
+                e = math.log(b.peak_mem_bytes / a.peak_mem_bytes) / math.log(b.seq_len / a.seq_len)
+                out.append(
+                    {
+                        "mechanism": mech,
+                        "impl": impl,
+                        "N": f"{a.seq_len}->{b.seq_len}",
+                        "exponent": round(e, 2),
+                    }
+                )
+    return pd.DataFrame(out, columns=["mechanism", "impl", "N", "exponent"])
+
+
+def write_report(runs: list[Run], out: Path) -> list[Path]:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot write the report to {out}: {e.strerror}") from None
+    files = []
+
+    def save(fig, name):
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+
+    save(
+        plots.panels(runs, lambda t: t.time_ms, "time (ms, median)", "Time vs sequence length"),
+        "time.png",
+    )
+    save(
+        plots.panels(
+            runs,
+            lambda t: t.peak_mem_bytes / 2**20,
+            "peak memory (MiB)",
+            "Peak memory vs sequence length",
+        ),
+        "memory.png",
+    )
+    fig, time_r, mem_r = plots.speedup_figure(runs)
+    save(fig, "speedup.png")
+    save(plots.errors_figure(runs), "errors.png")
+    gpu_runs = [r for r in runs if r.meta.get("device") == "cuda"]
+    if gpu_runs:
+        peak = max(r.meta.get("matmul_tflops") or 0 for r in gpu_runs) or None
+        fig = plots.panels(
+            gpu_runs,
+            lambda t: t.flops / (t.time_ms * 1e-3) / 1e12,
+            "effective TFLOP/s",
+            "Effective TFLOP/s (useful FLOPs / time)",
+            logy=False,
+            hline=peak,
+        )
+        save(fig, "tflops.png")
+
+    lines = ["# attn-zoo report", ""]
+    for run in runs:
+        lines += [f"## Run {run.label}", "", "| key | value |", "|---|---|"]
+        lines += [f"| {k} | `{run.meta.get(k)}` |" for k in META_KEYS if k in run.meta]
+        lines += [""]
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files] + [""]
+    lines += [
+        "## Crossover lengths",
+        "",
+        "First N from which the mechanism stays faster (time) or smaller (memory) than dense.",
+        "",
+    ]
+    cross = []
+    for what, frame in (("time", time_r), ("memory", mem_r)):
+        for (run_id, mech, impl), rows in frame.groupby(["run", "mechanism", "impl"]):
+            rows = rows.sort_values("seq_len")
+            n0 = plots.crossover(rows.seq_len, rows.ratio)
+            cross.append(
+                {
+                    "run": run_id,
+                    "mechanism": mech,
+                    "impl": impl,
+                    "what": what,
+                    "crossover N": "none in sweep" if n0 is None else int(n0),
+                }
+            )
+    lines += [_markdown(pd.DataFrame(cross)) if cross else "(no efficient mechanism)", ""]
+    for run in runs:
+        t = run.table
+        cols = [
+            "mechanism",
+            "impl",
+            "dtype",
+            "seq_len",
+            "causal",
+            "mode",
+            "status",
+            "time_ms",
+            "peak_mem_bytes",
+            "err_oracle",
+            "err_dense",
+            "density",
+            "note",
+        ]
+        shown = t[cols].copy()
+        shown["peak_mem_bytes"] = (shown.peak_mem_bytes / 2**20).round(2)
+        shown = shown.rename(columns={"peak_mem_bytes": "peak MiB"})
+        lines += [f"## Results: {run.label}", "", _markdown(shown), ""]
+        lines += ["### Peak-memory growth exponents", "", _markdown(memory_exponents(run)), ""]
+        not_ok = t[t.status != "ok"]
+        if len(not_ok):
+            lines += [f"**{len(not_ok)} case(s) not ok** (shown as red crosses in the plots):", ""]
+            lines += [
+                f"- {r.mechanism}/{r.impl} N={r.seq_len}: {r.status} ({r.note})"
+                for r in not_ok.itertuples()
+            ] + [""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return [*files, report]
+
+
+def run_report(args: argparse.Namespace) -> int:
+    runs = [load_run(path) for path in args.runs]
+    out = Path(args.out) if args.out else Path("reports") / "+".join(r.folder.name for r in runs)
+    for path in write_report(runs, out):
+        print(f"bench report: wrote {path}")
+    return 0

@@ -1,0 +1,49 @@
+"""Reading run folders back: the results table and meta of each run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from bench.cases import KEY_COLUMNS
+from bench.errors import UsageError
+
+NUMERIC = (
+    "batch", "heads", "head_dim", "seq_len", "time_ms", "time_ms_p20", "time_ms_p80",
+    "peak_mem_bytes", "err_oracle", "err_dense", "oracle_rows", "flops", "density",
+)  # fmt: skip
+
+
+@dataclass
+class Run:
+    folder: Path
+    meta: dict
+    table: pd.DataFrame
+
+    @property
+    def label(self) -> str:
+        return f"{self.meta.get('run_id', self.folder.name)} ({self.meta.get('device_name', '?')})"
+
+
+def load_run(path: str | Path) -> Run:
+    folder = Path(path)
+    csv_path, meta_path = folder / "results.csv", folder / "meta.json"
+    if not csv_path.is_file() or not meta_path.is_file():
+        raise UsageError(f"{folder} is not a run folder (needs results.csv and meta.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        table = pd.read_csv(csv_path, dtype={"note": str, "config": str})
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read run {folder}: {e}") from None
+    missing = [c for c in KEY_COLUMNS if c not in table.columns]
+    if missing:
+        raise UsageError(f"{csv_path} lacks the columns {', '.join(missing)}")
+    for column in NUMERIC:
+        if column in table:
+            table[column] = pd.to_numeric(table[column], errors="coerce")
+    table["causal"] = table["causal"].astype(str) == "True"
+    table["note"] = table["note"].fillna("")
+    return Run(folder, meta, table)

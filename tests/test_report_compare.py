@@ -1,0 +1,123 @@
+"""``bench report`` and ``bench compare`` on fixture runs."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from bench.cli import main
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    code = main(["run", "--out", str(root), "--run-id", "base", "--seq-lens", "64,128",
+                 "--mechanisms", "dense,sparse_strided,lsh", "--repeats", "3"])  # fmt: skip
+    assert code == 0
+    return root / "base"
+
+
+def planted(base_run, tmp_path, edit):
+    """A copy of the base run with ``edit`` applied to its table."""
+    folder = tmp_path / "cand"
+    shutil.copytree(base_run, folder)
+    table = pd.read_csv(folder / "results.csv", dtype={"note": str})
+    edit(table)
+    table.to_csv(folder / "results.csv", index=False)
+    return folder
+
+
+def compare(base, cand, *extra):
+    return main(["compare", str(base), str(cand), *extra])
+
+
+def test_identical_runs_pass(base_run, tmp_path):
+    assert compare(base_run, planted(base_run, tmp_path, lambda t: None)) == 0
+
+
+def tighten(t):
+    """Shrink the measured spread so a planted change stands out of the noise."""
+    t["time_ms_p20"] = t["time_ms"] * 0.99
+    t["time_ms_p80"] = t["time_ms"] * 1.01
+
+
+def test_planted_slowdown_is_caught(base_run, tmp_path, capsys):
+    def slow(t):
+        tighten(t)
+        row = t.mechanism == "lsh"
+        for c in ("time_ms", "time_ms_p20", "time_ms_p80"):
+            t.loc[row, c] *= 1.2
+
+    tight_base = planted(base_run, tmp_path / "b", tighten)
+    assert compare(tight_base, planted(base_run, tmp_path, slow)) == 1
+    assert "time +20%" in capsys.readouterr().out
+
+
+def test_change_within_the_spread_is_ignored(base_run, tmp_path):
+    def noisy(t):
+        t["time_ms_p20"] = t["time_ms"] * 0.7
+        t["time_ms_p80"] = t["time_ms"] * 1.3
+        t["time_ms"] *= 1.2
+
+    wide_base = planted(
+        base_run,
+        tmp_path / "b",
+        lambda t: t.update({"time_ms_p20": t.time_ms * 0.7, "time_ms_p80": t.time_ms * 1.3}),
+    )
+    assert compare(wide_base, planted(base_run, tmp_path, noisy)) == 0
+
+
+def test_equivalence_failure_is_caught(base_run, tmp_path, capsys):
+    def broken(t):
+        t.loc[t.mechanism == "sparse_strided", "err_oracle"] = 3e-3
+
+    assert compare(base_run, planted(base_run, tmp_path, broken)) == 1
+    assert "err_oracle" in capsys.readouterr().out
+
+
+def test_ok_that_became_oom_is_caught(base_run, tmp_path, capsys):
+    def oom(t):
+        row = (t.mechanism == "dense") & (t.seq_len == 128)
+        t.loc[row, "status"] = "oom"
+        t.loc[row, ["time_ms", "time_ms_p20", "time_ms_p80"]] = float("nan")
+
+    assert compare(base_run, planted(base_run, tmp_path, oom)) == 1
+    assert "status ok -> oom" in capsys.readouterr().out
+
+
+def test_memory_growth_is_caught(base_run, tmp_path):
+    def bigger(t):
+        t.loc[t.mechanism == "lsh", "peak_mem_bytes"] *= 1.5
+
+    assert compare(base_run, planted(base_run, tmp_path, bigger)) == 1
+
+
+def test_different_devices_need_force(base_run, tmp_path, capsys):
+    cand = planted(base_run, tmp_path, lambda t: None)
+    meta = json.loads((cand / "meta.json").read_text())
+    meta["device_name"] = "Another CPU"
+    (cand / "meta.json").write_text(json.dumps(meta))
+    assert compare(base_run, cand) == 2
+    assert "different devices" in capsys.readouterr().err
+    assert compare(base_run, cand, "--force") == 0
+
+
+def test_missing_files_exit_2(tmp_path, capsys):
+    assert compare(tmp_path / "nope", tmp_path / "nada") == 2
+    assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_report_writes_every_promised_file(base_run, tmp_path):
+    def with_failures(t):
+        t.loc[(t.mechanism == "lsh") & (t.seq_len == 128), ["status", "note"]] = ["oom", "planted"]
+        t.loc[(t.mechanism == "dense") & (t.impl == "sdpa"), ["status", "note"]] = ["failed", "x"]
+
+    run = planted(base_run, tmp_path, with_failures)
+    out = tmp_path / "report"
+    assert main(["report", str(base_run), str(run), "--out", str(out)]) == 0
+    for name in ("time.png", "memory.png", "speedup.png", "errors.png", "report.md"):
+        assert (out / name).stat().st_size > 1000, name
+    text = (out / "report.md").read_text()
+    assert "lsh/reference N=128: oom (planted)" in text
+    assert "Crossover lengths" in text and "growth exponents" in text
