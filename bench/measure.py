@@ -53,6 +53,19 @@ def summarize(samples_ms: list[float]) -> Timing:
     return Timing(statistics.median(xs), _percentile(xs, 0.2), _percentile(xs, 0.8))
 
 
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` followed by a device synchronization (a no-op on the CPU)."""
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result
+
+    return call
+
+
 def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
     """Median and spread of ``fn``'s wall time, synchronized on CUDA."""
     for _ in range(warmup):
@@ -73,6 +86,14 @@ def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repea
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return summarize(samples)
+
+
+def matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    """The device's measured bf16 matrix-multiply rate: the roof that effective
+    TFLOP/s are drawn against."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    timing = time_call(lambda: a @ b, device, warmup=3, repeats=10)
+    return 2 * n**3 / (timing.median_ms * 1e-3) / 1e12
 
 
 # -- peak memory -----------------------------------------------------------------

@@ -77,6 +77,10 @@ def environment(device: torch.device) -> dict:
         "git_commit": commit,
         "git_dirty": bool(status) if status is not None else None,
     }
+    if device.type == "cuda":
+        from bench.measure import matmul_tflops
+
+        env["matmul_tflops"] = round(matmul_tflops(device), 1)
     return env
 
 
