@@ -15,6 +15,12 @@ import torch.nn.functional as F
 from attn_zoo import oracle
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
+from kernels.runtime import (
+    HEAD_DIMS,
+    triton_default_on,
+    triton_interpreted,
+    triton_unavailable,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,22 @@ def dense_reference(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     weights = torch.softmax(scores, dim=-1)
     del scores
     return torch.matmul(weights, v)
+
+
+@Dense.implementation(
+    "triton",
+    unavailable=triton_unavailable,
+    default_on=triton_default_on,
+    head_dims=HEAD_DIMS,
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    differentiable=False,
+    interpreted=triton_interpreted,
+)
+def dense_triton(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
+    """The block-sparse flash core visiting every key block (kernels/dense.py)."""
+    from kernels.dense import dense_attention
+
+    return dense_attention(q, k, v, plan.causal)
 
 
 @Dense.implementation("sdpa")

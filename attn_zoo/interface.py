@@ -54,6 +54,8 @@ class Impl:
     default_on: Callable[[torch.device], bool]
     #: The head dims it accepts (None: any).
     head_dims: tuple[int, ...] | None = None
+    #: The dtypes it accepts (None: any the interface accepts).
+    dtypes: tuple[torch.dtype, ...] | None = None
     #: Whether gradients flow through it.
     differentiable: bool = True
     #: Whether a run on this device goes through an interpreter (times not comparable).
@@ -112,6 +114,7 @@ class Mechanism:
         unavailable: Callable[[torch.device], str | None] = _always,
         default_on: Callable[[torch.device], bool] = _everywhere,
         head_dims: tuple[int, ...] | None = None,
+        dtypes: tuple[torch.dtype, ...] | None = None,
         differentiable: bool = True,
         interpreted: Callable[[torch.device], bool] = lambda device: False,
     ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
@@ -121,7 +124,7 @@ class Mechanism:
             if name in cls.impls:
                 raise ValueError(f"{cls.name}: implementation {name!r} registered twice")
             cls.impls[name] = Impl(
-                name, fn, unavailable, default_on, head_dims, differentiable, interpreted
+                name, fn, unavailable, default_on, head_dims, dtypes, differentiable, interpreted
             )
             return fn
 
@@ -171,6 +174,12 @@ class Mechanism:
         chosen = self.impl(impl)
         check_qkv(q, k, v, self_attention=self.self_attention, who=self.name)
         check_head_dim(q.shape[-1], chosen.head_dims, who=f"{self.name}/{impl}")
+        if chosen.dtypes is not None and q.dtype not in chosen.dtypes:
+            accepted = ", ".join(str(d).removeprefix("torch.") for d in chosen.dtypes)
+            raise ValueError(
+                f"{self.name}/{impl}: unsupported dtype {str(q.dtype).removeprefix('torch.')}; "
+                f"accepted: {accepted}"
+            )
         why = chosen.unavailable(q.device)
         if why is not None:
             raise ValueError(f"{self.name}/{impl} cannot run on {q.device.type}: {why}")

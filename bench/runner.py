@@ -58,6 +58,8 @@ def skip_reason(case: Case) -> str | None:
     why = impl.unavailable(device)
     if why:
         return why
+    if impl.dtypes is not None and DTYPES[case.dtype] not in impl.dtypes:
+        return f"dtype {case.dtype} unsupported"
     if impl.head_dims is not None and case.head_dim not in impl.head_dims:
         return f"head_dim {case.head_dim} unsupported; accepted: {impl.head_dims}"
     if case.mode == "fwd_bwd" and not impl.differentiable:

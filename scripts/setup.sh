@@ -13,7 +13,9 @@ if ! python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         python -m pip install -q torch
     else
-        python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" \
+        # --retries 0: where the CPU index is unreachable, pip moves on at once
+        # to the other indexes instead of retrying it for every dependency.
+        python -m pip install -q --retries 0 "torch==${TORCH_VERSION:-2.13.0}" \
             --extra-index-url https://download.pytorch.org/whl/cpu
     fi
 fi

@@ -1,0 +1,92 @@
+"""Triton kernels against the references and the oracle. Without a GPU they
+run in Triton's interpreter (conftest sets TRITON_INTERPRET=1) at small N."""
+
+import pytest
+import torch
+
+import attn_zoo
+from attn_zoo import oracle
+from conftest import qkv
+
+pytest.importorskip("triton")
+from kernels.dense import dense_attention
+from kernels.flash import BIG, band_layout, block_sparse_attention
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_MECHANISMS = [m for m in attn_zoo.names() if "triton" in attn_zoo.get(m).impls]
+
+
+def poisoned_like(q):
+    """An output buffer full of NaN: a row the kernel forgets to write fails."""
+    return torch.full_like(q, float("nan"))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 1e-2)])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("n", [64, 77])
+def test_dense_kernel_matches_oracle(n, causal, dim, dtype, tol):
+    q, k, v = (x.to(DEVICE) for x in qkv(n, heads=2, dim=dim, dtype=dtype))
+    out = dense_attention(q, k, v, causal, out=poisoned_like(q))
+    rows = torch.arange(n)
+    assert torch.isfinite(out).all()
+    assert oracle.rel_error(out, oracle.dense(q, k, v, causal, rows)) < tol
+    reference = attn_zoo.get("dense")(q, k, v, causal=causal, impl="reference")
+    assert oracle.rel_error(out, reference) < tol
+
+
+def test_keys_longer_than_queries_with_causal_offset():
+    q, k, v = qkv(40, n_k=100, heads=2, dim=32)
+    layout = band_layout(40, 100, 0, BIG, 60, 32, 32)
+    out, lse = block_sparse_attention(q, k, v, layout, 0, BIG, 60, out=poisoned_like(q))
+    visible = torch.ones(40, 100, dtype=torch.bool).tril(60)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
+    assert oracle.rel_error(out, expected) < 1e-5
+    scores = (q @ k.transpose(-1, -2)) * 32**-0.5
+    torch.testing.assert_close(lse, scores.masked_fill(~visible, -torch.inf).logsumexp(-1))
+
+
+def test_rows_with_no_visible_key_give_zero_and_minus_inf():
+    q, k, v = qkv(64, heads=1, dim=32)
+    layout = band_layout(64, 64, 100, BIG, 0, 32, 32)  # nothing is 100 behind in 64 tokens
+    out, lse = block_sparse_attention(q, k, v, layout, 100, BIG, 0, out=poisoned_like(q))
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+
+
+def test_layout_separates_full_and_masked_blocks():
+    layout = band_layout(256, 256, 0, BIG, 0, 64, 64)
+    assert layout.full_count.tolist() == [0, 1, 2, 3]  # below the diagonal
+    assert layout.partial_count.tolist() == [1, 1, 1, 1]  # the diagonal
+    assert layout.blocks_visited == 10
+
+
+@pytest.mark.parametrize("name", TRITON_MECHANISMS)
+def test_registered_triton_impls_match_their_oracle(name):
+    mech = attn_zoo.get(name, **attn_zoo.get(name).small)
+    q, k, v = (x.to(DEVICE) for x in qkv(70, heads=2, dim=32))
+    for causal in (True, False):
+        plan = mech.plan(q, k, v, causal)
+        out = mech(q, k, v, causal=causal, impl="triton", plan=plan)
+        rows = torch.arange(70)
+        expected = oracle.evaluate(q, k, v, mech.oracle(q, k, v, plan, rows), rows)
+        assert oracle.rel_error(out, expected) < 1e-5
+
+
+def test_triton_refuses_float64_and_odd_head_dims():
+    q, k, v = qkv(16, heads=1, dim=32, dtype=torch.float64)
+    with pytest.raises(ValueError, match="dense/triton: unsupported dtype float64"):
+        attn_zoo.get("dense")(q, k, v, impl="triton")
+    q, k, v = qkv(16, heads=1, dim=48)
+    with pytest.raises(ValueError, match="unsupported head_dim 48; accepted: 32, 64, 128"):
+        attn_zoo.get("dense")(q, k, v, impl="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_dense_kernel_on_gpu(dtype, causal):
+    q, k, v = (x.cuda() for x in qkv(2048 + 17, heads=4, dim=128, dtype=dtype))
+    out = dense_attention(q, k, v, causal, out=poisoned_like(q))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert oracle.rel_error(out, expected) < 1e-2
