@@ -26,6 +26,7 @@ from attn_zoo import oracle
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
+from attn_zoo.xl import segment_starts as _segment_starts
 
 COMPRESSIONS = ("mean", "max", "conv")
 
@@ -85,10 +86,6 @@ def attention_reconstruction_loss(
     full, _ = attend(q, old_k, old_v)
     compressed, _ = attend(q, ck, cv)
     return F.mse_loss(compressed, full)
-
-
-def _segment_starts(positions: torch.Tensor, segment_len: int) -> torch.Tensor:
-    return positions - positions % segment_len
 
 
 @register

@@ -74,7 +74,8 @@ def rel_shift(x: torch.Tensor, klen: int) -> torch.Tensor:
     return x.reshape(*lead, qlen, width - 1)[..., :klen]
 
 
-def _segment_starts(positions: torch.Tensor, segment_len: int) -> torch.Tensor:
+def segment_starts(positions: torch.Tensor, segment_len: int) -> torch.Tensor:
+    """The first position of each position's segment."""
     return positions - positions % segment_len
 
 
@@ -114,7 +115,7 @@ class XL(Mechanism):
 
     def visible(self, plan: XLPlan, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Pair visibility from positions (broadcasting): memory + segment (+ causal)."""
-        start = _segment_starts(i, plan.segment_len)
+        start = segment_starts(i, plan.segment_len)
         vis = (j >= start - plan.mem_len) & (j >= 0)
         vis &= (j <= i) if plan.causal else (j < start + plan.segment_len)
         if plan.same_length:
@@ -125,7 +126,7 @@ class XL(Mechanism):
         i = rows.to(q.device)[:, None]
         j = torch.arange(plan.n_k, device=q.device)[None, :]
         vis = self.visible(plan, i, j)
-        memory = j < _segment_starts(i, plan.segment_len)  # stop-gradient pairs
+        memory = j < segment_starts(i, plan.segment_len)  # stop-gradient pairs
         q64, k64 = q[:, :, rows.to(q.device)].double(), k.double()
         u, vb, rel = plan.u.double(), plan.v.double(), plan.rel.double()
         # u . k_j, with memory keys detached
