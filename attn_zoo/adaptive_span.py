@@ -25,6 +25,7 @@ from attn_zoo import oracle
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, blocks, gather, scatter, softmax_lse, upcast, window
+from kernels.runtime import triton_options
 
 
 def default_spans(heads: int, shortest: float = 32.0, longest: float = 1024.0) -> tuple:
@@ -117,3 +118,12 @@ def adaptive_span_reference(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
         out.append(scatter(weights @ gather(vh, as_tiles(ki)), as_tiles(qi), n))
     return torch.cat(out, dim=1).to(q.dtype)
+
+
+@AdaptiveSpan.implementation("triton", **triton_options())
+def adaptive_span_triton(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
+    """One launch, per-head layouts, the ramp in the masked blocks (kernels/adaptive_span.py)."""
+    from kernels.adaptive_span import adaptive_span_attention
+    from kernels.flash import block_size
+
+    return adaptive_span_attention(q, k, v, plan, block_size(q.shape[-1]))

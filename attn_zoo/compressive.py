@@ -27,6 +27,7 @@ from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
 from attn_zoo.xl import segment_starts as _segment_starts
+from kernels.runtime import triton_options
 
 COMPRESSIONS = ("mean", "max", "conv")
 
@@ -183,3 +184,12 @@ def compressive_reference(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
     vis = torch.cat([(si >= 0)[:, None, :].expand(-1, seg, -1), raw_vis], dim=-1)
     out, _ = attend(gather(q, as_tiles(qi)), kg, vg, vis)
     return scatter(out, as_tiles(qi), n).to(q.dtype)
+
+
+@Compressive.implementation("triton", **triton_options())
+def compressive_triton(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
+    """Memory + segment launch, then the compressed slots accumulated (kernels/memory.py)."""
+    from kernels.flash import block_size
+    from kernels.memory import compressive_attention
+
+    return compressive_attention(q, k, v, plan, block_size(q.shape[-1]))

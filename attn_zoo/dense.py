@@ -15,12 +15,7 @@ import torch.nn.functional as F
 from attn_zoo import oracle
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
-from kernels.runtime import (
-    HEAD_DIMS,
-    triton_default_on,
-    triton_interpreted,
-    triton_unavailable,
-)
+from kernels.runtime import triton_options
 
 
 @dataclass(frozen=True)
@@ -68,15 +63,7 @@ def dense_reference(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     return torch.matmul(weights, v)
 
 
-@Dense.implementation(
-    "triton",
-    unavailable=triton_unavailable,
-    default_on=triton_default_on,
-    head_dims=HEAD_DIMS,
-    dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    differentiable=False,
-    interpreted=triton_interpreted,
-)
+@Dense.implementation("triton", **triton_options())
 def dense_triton(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     """The block-sparse flash core visiting every key block (kernels/dense.py)."""
     from kernels.dense import dense_attention

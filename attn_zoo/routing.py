@@ -33,6 +33,7 @@ from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.lsh import shared_keys
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
+from kernels.runtime import triton_options
 
 UPDATES = ("ema", "none")
 
@@ -58,6 +59,18 @@ class RoutingPlan(Plan):
 def _local_visible(i: torch.Tensor, j: torch.Tensor, width: int, causal: bool) -> torch.Tensor:
     """Local window: 0 <= i - j < width (causal) or |i - j| <= width // 2."""
     return ((i - j >= 0) & (i - j < width)) if causal else (i - j).abs() <= width // 2
+
+
+def _mean_over_parts(local: torch.Tensor, routed: torch.Tensor, members: torch.Tensor):
+    """Each token's output: the mean of its local result and of the result of every
+    cluster holding it. routed [B, H, C * w, D] follows members [B, H, C, w]."""
+    b, h, n, d = local.shape
+    flat = members.reshape(b, h, -1)
+    total = local.new_zeros(b, h, n, d).scatter_add_(
+        2, flat[..., None].expand(-1, -1, -1, d), routed
+    )
+    count = local.new_zeros(b, h, n).scatter_add_(2, flat, local.new_ones(flat.shape))
+    return (local + total) / (1 + count[..., None])
 
 
 @register
@@ -170,14 +183,27 @@ def routing_reference(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     if plan.causal:
         routed, _ = sorted_attention(q, keys, v, plan.clusters, plan.width, "window", 0.0)
         return ((local + routed) / 2).to(q.dtype)
-    # each cluster attends within itself; a token sums over the clusters holding it
+    # each cluster attends within itself; a token averages over the clusters holding it
     members = plan.members
     routed, _ = attend(gather(q, members), gather(keys, members), gather(v, members))
-    b, h, _, d = q.shape
-    total = local.new_zeros(b, h, n, d).scatter_add_(
-        2, members.reshape(b, h, -1, 1).expand(-1, -1, -1, d), routed.reshape(b, h, -1, d)
-    )
-    count = local.new_zeros(b, h, n).scatter_add_(
-        2, members.reshape(b, h, -1), local.new_ones(members.reshape(b, h, -1).shape)
-    )
-    return ((local + total) / (1 + count[..., None])).to(q.dtype)
+    routed = routed.flatten(2, 3)
+    return _mean_over_parts(local, routed, members).to(q.dtype)
+
+
+@Routing.implementation("triton", **triton_options())
+def routing_triton(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
+    """A banded launch for the local window, then a sorted (causal) or member-list
+    (bidirectional) launch for the clusters (kernels/grouped.py)."""
+    from kernels.flash import block_size, flash_attention
+    from kernels.grouped import clustered_flash, sorted_flash
+    from kernels.layout import Band, cached_layout
+
+    n, block, keys = plan.n_q, block_size(q.shape[-1]), shared_keys(q)
+    half = plan.window // 2
+    band = Band(lo=0, hi=plan.window - 1) if plan.causal else Band(lo=-half, hi=half)
+    local = flash_attention(q, keys, v, cached_layout(n, n, band, None, block, q.device), band)[0]
+    if plan.causal:
+        routed = sorted_flash(q, keys, v, plan.clusters, plan.width, "window", None, block)[0]
+        return ((local.float() + routed.float()) / 2).to(q.dtype)
+    routed = clustered_flash(q, keys, v, plan.members, block).float()
+    return _mean_over_parts(local.float(), routed, plan.members).to(q.dtype)

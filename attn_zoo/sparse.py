@@ -30,6 +30,7 @@ from attn_zoo import oracle
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, merge, scatter_result, window
+from kernels.runtime import triton_options
 
 
 def auto_stride(n: int, block: int) -> int:
@@ -129,6 +130,15 @@ def strided_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     return merge([band, far])[0].to(q.dtype)
 
 
+@SparseStrided.implementation("triton", **triton_options())
+def strided_triton(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
+    """Band launch + column-major launch accumulated into it (kernels/sparse.py)."""
+    from kernels.flash import block_size
+    from kernels.sparse import strided_attention
+
+    return strided_attention(q, k, v, plan, block_size(q.shape[-1]))
+
+
 @register
 class SparseFixed(_Sparse):
     name = "sparse_fixed"
@@ -163,3 +173,12 @@ def fixed_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     qi, si = as_tiles(qi), as_tiles(summary_cols[None])
     rest = scatter_result(attend(gather(q, qi), gather(k, si), gather(v, si), vis), qi, n)
     return merge([own, rest])[0].to(q.dtype)
+
+
+@SparseFixed.implementation("triton", **triton_options())
+def fixed_triton(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
+    """Own-block launch + summary-list launch(es) accumulated into it (kernels/sparse.py)."""
+    from kernels.flash import block_size
+    from kernels.sparse import fixed_attention
+
+    return fixed_attention(q, k, v, plan, block_size(q.shape[-1]))

@@ -32,6 +32,7 @@ from attn_zoo import oracle
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, upcast, window
+from kernels.runtime import triton_options
 
 
 @dataclass(frozen=True)
@@ -160,3 +161,12 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     vis = mech.visible(plan, qi[:, :, None], ki[:, None, :]) & (qi[:, :, None] >= 0)
     out, _ = attend(qg + plan.u[:, None, None, :].to(qg.dtype), kg, vg, vis, bias=bd)
     return scatter(out, as_tiles(qi), n).to(q.dtype)
+
+
+@XL.implementation("triton", **triton_options())
+def xl_triton(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
+    """Segment window + the relative term inside the kernel (kernels/memory.py)."""
+    from kernels.flash import block_size
+    from kernels.memory import xl_attention
+
+    return xl_attention(q, k, v, plan, block_size(q.shape[-1]))

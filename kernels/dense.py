@@ -3,22 +3,19 @@ or below the diagonal, the diagonal ones element-masked)."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
-from kernels.flash import BIG, BlockLayout, band_layout, block_sparse_attention
+from kernels.flash import block_size, flash_attention
+from kernels.layout import Band, cached_layout
 
 
-@lru_cache(maxsize=64)
-def dense_layout(n_q: int, n_k: int, causal: bool, device: torch.device, block: int) -> BlockLayout:
-    lo = 0 if causal else -BIG
-    return band_layout(n_q, n_k, lo, BIG, n_k - n_q, block, block, device)
+def dense_band(n_q: int, n_k: int, causal: bool) -> Band:
+    """Causal with keys longer than queries: query i is position i + (n_k - n_q)."""
+    return Band(lo=0, offset=n_k - n_q) if causal else Band()
 
 
 def dense_attention(q, k, v, causal: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     n_q, n_k = q.shape[2], k.shape[2]
-    block = 64 if q.shape[-1] <= 64 else 32
-    layout = dense_layout(n_q, n_k, causal, q.device, block)
-    lo = 0 if causal else -BIG
-    return block_sparse_attention(q, k, v, layout, lo, BIG, n_k - n_q, out=out)[0]
+    band = dense_band(n_q, n_k, causal)
+    layout = cached_layout(n_q, n_k, band, None, block_size(q.shape[-1]), q.device)
+    return flash_attention(q, k, v, layout, band, out=out)[0]

@@ -1,19 +1,27 @@
-"""The block-sparse flash-attention forward core (one online-softmax kernel).
+"""The block-sparse flash-attention forward core: one online-softmax kernel.
 
-For each query block the kernel walks two lists of key blocks: blocks that
-need no element mask (every pair visible) and blocks that do (a band edge or
-the ragged end of the sequence). Element visibility is a band on the
-position difference,
+For each query block the kernel walks the key blocks its :class:`BlockLayout`
+lists, first those that need no element mask, then those that do, in float32
+with the exp2 online softmax of the Triton tutorial 06-fused-attention. It
+returns the output and the per-row log-sum-exp (natural log; -inf and output 0
+for a row that sees no key). Nothing N x N is ever stored.
 
-    lo <= (i + offset) - j <= hi,
+What a launch may add to plain attention (all decided at compile time):
 
-which covers causal attention with an offset (keys longer than queries,
-memories), sliding windows and full attention. Accumulation is in float32;
-the kernel returns the output and the per-row log-sum-exp (natural log), -inf
-for a row that sees no key, whose output is 0. Nothing N x N is ever stored.
+* gathered rows: q and k/v read through index tensors (sorted or permuted
+  orders), the output written back at the query's position or left in kernel
+  order;
+* the element masks of :mod:`kernels.layout` (band, segment window, group
+  equality);
+* a bias on the pair i == j of positions (Reformer's self penalty, or -inf);
+* the adaptive-span ramp, bias log m_z(x) (Sukhbaatar et al. 2019, Eq. 4-5);
+* the Transformer-XL relative term (q_i + v) . W_R R_(i-j) (Dai et al. 2019,
+  Sec. 3.3), with the content term (q_i + u) . k_j;
+* accumulation into a partial (out, lse) already in the output, merged by
+  log-sum-exp, so a mechanism's parts need no extra N x D buffers.
 
-Structure after the Triton tutorial 06-fused-attention: kernel -> launcher
-(:func:`block_sparse_attention`) -> layout builder (:func:`band_layout`).
+Structure after Liger-Kernel: kernel -> launcher (:func:`flash_attention`) ->
+one function per mechanism (``kernels/<mechanism>.py``) -> registered impl.
 """
 
 from __future__ import annotations
@@ -24,85 +32,112 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.layout import BIG, Band, BlockLayout, Window
+
 LOG2E = 1.4426950408889634
-BIG = 1 << 40  # an unbounded band edge
 
 
-@dataclass(frozen=True)
-class BlockLayout:
-    """Per query block, the key blocks to visit: ``full`` [n_qb, max] need no
-    element mask, ``partial`` [n_qb, max] do; -1 pads; counts per row."""
+@dataclass(frozen=True, eq=False)
+class Ramp:
+    """Adaptive span's soft mask m_z(x) = clamp((R + z_h - x) / R, 0, 1) as the
+    bias log m (Sukhbaatar et al. 2019, Eq. 4-5); x = i - j, or |i - j| when
+    ``symmetric`` (bidirectional)."""
 
-    block_m: int
-    block_n: int
-    full: torch.Tensor
-    full_count: torch.Tensor
-    partial: torch.Tensor
-    partial_count: torch.Tensor
-
-    @property
-    def blocks_visited(self) -> int:
-        return int(self.full_count.sum() + self.partial_count.sum())
+    spans: torch.Tensor  # z_h [H], float32
+    ramp: float  # R
+    symmetric: bool
 
 
-def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[n_qb, n_kb] bool -> (indices [n_qb, max(1, widest)] padded with -1, counts)."""
-    counts = mask.sum(1).to(torch.int32)
-    width = max(1, int(counts.max()) if counts.numel() else 1)
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-    idx = torch.where(torch.arange(width, device=mask.device)[None, :] < counts[:, None], order, -1)
-    return idx.to(torch.int32).contiguous(), counts.contiguous()
+@dataclass(frozen=True, eq=False)
+class Relative:
+    """Transformer-XL scores (Dai et al. 2019, Sec. 3.3): (q_i + u) . k_j +
+    (q_i + v) . table[i - j]; distances beyond +-max_dist read the last row."""
 
-
-def band_layout(
-    n_q: int, n_k: int, lo: int, hi: int, offset: int, block_m: int = 64, block_n: int = 64,
-    device=None,
-) -> BlockLayout:  # fmt: skip
-    """Classify every (query block, key block) for the band lo <= i + offset - j <= hi."""
-    qb = torch.arange(-(-n_q // block_m), device=device)
-    kb = torch.arange(-(-n_k // block_n), device=device)
-    i_lo, i_hi = qb * block_m + offset, torch.clamp((qb + 1) * block_m, max=n_q) - 1 + offset
-    j_lo, j_hi = kb * block_n, torch.clamp((kb + 1) * block_n, max=n_k) - 1
-    d_min = i_lo[:, None] - j_hi[None, :]
-    d_max = i_hi[:, None] - j_lo[None, :]
-    touched = (d_max >= lo) & (d_min <= hi)
-    inside = (d_min >= lo) & (d_max <= hi)
-    ragged = (((qb + 1) * block_m > n_q)[:, None]) | (((kb + 1) * block_n > n_k)[None, :])
-    full = touched & inside & ~ragged
-    return BlockLayout(block_m, block_n, *_pack(full), *_pack(touched & ~full))
+    u: torch.Tensor  # [H, D]
+    v: torch.Tensor  # [H, D]
+    table: torch.Tensor  # [H, 2 max_dist + 1, D]: W_R R_d for d = -max_dist .. max_dist
+    max_dist: int
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, n_k, lo, hi, offset,
-                  qk_scale, MASKED: tl.constexpr):  # fmt: skip
-    """One key block of the online softmax (exp2 domain)."""
+def _attend_block(
+    acc, m_i, l_i, q, qv, q_pos, m_start, offs_m, start,
+    K, V, KIDX, KGRP, REL, SPANS,
+    skn, svn, srn, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi,
+    q_grp, self_bias, ramp, h, max_dist, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, GATHER_K: tl.constexpr, WINDOW: tl.constexpr,
+    GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr, SYMMETRIC: tl.constexpr,
+    REL_TERM: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One key block of the online softmax, in the exp2 domain."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_range = offs_n < n_k
+    if GATHER_K:
+        k_pos = tl.load(KIDX + offs_n, mask=in_range, other=0)
+    else:
+        k_pos = offs_n
+    k_ptrs = K + k_pos[None, :] * skn + offs_d[:, None]
+    v_ptrs = V + k_pos[:, None] * svn + offs_d[None, :]
     if MASKED:
-        k = tl.load(k_ptrs, mask=offs_n[None, :] < n_k, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_n[:, None] < n_k, other=0.0)
+        k = tl.load(k_ptrs, mask=in_range[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=in_range[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
-    qk = tl.dot(q, k) * qk_scale
+    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    if REL_TERM:
+        # (q + v) . R_d for the BLOCK_M + BLOCK_N - 1 distances of the tile, then
+        # each row picks its own diagonal: d(a, b) = d0 + a - b + BLOCK_N - 1.
+        d0 = (m_start + offset) - start - (BLOCK_N - 1)
+        dist = d0 + tl.arange(0, BLOCK_M + BLOCK_N)
+        row = tl.minimum(tl.maximum(dist, -max_dist), max_dist) + max_dist
+        r = tl.load(REL + row[None, :] * srn + offs_d[:, None])
+        s = tl.dot(qv, r, input_precision=PRECISION)
+        diag = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + BLOCK_N - 1
+        qk += tl.gather(s, diag, 1) * qk_scale
     if MASKED:
         diff = (offs_m[:, None] + offset) - offs_n[None, :]
-        visible = (diff >= lo) & (diff <= hi) & (offs_n[None, :] < n_k)
+        visible = (diff >= lo) & (diff <= hi) & in_range[None, :]
+        if WINDOW:
+            seg = (offs_m // seg_len) * seg_step
+            visible &= offs_n[None, :] >= seg[:, None] + win_lo
+            visible &= offs_n[None, :] <= seg[:, None] + win_hi
+        if GROUPS:
+            k_grp = tl.load(KGRP + offs_n, mask=in_range, other=-1)
+            visible &= q_grp[:, None] == k_grp[None, :]
         qk = tl.where(visible, qk, float("-inf"))
+        if SELF:
+            qk = tl.where(q_pos[:, None] == k_pos[None, :], qk + self_bias, qk)
+        if RAMP:
+            x = diff.to(tl.float32)
+            if SYMMETRIC:
+                x = tl.abs(x)
+            z = tl.load(SPANS + h)
+            m = tl.minimum(tl.maximum((ramp + z - x) / ramp, 0.0), 1.0)
+            qk = tl.where(m > 0.0, qk + tl.math.log2(tl.maximum(m, 1e-30)), float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
-def _block_sparse_fwd(
-    Q, K, V, O, LSE,
+def _flash_fwd(
+    Q, K, V, O, LSE, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-    H, n_q, n_k, lo, hi, offset, qk_scale, max_full, max_partial,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
+    H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, max_dist, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
+    WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, ACCUMULATE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -110,57 +145,147 @@ def _block_sparse_fwd(
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=offs_m[:, None] < n_q, other=0.0)
+    rows_in = offs_m < n_q
+    QIDX += (pid_bh % n_indexed) * n_q
+    KIDX += (pid_bh % n_indexed) * n_k
+    if GATHER_Q:
+        q_pos = tl.load(QIDX + offs_m, mask=rows_in, other=0)
+    else:
+        q_pos = offs_m
+    q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqm + offs_d[None, :],
+                mask=rows_in[:, None], other=0.0)  # fmt: skip
+    qv = q
+    if REL_TERM:
+        qv = (q.to(tl.float32) + tl.load(VB + h * HEAD_DIM + offs_d)[None, :]).to(q.dtype)
+        q = (q.to(tl.float32) + tl.load(U + h * HEAD_DIM + offs_d)[None, :]).to(q.dtype)
+    q_grp = offs_m
+    if GROUPS:
+        KGRP += (pid_bh % n_grouped) * n_k
+        q_grp = tl.load(QGRP + (pid_bh % n_grouped) * n_q + offs_m, mask=rows_in, other=-2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    for t in range(0, tl.load(FULL_COUNT + pid_m)):
-        start = tl.load(FULL + pid_m * max_full + t) * BLOCK_N
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[None, :] * skn + offs_d[:, None]
-        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, n_k,
-                                      lo, hi, offset, qk_scale, MASKED=False)  # fmt: skip
-    for t in range(0, tl.load(PARTIAL_COUNT + pid_m)):
-        start = tl.load(PARTIAL + pid_m * max_partial + t) * BLOCK_N
-        offs_n = start + tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + offs_n[None, :] * skn + offs_d[:, None]
-        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, offs_m, offs_n, n_k,
-                                      lo, hi, offset, qk_scale, MASKED=True)  # fmt: skip
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    REL += h * srh
+    lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + pid_m
+    for masked in tl.static_range(2):  # the full blocks, then those needing the mask
+        if masked == 0:
+            blocks, count = FULL + lay * max_full, tl.load(FULL_COUNT + lay)
+        else:
+            blocks, count = PARTIAL + lay * max_partial, tl.load(PARTIAL_COUNT + lay)
+        for t in range(0, count):
+            start = tl.load(blocks + t) * BLOCK_N
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, qv, q_pos, pid_m * BLOCK_M, offs_m, start,
+                K, V, KIDX, KGRP, REL, SPANS,
+                skn, svn, srn, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi,
+                q_grp, self_bias, ramp, h, max_dist, qk_scale,
+                HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, GATHER_K, WINDOW, GROUPS, SELF, RAMP,
+                SYMMETRIC, REL_TERM, PRECISION,
+            )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(
-        empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634
-    )
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=offs_m[:, None] < n_q)
-    tl.store(LSE + pid_bh * n_q + offs_m, lse, mask=offs_m < n_q)
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    o_rows = q_pos if SCATTER_O else offs_m
+    o_ptrs = O + b * sob + h * soh + o_rows[:, None] * som + offs_d[None, :]
+    lse_ptrs = LSE + pid_bh * n_out + o_rows
+    if ACCUMULATE:  # merge with the partial result already there, by log-sum-exp
+        prev = tl.load(o_ptrs, mask=rows_in[:, None], other=0.0).to(tl.float32)
+        prev_lse = tl.load(lse_ptrs, mask=rows_in, other=float("-inf")) * 1.4426950408889634
+        top = tl.maximum(prev_lse, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w_prev = tl.math.exp2(prev_lse - top)
+        w_new = tl.math.exp2(lse - top)
+        total = w_prev + w_new
+        none = total == 0.0
+        out = (prev * w_prev[:, None] + out * w_new[:, None]) / tl.where(none, 1.0, total)[:, None]
+        lse = tl.where(none, float("-inf"), top + tl.math.log2(tl.where(none, 1.0, total)))
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows_in[:, None])
+    tl.store(lse_ptrs, lse / 1.4426950408889634, mask=rows_in)
 
 
-def block_sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
-    lo: int = -BIG, hi: int = BIG, offset: int = 0, out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Launch the core: q [B, H, Nq, D], k/v [B, H, Nk, D] (last dim contiguous).
-    Returns (out [B, H, Nq, D] in q's dtype, lse [B, H, Nq] float32)."""
-    b, h, n_q, d = q.shape
-    n_k = k.shape[2]
+def new_output(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Allocates the kernel's outputs (tests swap in NaN-filled ones, so a row the
+    kernel forgets to write cannot pass)."""
+    return torch.empty(shape, device=q.device, dtype=dtype)
+
+
+def block_size(head_dim: int) -> int:
+    """Tile edge: 64 up to head_dim 64, 32 above (registers); BLOCK_M == BLOCK_N
+    because the relative term's tile of distances must be a power of two."""
+    return 64 if head_dim <= 64 else 32
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    band: Band | None = None,
+    window: Window | None = None,
+    *,
+    q_index: torch.Tensor | None = None,
+    k_index: torch.Tensor | None = None,
+    scatter: bool = True,
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+    self_bias: float | None = None,
+    ramp: Ramp | None = None,
+    relative: Relative | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the core.
+
+    q [B, H, Nq, D], k / v [B, H, Nk, D]. ``q_index`` [G|1, n_q] and ``k_index``
+    [G|1, n_k] (int32) read rows through a gather; the kernel then runs over
+    n_q = q_index.shape[-1] queries and writes row i at ``q_index[i]`` when
+    ``scatter`` (else at i). ``groups`` = (q groups [G, n_q], k groups [G, n_k])
+    sorted along the kernel order. With ``accumulate``, ``out`` and ``lse``
+    already hold a partial result over other keys and receive the merged one.
+    Returns (out in q's dtype, lse [B, H, n_out] float32).
+    """
+    batch, heads, _, dim = q.shape
+    band = band if band is not None else Band()
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    n_q = q.shape[2] if q_index is None else q_index.shape[-1]
+    n_k = k.shape[2] if k_index is None else k_index.shape[-1]
+    n_out = q.shape[2] if scatter else n_q
     if out is None:
-        out = torch.empty_like(q)
-    lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(n_q, layout.block_m), b * h)
-    _block_sparse_fwd[grid](
+        out = new_output(q, (batch, heads, n_out, dim), q.dtype)
+    if lse is None:
+        lse = new_output(q, (batch, heads, n_out), torch.float32)
+    if accumulate and out.stride(-1) != 1:
+        raise ValueError("flash_attention: accumulate needs an output with contiguous rows")
+    dummy = torch.empty(1, device=q.device, dtype=torch.int32)
+    index_rows = q_index if q_index is not None else k_index if k_index is not None else dummy
+    n_indexed = index_rows.shape[0] if index_rows is not dummy else 1
+    rel_table = relative.table.to(q.dtype).contiguous() if relative is not None else q
+    grid = (triton.cdiv(n_q, layout.block_m), batch * heads)
+    win = window if window is not None else Window(1, 0, -BIG, BIG)
+    _flash_fwd[grid](
         q, k, v, out, lse,
+        q_index if q_index is not None else dummy, k_index if k_index is not None else dummy,
+        *(groups if groups is not None else (dummy, dummy)),
+        *((relative.u.contiguous(), relative.v.contiguous()) if relative else (q, q)), rel_table,
+        ramp.spans if ramp is not None else q,
         layout.full, layout.full_count, layout.partial, layout.partial_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        h, n_q, n_k, lo, hi, offset, d**-0.5 * LOG2E,
-        layout.full.shape[1], layout.partial.shape[1],
-        HEAD_DIM=d, BLOCK_M=layout.block_m, BLOCK_N=layout.block_n,
+        rel_table.stride(0), rel_table.stride(1) if relative is not None else 0,
+        heads, n_q, n_k, n_out, layout.full.shape[0], n_indexed,
+        groups[0].shape[0] if groups is not None else 1,
+        layout.full.shape[2], layout.partial.shape[2],
+        band.lo, band.hi, band.offset, win.seg_len, win.step, win.lo, win.hi,
+        (self_bias if self_bias is not None else 0.0) * LOG2E,
+        ramp.ramp if ramp is not None else 1.0,
+        relative.max_dist if relative is not None else 0, dim**-0.5 * LOG2E,
+        HEAD_DIM=dim, BLOCK_M=layout.block_m, BLOCK_N=layout.block_n,
+        GATHER_Q=q_index is not None, GATHER_K=k_index is not None,
+        SCATTER_O=scatter and q_index is not None, WINDOW=window is not None,
+        GROUPS=groups is not None, SELF=self_bias is not None, RAMP=ramp is not None,
+        SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
+        ACCUMULATE=accumulate, PRECISION="ieee" if q.dtype == torch.float32 else None,
     )  # fmt: skip
     return out, lse

@@ -32,3 +32,15 @@ def triton_interpreted(device: torch.device) -> bool:
 def triton_default_on(device: torch.device) -> bool:
     """In the default sweep on CUDA only: interpreter timings are not comparable."""
     return device.type == "cuda"
+
+
+def triton_options() -> dict:
+    """The registration options every ``triton`` implementation shares."""
+    return dict(
+        unavailable=triton_unavailable,
+        default_on=triton_default_on,
+        head_dims=HEAD_DIMS,
+        dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        differentiable=False,
+        interpreted=triton_interpreted,
+    )

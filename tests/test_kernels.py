@@ -10,10 +10,10 @@ from conftest import qkv
 
 pytest.importorskip("triton")
 from kernels.dense import dense_attention
-from kernels.flash import BIG, band_layout, block_sparse_attention
+from kernels.flash import flash_attention
+from kernels.layout import Band, build_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_MECHANISMS = [m for m in attn_zoo.names() if "triton" in attn_zoo.get(m).impls]
 
 
 def poisoned_like(q):
@@ -37,8 +37,9 @@ def test_dense_kernel_matches_oracle(n, causal, dim, dtype, tol):
 
 def test_keys_longer_than_queries_with_causal_offset():
     q, k, v = qkv(40, n_k=100, heads=2, dim=32)
-    layout = band_layout(40, 100, 0, BIG, 60, 32, 32)
-    out, lse = block_sparse_attention(q, k, v, layout, 0, BIG, 60, out=poisoned_like(q))
+    band = Band(lo=0, offset=60)
+    layout = build_layout(40, 100, band, block_m=32, block_n=32)
+    out, lse = flash_attention(q, k, v, layout, band, out=poisoned_like(q))
     visible = torch.ones(40, 100, dtype=torch.bool).tril(60)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible)
     assert oracle.rel_error(out, expected) < 1e-5
@@ -48,28 +49,17 @@ def test_keys_longer_than_queries_with_causal_offset():
 
 def test_rows_with_no_visible_key_give_zero_and_minus_inf():
     q, k, v = qkv(64, heads=1, dim=32)
-    layout = band_layout(64, 64, 100, BIG, 0, 32, 32)  # nothing is 100 behind in 64 tokens
-    out, lse = block_sparse_attention(q, k, v, layout, 100, BIG, 0, out=poisoned_like(q))
+    band = Band(lo=100)  # nothing is 100 behind in 64 tokens
+    layout = build_layout(64, 64, band, block_m=32, block_n=32)
+    out, lse = flash_attention(q, k, v, layout, band, out=poisoned_like(q))
     assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
 
 
 def test_layout_separates_full_and_masked_blocks():
-    layout = band_layout(256, 256, 0, BIG, 0, 64, 64)
-    assert layout.full_count.tolist() == [0, 1, 2, 3]  # below the diagonal
-    assert layout.partial_count.tolist() == [1, 1, 1, 1]  # the diagonal
+    layout = build_layout(256, 256, Band(lo=0))
+    assert layout.full_count.tolist() == [[0, 1, 2, 3]]  # below the diagonal
+    assert layout.partial_count.tolist() == [[1, 1, 1, 1]]  # the diagonal
     assert layout.blocks_visited == 10
-
-
-@pytest.mark.parametrize("name", TRITON_MECHANISMS)
-def test_registered_triton_impls_match_their_oracle(name):
-    mech = attn_zoo.get(name, **attn_zoo.get(name).small)
-    q, k, v = (x.to(DEVICE) for x in qkv(70, heads=2, dim=32))
-    for causal in (True, False):
-        plan = mech.plan(q, k, v, causal)
-        out = mech(q, k, v, causal=causal, impl="triton", plan=plan)
-        rows = torch.arange(70)
-        expected = oracle.evaluate(q, k, v, mech.oracle(q, k, v, plan, rows), rows)
-        assert oracle.rel_error(out, expected) < 1e-5
 
 
 def test_triton_refuses_float64_and_odd_head_dims():

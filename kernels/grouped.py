@@ -1,0 +1,54 @@
+"""Content-based attention on the flash core, in sorted order (Reformer LSH,
+Kitaev et al. 2020; Routing Transformer, Roy et al. 2020).
+
+Rows are read through the permutation that sorts tokens by (group, position);
+the output goes back to each token's position. Two modes, as in
+:mod:`attn_zoo.grouped`:
+
+* ``"chunks"``: chunk c of ``chunk`` sorted places sees chunks c - 1 and c
+  (a segment window on sorted places), whatever the groups;
+* ``"window"``: a token sees its own group's members at most ``chunk`` sorted
+  places back (a band plus group equality).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.flash import flash_attention
+from kernels.layout import Band, Window, build_layout, cached_layout
+
+
+def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, block: int, out=None,
+                 lse=None, accumulate=False):  # fmt: skip
+    """One round for groups [B, H, N]: (out, lse) in original order."""
+    from attn_zoo.grouped import sort_by_group
+
+    b, h, n, _ = q.shape
+    groups = groups.expand(b, h, n).reshape(b * h, n)
+    perm, _ = sort_by_group(groups)
+    perm = perm.to(torch.int32).contiguous()
+    common = dict(q_index=perm, k_index=perm, self_bias=self_bias, out=out, lse=lse,
+                  accumulate=accumulate)  # fmt: skip
+    if mode == "chunks":
+        window = Window(seg_len=chunk, step=chunk, lo=-chunk, hi=chunk - 1)
+        layout = cached_layout(n, n, Band(), window, block, q.device, self_pairs=True)
+        return flash_attention(q, k, v, layout, Band(), window, **common)
+    ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()
+    band = Band(lo=0, hi=chunk)
+    layout = build_layout(n, n, band, q_groups=ordered, k_groups=ordered,
+                          self_pairs=self_bias is not None, block_m=block, block_n=block,
+                          device=q.device)  # fmt: skip
+    return flash_attention(q, k, v, layout, band, groups=(ordered, ordered), **common)
+
+
+def clustered_flash(q, k, v, members: torch.Tensor, block: int) -> torch.Tensor:
+    """Each cluster attends within itself: members [B, H, C, w] positions.
+    Returns [B, H, C * w, D] in member order (a token may sit in several clusters)."""
+    b, h, clusters, width = members.shape
+    index = members.reshape(b * h, clusters * width).to(torch.int32).contiguous()
+    window = Window(seg_len=width, step=width, lo=0, hi=width - 1)
+    n = index.shape[1]
+    layout = cached_layout(n, n, Band(), window, block, q.device)
+    return flash_attention(q, k, v, layout, Band(), window, q_index=index, k_index=index,
+                           scatter=False)[0]  # fmt: skip

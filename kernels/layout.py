@@ -1,0 +1,156 @@
+"""Which key blocks each query block visits, and which of them need an element mask.
+
+The kernel (:mod:`kernels.flash`) works on *kernel indices*: positions in the
+order the launch reads q and k (the natural order, or a sorted / gathered order
+given by index tensors). Visibility of the pair (i, j) is the conjunction of
+
+* a :class:`Band` on the index difference, ``lo <= (i + offset) - j <= hi``
+  (causal with an offset, keys longer than the queries, sliding windows);
+* an optional :class:`Window` that depends on i's segment,
+  ``s * step + lo <= j <= s * step + hi`` with ``s = i // seg_len``
+  (Transformer-XL and compressive memories, Sparse Transformer blocks, Reformer chunks);
+* optional group equality, ``group_q[i] == group_k[j]``, for groups sorted along
+  the kernel order (hash buckets, clusters, strided columns).
+
+Both interval ends are non-decreasing in i, so a query block's rows see keys in
+``[first(block start), last(block end)]`` at most, and every row sees
+``[first(block end), last(block start)]``. That classifies each (query block,
+key block) in O(1): untouched, *full* (every pair visible, no element mask), or
+*partial*. The layout costs O((N / block)^2) integers, never N x N.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+BIG = 1 << 40  # an unbounded edge
+
+
+@dataclass(frozen=True)
+class Band:
+    """lo <= (i + offset) - j <= hi. For per-head layouts, ``lo`` and ``hi`` may be
+    tensors [G] (one band per layout row)."""
+
+    lo: int = -BIG
+    hi: int = BIG
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Window:
+    """j in [s * step + lo, s * step + hi] for s = i // seg_len."""
+
+    seg_len: int
+    step: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """Per layout row g (shared by the (batch, head) pairs with bh % G == g) and
+    query block: the key blocks to visit. ``full`` [G, n_qb, max] need no element
+    mask, ``partial`` [G, n_qb, max] do; -1 pads; counts [G, n_qb]."""
+
+    block_m: int
+    block_n: int
+    full: torch.Tensor
+    full_count: torch.Tensor
+    partial: torch.Tensor
+    partial_count: torch.Tensor
+
+    @property
+    def blocks_visited(self) -> int:
+        return int(self.full_count.sum() + self.partial_count.sum())
+
+
+def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[G, n_qb, n_kb] bool -> (indices [G, n_qb, max(1, widest)] padded with -1, counts)."""
+    counts = mask.sum(-1).to(torch.int32)
+    width = max(1, int(counts.max()) if counts.numel() else 1)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :width]
+    keep = torch.arange(width, device=mask.device) < counts[..., None]
+    return torch.where(keep, order, -1).to(torch.int32).contiguous(), counts.contiguous()
+
+
+def _ends(index: torch.Tensor, n: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last index of each block of ``block`` indices in [0, n)."""
+    start = torch.arange(0, n, block, device=index.device)
+    return start, torch.clamp(start + block, max=n) - 1
+
+
+def build_layout(
+    n_q: int,
+    n_k: int,
+    band: Band = Band(),
+    window: Window | None = None,
+    *,
+    q_groups: torch.Tensor | None = None,
+    k_groups: torch.Tensor | None = None,
+    self_pairs: bool = False,
+    full_band: Band | None = None,
+    block_m: int = 64,
+    block_n: int = 64,
+    device=None,
+) -> BlockLayout:
+    """The layout of one launch.
+
+    ``q_groups`` / ``k_groups`` [G, n] are sorted along the kernel order.
+    ``self_pairs``: q and k share an order and the kernel scores the pair i == j
+    specially, so blocks holding it stay partial. ``full_band`` narrows what may
+    be *full* (the adaptive-span ramp is 1 only there).
+    """
+    anchor = torch.empty(0, device=device)
+    a, b = _ends(anchor, n_q, block_m)  # query block ends [n_qb]
+    c, d = _ends(anchor, n_k, block_n)  # key block ends [n_kb]
+
+    def rows(x):  # a per-layout-row band edge [G] -> [G, 1, 1]
+        return x.to(device).view(-1, 1, 1) if isinstance(x, torch.Tensor) else x
+
+    def first(i):
+        lo = i + band.offset - rows(band.hi)
+        if window is not None:
+            lo = torch.maximum(lo, (i // window.seg_len) * window.step + window.lo)
+        return lo
+
+    def last(i):
+        hi = i + band.offset - rows(band.lo)
+        if window is not None:
+            hi = torch.minimum(hi, (i // window.seg_len) * window.step + window.hi)
+        return hi
+
+    a_, b_, c_, d_ = a[:, None], b[:, None], c[None, :], d[None, :]
+    touched = (first(a_) <= d_) & (last(b_) >= c_) & (first(a_) <= last(b_))
+    full = (first(b_) <= c_) & (last(a_) >= d_)
+    full &= (b_ - a_ + 1 == block_m) & (d_ - c_ + 1 == block_n)
+    if self_pairs:
+        full &= (b_ < c_) | (d_ < a_)
+    touched, full = (x if x.dim() == 3 else x[None] for x in (touched, full))  # [G|1, ..]
+    if q_groups is not None:
+        qa, qb = q_groups[:, a][..., :, None], q_groups[:, b][..., :, None]
+        kc, kd = k_groups[:, c][..., None, :], k_groups[:, d][..., None, :]
+        touched = touched & (qa <= kd) & (kc <= qb)
+        full = full & (qa == qb) & (kc == kd) & (qa == kc)
+    if full_band is not None:
+        full = full & (a_ + band.offset - d_ >= rows(full_band.lo))
+        full = full & (b_ + band.offset - c_ <= rows(full_band.hi))
+    full = full & touched
+    return BlockLayout(block_m, block_n, *_pack(full), *_pack(touched & ~full))
+
+
+@lru_cache(maxsize=128)
+def cached_layout(
+    n_q: int,
+    n_k: int,
+    band: Band,
+    window: Window | None,
+    block: int,
+    device: torch.device,
+    self_pairs: bool = False,
+) -> BlockLayout:
+    """:func:`build_layout` for masks that depend on positions only (square blocks)."""
+    return build_layout(n_q, n_k, band, window, self_pairs=self_pairs, block_m=block,
+                        block_n=block, device=device)  # fmt: skip

@@ -1,0 +1,49 @@
+"""Segment-recurrent attention on the flash core: Transformer-XL (Dai et al.
+2019) and the Compressive Transformer (Rae et al. 2019).
+
+Segment s = i // L sees the memory [sL - M, sL) and its own segment (causal
+within it): a :class:`Window` on key positions. XL adds the relative-position
+term in the kernel (Sec. 3.3). Compressive then accumulates a second launch
+over the compressed slots, slot g of positions [gc, (g + 1) c), of which
+segment s sees [(sL - M) / c - Mc, (sL - M) / c).
+"""
+
+from __future__ import annotations
+
+from kernels.flash import Relative, flash_attention
+from kernels.layout import BIG, Band, Window, cached_layout
+
+
+def _band(causal: bool, same_length: bool, mem_len: int) -> Band:
+    """Causal: j <= i; same_length: i - j <= M (XL's memory-length cap)."""
+    return Band(lo=0 if causal else -BIG, hi=mem_len if same_length else BIG)
+
+
+def _raw_part(q, k, v, plan, block, same_length=False, relative=None):
+    seg, mem = plan.segment_len, plan.mem_len
+    window = Window(seg_len=seg, step=seg, lo=-mem, hi=seg - 1)
+    band = _band(plan.causal, same_length, mem)
+    layout = cached_layout(plan.n_q, plan.n_k, band, window, block, q.device)
+    return flash_attention(q, k, v, layout, band, window, relative=relative)
+
+
+def xl_attention(q, k, v, plan, block: int):
+    relative = Relative(plan.u, plan.v, plan.rel, plan.max_dist)
+    return _raw_part(q, k, v, plan, block, plan.same_length, relative)[0]
+
+
+def compressive_attention(q, k, v, plan, block: int):
+    from attn_zoo.compressive import compress
+
+    out, lse = _raw_part(q, k, v, plan, block)
+    c = plan.rate
+    if plan.slots == 0 or plan.cmem_len == 0:
+        return out
+    ck = compress(k.detach(), c, plan.compression, plan.conv_k).contiguous()
+    cv = compress(v.detach(), c, plan.compression, plan.conv_v).contiguous()
+    oldest = -plan.mem_len // c - plan.cmem_len
+    window = Window(seg_len=plan.segment_len, step=plan.segment_len // c, lo=oldest,
+                    hi=-plan.mem_len // c - 1)  # fmt: skip
+    layout = cached_layout(plan.n_q, plan.slots, Band(), window, block, q.device)
+    flash_attention(q, ck, cv, layout, Band(), window, out=out, lse=lse, accumulate=True)
+    return out

@@ -1,0 +1,71 @@
+"""Sparse Transformer patterns on the flash core (Child et al. 2019, Sec. 4.2).
+
+The merged head A1 ∪ A2 is two launches over disjoint key sets, the second
+accumulating into the first's (out, lse):
+
+strided: the band 0 < |i - j| < l in natural order, then every position with
+    the same residue i mod l (self included), in column-major order where each
+    residue is one contiguous column;
+fixed: the query's own block (a segment window), then the summary positions
+    (j mod l >= l - c) of the other blocks, gathered into a list of their own.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from kernels.flash import flash_attention
+from kernels.layout import BIG, Band, Window, build_layout, cached_layout
+
+
+@lru_cache(maxsize=16)
+def _columns(n: int, stride: int, causal: bool, block: int, device):
+    """Column-major order of the [N / l, l] grid: (order, column of each place, layout)."""
+    pos = torch.arange(n, device=device)
+    order = torch.argsort((pos % stride) * n + pos)
+    column = (order % stride).to(torch.int32)[None]
+    band = Band(lo=0) if causal else Band()
+    layout = build_layout(n, n, band, q_groups=column, k_groups=column, block_m=block,
+                          block_n=block, device=device)  # fmt: skip
+    return order.to(torch.int32)[None].contiguous(), column.contiguous(), layout
+
+
+def strided_attention(q, k, v, plan, block: int) -> torch.Tensor:
+    n, l = plan.n_q, plan.stride
+    near = Band(lo=1, hi=l - 1) if plan.causal else Band(lo=-(l - 1), hi=l - 1)
+    layout = cached_layout(n, n, near, None, block, q.device, self_pairs=not plan.causal)
+    self_bias = None if plan.causal else float("-inf")  # i == j is in the column part
+    out, lse = flash_attention(q, k, v, layout, near, self_bias=self_bias)
+    order, column, layout = _columns(n, l, plan.causal, block, q.device)
+    far = Band(lo=0) if plan.causal else Band()
+    flash_attention(q, k, v, layout, far, q_index=order, k_index=order, groups=(column, column),
+                    out=out, lse=lse, accumulate=True)  # fmt: skip
+    return out
+
+
+@lru_cache(maxsize=16)
+def _summary(n: int, stride: int, summary: int, device) -> torch.Tensor:
+    """Positions j with j mod l >= l - c, in order: summary s belongs to block s // c."""
+    pos = torch.arange(n, device=device)
+    return pos[pos % stride >= stride - summary].to(torch.int32)[None].contiguous()
+
+
+def fixed_attention(q, k, v, plan, block: int) -> torch.Tensor:
+    n, l, c = plan.n_q, plan.stride, plan.summary
+    band = Band(lo=0) if plan.causal else Band()
+    own = Window(seg_len=l, step=l, lo=0, hi=l - 1)
+    out, lse = flash_attention(q, k, v, cached_layout(n, n, band, own, block, q.device), band, own)
+    if c == 0 or n <= l - c:
+        return out
+    index = _summary(n, l, c, q.device)
+    # summaries of earlier blocks: s < (i // l) c; bidirectional adds the later ones
+    windows = [Window(seg_len=l, step=c, lo=-BIG, hi=-1)]
+    if not plan.causal:
+        windows.append(Window(seg_len=l, step=c, lo=c, hi=BIG))
+    for window in windows:
+        layout = cached_layout(n, index.shape[1], Band(), window, block, q.device)
+        flash_attention(q, k, v, layout, Band(), window, k_index=index, out=out, lse=lse,
+                        accumulate=True)  # fmt: skip
+    return out
