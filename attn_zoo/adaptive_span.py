@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from attn_zoo import oracle
+from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, blocks, gather, scatter, softmax_lse, upcast, window
@@ -127,3 +128,23 @@ def adaptive_span_triton(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
     from kernels.flash import block_size
 
     return adaptive_span_attention(q, k, v, plan, block_size(q.shape[-1]))
+
+
+@AdaptiveSpan.implementation("flex", **flex_options())
+def adaptive_span_flex(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
+    """The band as a per-head block mask, log m_z(x) as the score_mod (Eq. 4-5)."""
+    spans = torch.tensor(plan.spans, device=q.device)
+    width = torch.tensor([plan.width(h) for h in range(plan.heads)], device=q.device)
+    ramp, causal = plan.ramp, plan.causal
+
+    def distance(i, j):
+        return i - j if causal else (i - j).abs()
+
+    def in_span(b, h, i, j):
+        x = distance(i, j)
+        return (x >= 0) & (x < width[h])
+
+    def log_soft_mask(score, b, h, i, j):
+        return score + torch.log(soft_mask(distance(i, j).float(), spans[h], ramp))
+
+    return flex(q, k, v, in_span, log_soft_mask, per_head=True)[0]

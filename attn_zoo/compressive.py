@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from attn_zoo import oracle
+from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
@@ -193,3 +194,23 @@ def compressive_triton(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
     from kernels.memory import compressive_attention
 
     return compressive_attention(q, k, v, plan, block_size(q.shape[-1]))
+
+
+@Compressive.implementation("flex", **flex_options(differentiable=False))
+def compressive_flex(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
+    """Keys [all compressed slots; all positions] with one mask_mod over both. Memories
+    are not detached here, so it is registered without a backward pass."""
+    seg, mem, cmem, c = plan.segment_len, plan.mem_len, plan.cmem_len, plan.rate
+    ck = compress(k.detach(), c, plan.compression, plan.conv_k)
+    cv = compress(v.detach(), c, plan.compression, plan.conv_v)
+    slots, causal = ck.shape[2], plan.causal
+
+    def slots_memory_segment(b, h, i, j):
+        start = i - i % seg
+        slot = (j < slots) & (j * c >= start - mem - cmem * c) & ((j + 1) * c <= start - mem)
+        r = j - slots
+        raw = (r >= 0) & (r >= start - mem) & ((r <= i) if causal else (r < start + seg))
+        return slot | raw
+
+    keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+    return flex(q, keys, values, slots_memory_segment)[0]

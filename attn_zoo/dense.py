@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from attn_zoo import oracle
+from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from kernels.runtime import triton_options
@@ -69,6 +70,13 @@ def dense_triton(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     from kernels.dense import dense_attention
 
     return dense_attention(q, k, v, plan.causal)
+
+
+@Dense.implementation("flex", **flex_options())
+def dense_flex(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
+    offset = plan.n_k - plan.n_q
+    causal = (lambda b, h, i, j: i + offset >= j) if plan.causal else None
+    return flex(q, k, v, causal)[0]
 
 
 @Dense.implementation("sdpa")

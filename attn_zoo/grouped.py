@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from attn_zoo.flex import flex
 from attn_zoo.tiles import attend, blocks, gather, scatter_result, window
 
 MODES = ("chunks", "window")
@@ -63,6 +64,32 @@ def sorted_attention(
     bias = is_self.float() * self_penalty
     result = attend(gather(q, qi), gather(k, ki), gather(v, ki), vis, bias=bias)
     return scatter_result(result, qi, n)
+
+
+def sorted_flex(
+    q, k, v, groups: torch.Tensor, chunk: int, mode: str, self_penalty: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sorted_attention` through FlexAttention: rows gathered into sorted
+    order, the same rule as a mask_mod on sorted places, the self penalty as a
+    score_mod; (out, lse) back in original order."""
+    b, h, n, _ = q.shape
+    perm, _ = sort_by_group(groups.expand(b, h, n))
+    ordered = groups.expand(b, h, n).gather(-1, perm)
+
+    def chunks(b, h, i, j):
+        return (j // chunk == i // chunk) | (j // chunk == i // chunk - 1)
+
+    def same_group_window(b, h, i, j):
+        return (ordered[b, h, i] == ordered[b, h, j]) & (i - j >= 0) & (i - j <= chunk)
+
+    def self_score(score, b, h, i, j):
+        return torch.where(i == j, score + self_penalty, score)
+
+    mask, per_head = (chunks, False) if mode == "chunks" else (same_group_window, True)
+    penalty = self_score if self_penalty else None
+    result = flex(gather(q, perm), gather(k, perm), gather(v, perm), mask, penalty,
+                  per_head=per_head)  # fmt: skip
+    return scatter_result(result, perm, n)
 
 
 def visible_sorted(rank_i, rank_j, group_i, group_j, chunk: int, mode: str) -> torch.Tensor:

@@ -42,6 +42,18 @@ class Plan:
         return self.batch * self.heads * per_head
 
 
+def _always(device: torch.device) -> str | None:
+    return None
+
+
+def _everywhere(device: torch.device) -> bool:
+    return True
+
+
+def _nowhere(device: torch.device) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Impl:
     """One implementation of a mechanism's ``attend`` step."""
@@ -56,18 +68,10 @@ class Impl:
     head_dims: tuple[int, ...] | None = None
     #: The dtypes it accepts (None: any the interface accepts).
     dtypes: tuple[torch.dtype, ...] | None = None
-    #: Whether gradients flow through it.
-    differentiable: bool = True
+    #: Whether gradients flow through it on a device.
+    differentiable: Callable[[torch.device], bool] = _everywhere
     #: Whether a run on this device goes through an interpreter (times not comparable).
     interpreted: Callable[[torch.device], bool] = lambda device: False
-
-
-def _always(device: torch.device) -> str | None:
-    return None
-
-
-def _everywhere(device: torch.device) -> bool:
-    return True
 
 
 class Mechanism:
@@ -115,10 +119,13 @@ class Mechanism:
         default_on: Callable[[torch.device], bool] = _everywhere,
         head_dims: tuple[int, ...] | None = None,
         dtypes: tuple[torch.dtype, ...] | None = None,
-        differentiable: bool = True,
+        differentiable: bool | Callable[[torch.device], bool] = True,
         interpreted: Callable[[torch.device], bool] = lambda device: False,
     ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
         """Decorator registering ``fn(mech, q, k, v, plan) -> out`` under ``name``."""
+
+        if isinstance(differentiable, bool):
+            differentiable = _everywhere if differentiable else _nowhere
 
         def register(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
             if name in cls.impls:

@@ -25,7 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from attn_zoo import oracle
-from attn_zoo.grouped import group_pairs, sort_by_group, sorted_attention, visible_sorted
+from attn_zoo.flex import flex_options
+from attn_zoo.grouped import (
+    group_pairs,
+    sort_by_group,
+    sorted_attention,
+    sorted_flex,
+    visible_sorted,
+)
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import merge, upcast
@@ -129,3 +136,15 @@ def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
             block_size(q.shape[-1]), out=out, lse=lse, accumulate=r > 0,
         )  # fmt: skip
     return out
+
+
+@LSH.implementation("flex", **flex_options())
+def lsh_flex(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
+    """Per round, FlexAttention in sorted order; rounds merged by log-sum-exp."""
+    keys = shared_keys(q)
+    rounds = [
+        sorted_flex(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
+                    plan.self_penalty)
+        for r in range(plan.buckets.shape[2])
+    ]  # fmt: skip
+    return merge(rounds)[0].to(q.dtype)

@@ -28,7 +28,14 @@ from typing import ClassVar
 import torch
 
 from attn_zoo import oracle
-from attn_zoo.grouped import group_pairs, sort_by_group, sorted_attention, visible_sorted
+from attn_zoo.flex import flex, flex_options
+from attn_zoo.grouped import (
+    group_pairs,
+    sort_by_group,
+    sorted_attention,
+    sorted_flex,
+    visible_sorted,
+)
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.lsh import shared_keys
 from attn_zoo.registry import register
@@ -207,3 +214,26 @@ def routing_triton(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
         return ((local.float() + routed.float()) / 2).to(q.dtype)
     routed = clustered_flash(q, keys, v, plan.members, block).float()
     return _mean_over_parts(local.float(), routed, plan.members).to(q.dtype)
+
+
+@Routing.implementation("flex", **flex_options())
+def routing_flex(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
+    """The local window as a band mask; clusters in sorted order (causal) or as the
+    gathered member list with a block-diagonal mask (bidirectional)."""
+    keys, win, causal = shared_keys(q), plan.window, plan.causal
+
+    def local_window(b, h, i, j):
+        return _local_visible(i, j, win, causal)
+
+    local = flex(q, keys, v, local_window)[0].float()
+    if causal:
+        routed = sorted_flex(q, keys, v, plan.clusters, plan.width, "window", None)[0]
+        return ((local + routed.float()) / 2).to(q.dtype)
+    width = plan.members.shape[-1]
+    index = plan.members.flatten(2, 3)
+
+    def same_cluster(b, h, i, j):
+        return i // width == j // width
+
+    routed = flex(gather(q, index), gather(keys, index), gather(v, index), same_cluster)[0]
+    return _mean_over_parts(local, routed.float(), plan.members).to(q.dtype)

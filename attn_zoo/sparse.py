@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 
 from attn_zoo import oracle
+from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, merge, scatter_result, window
@@ -175,6 +176,17 @@ def fixed_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     return merge([own, rest])[0].to(q.dtype)
 
 
+@SparseStrided.implementation("flex", **flex_options())
+def strided_flex(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
+    l, causal = plan.stride, plan.causal
+
+    def merged_head(b, h, i, j):  # A1 ∪ A2
+        vis = ((i - j).abs() <= l) | ((i - j) % l == 0)
+        return vis & (j <= i) if causal else vis
+
+    return flex(q, k, v, merged_head)[0]
+
+
 @SparseFixed.implementation("triton", **triton_options())
 def fixed_triton(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     """Own-block launch + summary-list launch(es) accumulated into it (kernels/sparse.py)."""
@@ -182,3 +194,14 @@ def fixed_triton(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     from kernels.sparse import fixed_attention
 
     return fixed_attention(q, k, v, plan, block_size(q.shape[-1]))
+
+
+@SparseFixed.implementation("flex", **flex_options())
+def fixed_flex(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
+    l, c, causal = plan.stride, plan.summary, plan.causal
+
+    def merged_head(b, h, i, j):  # own block ∪ summary columns
+        vis = (i // l == j // l) | (j % l >= l - c)
+        return vis & (j <= i) if causal else vis
+
+    return flex(q, k, v, merged_head)[0]

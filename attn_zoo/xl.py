@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from attn_zoo import oracle
+from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, upcast, window
@@ -170,3 +171,29 @@ def xl_triton(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     from kernels.memory import xl_attention
 
     return xl_attention(q, k, v, plan, block_size(q.shape[-1]))
+
+
+@XL.implementation("flex", **flex_options(differentiable=False))
+def xl_flex(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
+    """(q + u) as the query; the relative term as a score_mod reading a table of
+    (q_i + v) . W_R R_t over the T distances a visible pair can have: [B, H, N, T],
+    T <= M + 2L - 1, the memory price of stating XL in FlexAttention. Memory keys
+    are not detached here, so it is registered without a backward pass."""
+    seg, mem, causal = plan.segment_len, plan.mem_len, plan.causal
+    nearest = 0 if causal else -(seg - 1)
+    farthest = mem if plan.same_length else mem + seg - 1
+    rel = plan.rel_at(torch.arange(nearest, farthest + 1, device=q.device))  # [H, T, D]
+    qv = q.float() + plan.v[:, None, :].float()
+    table = torch.einsum("bhnd,htd->bhnt", qv, rel.float()) * q.shape[-1] ** -0.5
+    last = table.shape[-1] - 1
+
+    def relative(score, b, h, i, j):
+        return score + table[b, h, i, (i - j - nearest).clamp(0, last)]
+
+    def segment_and_memory(b, h, i, j):
+        start = i - i % seg
+        vis = (j >= start - mem) & ((j <= i) if causal else (j < start + seg))
+        return vis & (i - j <= mem) if plan.same_length else vis
+
+    qu = (q.float() + plan.u[:, None, :].float()).to(q.dtype)
+    return flex(qu, k, v, segment_and_memory, relative)[0]

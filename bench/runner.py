@@ -62,8 +62,8 @@ def skip_reason(case: Case) -> str | None:
         return f"dtype {case.dtype} unsupported"
     if impl.head_dims is not None and case.head_dim not in impl.head_dims:
         return f"head_dim {case.head_dim} unsupported; accepted: {impl.head_dims}"
-    if case.mode == "fwd_bwd" and not impl.differentiable:
-        return "no backward pass"
+    if case.mode == "fwd_bwd" and not impl.differentiable(device):
+        return f"no backward pass on {device.type}"
     if impl.interpreted(device) and case.dtype == "bfloat16":
         return "the Triton interpreter has no bfloat16"
     return None

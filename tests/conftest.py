@@ -31,6 +31,27 @@ def small(name, **overrides):
     return attn_zoo.get(name, **{**mech.small, **overrides})
 
 
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def check_impl(mech, impl, n, dim, dtype, causal, *, batch=1, heads=2, device="cpu"):
+    """``impl`` against the float64 oracle and against ``reference`` on all rows,
+    within TOLERANCE[dtype] relative error; the output must be finite."""
+    from attn_zoo import oracle
+
+    q, k, v = (x.to(device) for x in qkv(n, batch=batch, heads=heads, dim=dim, dtype=dtype))
+    plan = mech.plan(q, k, v, causal)
+    out = mech(q, k, v, causal=causal, impl=impl, plan=plan)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.isfinite(out).all()
+    rows = torch.arange(n)
+    expected = oracle.evaluate(q, k, v, mech.oracle(q, k, v, plan, rows), rows)
+    tol = TOLERANCE[dtype]
+    assert oracle.rel_error(out, expected) < tol, f"{impl} vs oracle"
+    reference = mech(q, k, v, causal=causal, impl="reference", plan=plan)
+    assert oracle.rel_error(out, reference) < tol, f"{impl} vs reference"
+
+
 @pytest.fixture
 def no_gpu():
     if torch.cuda.is_available():

@@ -7,15 +7,13 @@ import pytest
 import torch
 
 import attn_zoo
-from attn_zoo import oracle
-from conftest import qkv, small
+from conftest import check_impl, small
 
 pytest.importorskip("triton")
 import kernels.flash
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MECHANISMS = [m for m in attn_zoo.names() if "triton" in attn_zoo.get(m).impls]
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 # Larger structures at N = 200, head_dim 128 (32-wide tiles), so that layouts
 # hold full blocks (no element mask) beside partial ones.
@@ -41,18 +39,8 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(kernels.flash, "new_output", nan_filled)
 
 
-def check(mech, n, dim, dtype, causal, batch=1, heads=2):
-    q, k, v = (x.to(DEVICE) for x in qkv(n, batch=batch, heads=heads, dim=dim, dtype=dtype))
-    plan = mech.plan(q, k, v, causal)
-    out = mech(q, k, v, causal=causal, impl="triton", plan=plan)
-    assert out.dtype == dtype and out.shape == q.shape
-    assert torch.isfinite(out).all()
-    rows = torch.arange(n)
-    expected = oracle.evaluate(q, k, v, mech.oracle(q, k, v, plan, rows), rows)
-    tol = TOLERANCE[dtype]
-    assert oracle.rel_error(out, expected) < tol, "triton vs oracle"
-    reference = mech(q, k, v, causal=causal, impl="reference", plan=plan)
-    assert oracle.rel_error(out, reference) < tol, "triton vs reference"
+def check(mech, n, dim, dtype, causal, batch=1):
+    check_impl(mech, "triton", n, dim, dtype, causal, batch=batch, device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

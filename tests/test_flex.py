@@ -1,0 +1,64 @@
+"""Every mechanism's FlexAttention peer against its reference and its oracle
+(eager and unfused on the CPU, compiled on CUDA)."""
+
+import pytest
+import torch
+
+import attn_zoo
+from bench.cases import Case
+from bench.runner import skip_reason
+from conftest import check_impl, qkv, small
+
+pytest.importorskip("torch.nn.attention.flex_attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MECHANISMS = [m for m in attn_zoo.names() if "flex" in attn_zoo.get(m).impls]
+
+
+def test_every_mechanism_has_a_flex_peer():
+    assert attn_zoo.names() == MECHANISMS
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_flex_matches_reference_and_oracle(name, causal, dim):
+    check_impl(small(name), "flex", 100, dim, torch.float32, causal, device=DEVICE)
+
+
+def test_flex_has_no_backward_on_the_cpu_and_says_so():
+    impl = attn_zoo.get("dense").impl("flex")
+    assert not impl.differentiable(torch.device("cpu"))
+    assert impl.differentiable(torch.device("cuda"))
+    assert not attn_zoo.get("xl").impl("flex").differentiable(torch.device("cuda"))
+    case = Case("dense", "flex", "cpu", "float32", 1, 2, 32, 64, True, "fwd_bwd")
+    assert skip_reason(case) == "no backward pass on cpu"
+
+
+def test_flex_is_left_out_of_the_cpu_default_sweep():
+    impl = attn_zoo.get("dense").impl("flex")
+    assert not impl.default_on(torch.device("cpu"))
+    assert impl.default_on(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["dense", "sparse_fixed", "adaptive_span", "lsh", "routing"])
+def test_flex_gradients_match_the_reference_on_gpu(name):
+    mech = small(name)
+    grads = {}
+    for impl in ("flex", "reference"):
+        q, k, v = (x.cuda().requires_grad_() for x in qkv(100, heads=2, dim=32))
+        mech(q, k, v, causal=True, impl=impl).pow(2).sum().backward()
+        grads[impl] = [x.grad for x in (q, k, v)]
+    for got, want in zip(grads["flex"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_flex_on_gpu(name, dtype):
+    for causal in (True, False):
+        check_impl(attn_zoo.get(name), "flex", 2048 + 17, 64, dtype, causal, device="cuda")
