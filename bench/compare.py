@@ -42,14 +42,21 @@ def compare_tables(base: pd.DataFrame, cand: pd.DataFrame, time_tol: float, mem_
             if pd.notna(err) and err > tol:
                 problems.append(f"err_oracle {err:.2g} > {tol:g}")
             t0, t1 = r["time_ms_base"], r["time_ms_cand"]
-            if pd.notna(t0) and pd.notna(t1) and t0 > 0:
+            timed = not (r["interpreted_base"] or r["interpreted_cand"])
+            if timed and pd.notna(t0) and pd.notna(t1) and t0 > 0:
                 spread = (r["time_ms_p80_base"] - r["time_ms_p20_base"]) + (
                     r["time_ms_p80_cand"] - r["time_ms_p20_cand"]
                 )
                 if t1 > t0 * (1 + time_tol) and t1 - t0 > spread:
                     problems.append(f"time +{(t1 / t0 - 1):.0%} (spread {spread:.3g} ms)")
             m0, m1 = r["peak_mem_bytes_base"], r["peak_mem_bytes_cand"]
-            if pd.notna(m0) and pd.notna(m1) and m1 > m0 * (1 + mem_tol) and m1 - m0 > 4096:
+            if (
+                timed
+                and pd.notna(m0)
+                and pd.notna(m1)
+                and m1 > m0 * (1 + mem_tol)
+                and m1 - m0 > 4096
+            ):
                 problems.append(f"memory +{(m1 / max(m0, 1) - 1):.0%}")
         findings.append({**{c: r[c] for c in MATCH}, "row": r, "problems": problems})
     return findings

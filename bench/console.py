@@ -30,8 +30,9 @@ def describe_row(row: dict) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row.get('note', '')}"
     mem = row.get("peak_mem_bytes")
+    where = " (interpreter: not a timing)" if row.get("interpreted") else ""
     return (
-        f"ok {_fmt(row.get('time_ms'), '.3g')} ms, "
+        f"ok {_fmt(row.get('time_ms'), '.3g')} ms{where}, "
         f"peak {_fmt(None if mem in (None, '') else float(mem) / 2**20, '.4g')} MiB, "
         f"err_oracle {_fmt(row.get('err_oracle'), '.1e')}"
     )
@@ -94,12 +95,15 @@ def summary_table(rows: list[dict], title: str) -> Table:
             if r.get("time_ms") not in (None, "")
             else "-"
         )
+        impl = f"{r['impl']} (interp.)" if r.get("interpreted") in (True, "True") else r["impl"]
         table.add_row(
-            r["mechanism"], r["impl"], str(r["seq_len"]), r["dtype"],
+            r["mechanism"], impl, str(r["seq_len"]), r["dtype"],
             f"[{STATUS_STYLE.get(r['status'], '')}]{r['status']}",
             _fmt(r.get("time_ms"), ".4g"), spread,
             _fmt(None if mem in (None, "") else float(mem) / 2**20, ".4g"),
             _fmt(r.get("err_oracle"), ".1e"), _fmt(r.get("err_dense"), ".1e"),
             _fmt(r.get("density"), ".3f"),
         )  # fmt: skip
+    if any(r.get("interpreted") in (True, "True") for r in rows):
+        table.caption = "(interp.): ran in Triton's CPU interpreter; correctness only, not a timing"
     return table

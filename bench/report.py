@@ -66,6 +66,8 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
     except OSError as e:
         raise UsageError(f"--out: cannot write the report to {out}: {e.strerror}") from None
     files = []
+    interpreted = sum(int(r.table.interpreted.sum()) for r in runs)
+    measured = [r.measured() for r in runs]
 
     def save(fig, name):
         path = out / name
@@ -74,22 +76,22 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
         files.append(path)
 
     save(
-        plots.panels(runs, lambda t: t.time_ms, "time (ms, median)", "Time vs sequence length"),
+        plots.panels(measured, lambda t: t.time_ms, "time (ms, median)", "Time vs sequence length"),
         "time.png",
     )
     save(
         plots.panels(
-            runs,
+            measured,
             lambda t: t.peak_mem_bytes / 2**20,
             "peak memory (MiB)",
             "Peak memory vs sequence length",
         ),
         "memory.png",
     )
-    fig, time_r, mem_r = plots.speedup_figure(runs)
+    fig, time_r, mem_r = plots.speedup_figure(measured)
     save(fig, "speedup.png")
     save(plots.errors_figure(runs), "errors.png")
-    gpu_runs = [r for r in runs if r.meta.get("device") == "cuda"]
+    gpu_runs = [r for r in measured if r.meta.get("device") == "cuda"]
     if gpu_runs:
         peak = max(r.meta.get("matmul_tflops") or 0 for r in gpu_runs) or None
         fig = plots.panels(
@@ -108,6 +110,12 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
         lines += [f"| {k} | `{run.meta.get(k)}` |" for k in META_KEYS if k in run.meta]
         lines += [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files] + [""]
+    if interpreted:
+        lines += [
+            f"{interpreted} row(s) ran in Triton's CPU interpreter: they show correctness only "
+            "and are left out of the time, memory and speedup plots and crossovers.",
+            "",
+        ]
     lines += [
         "## Crossover lengths",
         "",
@@ -144,6 +152,7 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
             "err_oracle",
             "err_dense",
             "density",
+            "interpreted",
             "note",
         ]
         shown = t[cols].copy()

@@ -23,6 +23,10 @@ class Run:
     meta: dict
     table: pd.DataFrame
 
+    def measured(self) -> Run:
+        """The rows whose time and memory mean something: not interpreter runs."""
+        return Run(self.folder, self.meta, self.table[~self.table.interpreted])
+
     @property
     def label(self) -> str:
         return f"{self.meta.get('run_id', self.folder.name)} ({self.meta.get('device_name', '?')})"
@@ -45,5 +49,7 @@ def load_run(path: str | Path) -> Run:
         if column in table:
             table[column] = pd.to_numeric(table[column], errors="coerce")
     table["causal"] = table["causal"].astype(str) == "True"
+    interpreted = table["interpreted"] if "interpreted" in table else pd.Series(False, table.index)
+    table["interpreted"] = interpreted.astype(str) == "True"
     table["note"] = table["note"].fillna("")
     return Run(folder, meta, table)

@@ -121,3 +121,32 @@ def test_report_writes_every_promised_file(base_run, tmp_path):
     text = (out / "report.md").read_text()
     assert "lsh/reference N=128: oom (planted)" in text
     assert "Crossover lengths" in text and "growth exponents" in text
+
+
+def interpreted_lsh(t):
+    tighten(t)
+    t["interpreted"] = t.mechanism == "lsh"
+
+
+def test_interpreter_rows_never_gate_on_time_or_memory(base_run, tmp_path):
+    def slow(t):
+        interpreted_lsh(t)
+        t.loc[t.mechanism == "lsh", ["time_ms", "time_ms_p20", "time_ms_p80"]] *= 50
+        t.loc[t.mechanism == "lsh", "peak_mem_bytes"] *= 50
+
+    base = planted(base_run, tmp_path / "b", interpreted_lsh)
+    assert compare(base, planted(base_run, tmp_path, slow)) == 0
+
+
+def test_report_leaves_interpreter_rows_out_of_timings(base_run, tmp_path):
+    from bench.runs import load_run
+
+    run = load_run(planted(base_run, tmp_path, interpreted_lsh))
+    assert set(run.measured().table.mechanism) == {"dense", "sparse_strided"}
+    out = tmp_path / "report"
+    assert main(["report", str(run.folder), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    rows = len(run.table[run.table.mechanism == "lsh"])
+    assert f"{rows} row(s) ran in Triton's CPU interpreter" in text
+    crossovers = text.split("## Crossover lengths")[1].split("## Results")[0]
+    assert "sparse_strided" in crossovers and "lsh" not in crossovers
