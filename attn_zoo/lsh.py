@@ -112,15 +112,21 @@ class LSH(Mechanism):
         return group_pairs(plan.buckets, plan.bucket_size, plan.mode)
 
 
-@LSH.implementation("reference")
-def lsh_reference(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
+def _merged_rounds(attention, q, v, plan: LSHPlan) -> torch.Tensor:
+    """Each hash round through ``attention`` (sorted order, shared QK), the rounds
+    merged by their log-sum-exp (Sec. 2.3)."""
     keys = shared_keys(q)
     rounds = [
-        sorted_attention(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
-                         plan.self_penalty)
+        attention(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
+                  plan.self_penalty)
         for r in range(plan.buckets.shape[2])
     ]  # fmt: skip
     return merge(rounds)[0].to(q.dtype)
+
+
+@LSH.implementation("reference")
+def lsh_reference(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
+    return _merged_rounds(sorted_attention, q, v, plan)
 
 
 @LSH.implementation("triton", **triton_options())
@@ -141,10 +147,4 @@ def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
 @LSH.implementation("flex", **flex_options())
 def lsh_flex(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
     """Per round, FlexAttention in sorted order; rounds merged by log-sum-exp."""
-    keys = shared_keys(q)
-    rounds = [
-        sorted_flex(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
-                    plan.self_penalty)
-        for r in range(plan.buckets.shape[2])
-    ]  # fmt: skip
-    return merge(rounds)[0].to(q.dtype)
+    return _merged_rounds(sorted_flex, q, v, plan)
