@@ -12,6 +12,14 @@ import pandas as pd
 from bench import plots
 from bench.errors import UsageError
 from bench.runs import Run, load_run
+from bench.targets import kernel_targets
+
+TARGETS_TEXT = (
+    "vs_sdpa: dense triton speed / sdpa speed (target >= 0.9 for N >= 2048); "
+    "tflops_vs_dense: effective TFLOP/s / dense triton's (target >= 0.8); "
+    "vs_flex: triton speed / flex speed (target >= 1); "
+    "mem_vs_qkvo: (peak + inputs) / bytes of q, k, v, o (target <= 1.25 + O(N))."
+)
 
 META_KEYS = (
     "run_id",
@@ -160,6 +168,10 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
         shown = shown.rename(columns={"peak_mem_bytes": "peak MiB"})
         lines += [f"## Results: {run.label}", "", _markdown(shown), ""]
         lines += ["### Peak-memory growth exponents", "", _markdown(memory_exponents(run)), ""]
+        targets = kernel_targets(t)
+        if len(targets):
+            lines += ["### Kernel figures (ratios within this run)", "", TARGETS_TEXT, ""]
+            lines += [_markdown(targets.drop(columns=["device"]), floatfmt=".3g"), ""]
         not_ok = t[t.status != "ok"]
         if len(not_ok):
             lines += [f"**{len(not_ok)} case(s) not ok** (shown as red crosses in the plots):", ""]

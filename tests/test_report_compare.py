@@ -150,3 +150,35 @@ def test_report_leaves_interpreter_rows_out_of_timings(base_run, tmp_path):
     assert f"{rows} row(s) ran in Triton's CPU interpreter" in text
     crossovers = text.split("## Crossover lengths")[1].split("## Results")[0]
     assert "sparse_strided" in crossovers and "lsh" not in crossovers
+
+
+def test_kernel_targets_are_ratios_within_one_run():
+    from bench.targets import kernel_targets
+
+    shape = dict(device="cuda", dtype="float16", batch=1, heads=2, head_dim=64, seq_len=1024)
+
+    def row(mech, impl, time_ms, flops, mem, interpreted=False):
+        measured = dict(time_ms=time_ms, flops=flops, peak_mem_bytes=mem, interpreted=interpreted)
+        return dict(mechanism=mech, impl=impl, **shape, causal=True, mode="fwd", status="ok",
+                    **measured)  # fmt: skip
+
+    io = 1 * 2 * 1024 * 64 * 2
+    table = pd.DataFrame(
+        [
+            row("dense", "triton", 1.0, 1e9, io + 8192),
+            row("dense", "sdpa", 0.9, 1e9, io),
+            row("dense", "flex", 1.2, 1e9, io),
+            row("xl", "triton", 0.5, 4e8, 2 * io),
+            row("xl", "flex", 0.4, 4e8, io),
+            row("lsh", "triton", 9.0, 1e11, io, interpreted=True),
+        ]
+    )
+    got = kernel_targets(table).set_index("mechanism")
+    assert list(got.index) == ["dense", "xl"]  # the interpreter row never enters
+    assert got.loc["dense", "tflops"] == pytest.approx(1.0)
+    assert got.loc["dense", "vs_sdpa"] == pytest.approx(0.9)
+    assert got.loc["dense", "vs_flex"] == pytest.approx(1.2)
+    assert got.loc["xl", "tflops_vs_dense"] == pytest.approx(0.8)
+    assert got.loc["xl", "vs_flex"] == pytest.approx(0.8)
+    assert pd.isna(got.loc["xl", "vs_sdpa"])
+    assert got.loc["xl", "mem_vs_qkvo"] == pytest.approx(5 / 4)
