@@ -3,8 +3,10 @@
 ``python -m kernels.compile_check [--arch 90] [--dtypes fp16,bf16,fp32] [--dims 32,64,128]``
 runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the
 bundled ptxas) for every combination of compile-time flags a mechanism
-launches, so a kernel that only works in the interpreter fails here. It needs
-no driver; it cannot replace running on the GPU. TRITON_INTERPRET must be unset.
+launches, and checks each kernel's shared memory against the sm_90 limit (a
+launch would fail above it), so a kernel that only works in the interpreter
+fails here. It needs no driver; it cannot replace running on the GPU.
+TRITON_INTERPRET must be unset.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ FLAGS = ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "RAMP"
 POINTERS = {"LSE": "fp32", "U": "fp32", "VB": "fp32", "SPANS": "fp32"} | dict.fromkeys(
     ("QIDX", "KIDX", "QGRP", "KGRP", "FULL", "FULL_COUNT", "PARTIAL", "PARTIAL_COUNT"), "i32"
 )
+SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 INT64 = {"lo", "hi", "offset", "seg_len", "seg_step", "win_lo", "win_hi"}
 FLOAT = {"self_bias", "ramp", "qk_scale"}
 
@@ -85,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     source = ASTSource(_flash_fwd, signature(_flash_fwd, dtype), constants)
                     compiled = triton.compile(source, target=target)
-                    size = len(compiled.asm.get("cubin", b""))
-                    status = f"ok, cubin {size / 1024:.0f} KiB"
+                    shared = compiled.metadata.shared
+                    status = f"ok, shared memory {shared / 1024:.0f} KiB"
+                    if shared > SHARED_LIMIT:
+                        failures += 1
+                        status = f"FAILED: needs {shared / 1024:.0f} KiB of shared memory"
                 except Exception as error:  # report every variant, then fail
                     failures += 1
                     status = f"FAILED: {type(error).__name__}: {str(error)[:400]}"
