@@ -125,9 +125,8 @@ def adaptive_span_reference(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
 def adaptive_span_triton(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
     """One launch, per-head layouts, the ramp in the masked blocks (kernels/adaptive_span.py)."""
     from kernels.adaptive_span import adaptive_span_attention
-    from kernels.flash import block_size
 
-    return adaptive_span_attention(q, k, v, plan, block_size(q.shape[-1]))
+    return adaptive_span_attention(q, k, v, plan)
 
 
 @AdaptiveSpan.implementation("flex", **flex_options())

@@ -190,10 +190,9 @@ def compressive_reference(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
 @Compressive.implementation("triton", **triton_options())
 def compressive_triton(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
     """Memory + segment launch, then the compressed slots accumulated (kernels/memory.py)."""
-    from kernels.flash import block_size
     from kernels.memory import compressive_attention
 
-    return compressive_attention(q, k, v, plan, block_size(q.shape[-1]))
+    return compressive_attention(q, k, v, plan)
 
 
 @Compressive.implementation("flex", **flex_options(differentiable=False))

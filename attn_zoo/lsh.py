@@ -132,14 +132,13 @@ def lsh_reference(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
 @LSH.implementation("triton", **triton_options())
 def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
     """One sorted launch per round, each accumulating into the last (kernels/grouped.py)."""
-    from kernels.flash import block_size
     from kernels.grouped import sorted_flash
 
     keys, out, lse = shared_keys(q), None, None
     for r in range(plan.buckets.shape[2]):
         out, lse = sorted_flash(
             q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode, plan.self_penalty,
-            block_size(q.shape[-1]), out=out, lse=lse, accumulate=r > 0,
+            out=out, lse=lse, accumulate=r > 0,
         )  # fmt: skip
     return out
 

@@ -201,18 +201,17 @@ def routing_reference(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
 def routing_triton(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     """A banded launch for the local window, then a sorted (causal) or member-list
     (bidirectional) launch for the clusters (kernels/grouped.py)."""
-    from kernels.flash import block_size, flash_attention
+    from kernels.dense import band_attention
     from kernels.grouped import clustered_flash, sorted_flash
-    from kernels.layout import Band, cached_layout
+    from kernels.layout import Band
 
-    n, block, keys = plan.n_q, block_size(q.shape[-1]), shared_keys(q)
-    half = plan.window // 2
+    keys, half = shared_keys(q), plan.window // 2
     band = Band(lo=0, hi=plan.window - 1) if plan.causal else Band(lo=-half, hi=half)
-    local = flash_attention(q, keys, v, cached_layout(n, n, band, None, block, q.device), band)[0]
+    local = band_attention(q, keys, v, band)
     if plan.causal:
-        routed = sorted_flash(q, keys, v, plan.clusters, plan.width, "window", None, block)[0]
+        routed = sorted_flash(q, keys, v, plan.clusters, plan.width, "window", None)[0]
         return ((local.float() + routed.float()) / 2).to(q.dtype)
-    routed = clustered_flash(q, keys, v, plan.members, block).float()
+    routed = clustered_flash(q, keys, v, plan.members).float()
     return _mean_over_parts(local.float(), routed, plan.members).to(q.dtype)
 
 

@@ -134,10 +134,9 @@ def strided_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
 @SparseStrided.implementation("triton", **triton_options())
 def strided_triton(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     """Band launch + column-major launch accumulated into it (kernels/sparse.py)."""
-    from kernels.flash import block_size
     from kernels.sparse import strided_attention
 
-    return strided_attention(q, k, v, plan, block_size(q.shape[-1]))
+    return strided_attention(q, k, v, plan)
 
 
 @register
@@ -190,10 +189,9 @@ def strided_flex(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
 @SparseFixed.implementation("triton", **triton_options())
 def fixed_triton(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     """Own-block launch + summary-list launch(es) accumulated into it (kernels/sparse.py)."""
-    from kernels.flash import block_size
     from kernels.sparse import fixed_attention
 
-    return fixed_attention(q, k, v, plan, block_size(q.shape[-1]))
+    return fixed_attention(q, k, v, plan)
 
 
 @SparseFixed.implementation("flex", **flex_options())

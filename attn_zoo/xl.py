@@ -167,10 +167,9 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
 @XL.implementation("triton", **triton_options())
 def xl_triton(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     """Segment window + the relative term inside the kernel (kernels/memory.py)."""
-    from kernels.flash import block_size
     from kernels.memory import xl_attention
 
-    return xl_attention(q, k, v, plan, block_size(q.shape[-1]))
+    return xl_attention(q, k, v, plan)
 
 
 @XL.implementation("flex", **flex_options(differentiable=False))

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from kernels.flash import Ramp, flash_attention
+from kernels.flash import Ramp, block_size, flash_attention
 from kernels.layout import Band, BlockLayout, build_layout
 
 
@@ -27,7 +27,8 @@ def _layout(n: int, spans: tuple, ramp: float, causal: bool, block: int, device)
     return build_layout(n, n, touched, full_band=full, block_m=block, block_n=block, device=device)
 
 
-def adaptive_span_attention(q, k, v, plan, block: int) -> torch.Tensor:
+def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
+    block = block_size(q.shape[-1])
     layout = _layout(plan.n_q, plan.spans, plan.ramp, plan.causal, block, q.device)
     spans = torch.tensor(plan.spans, dtype=torch.float32, device=q.device)
     ramp = Ramp(spans, plan.ramp, symmetric=not plan.causal)

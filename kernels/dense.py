@@ -1,5 +1,5 @@
 """Dense attention on the block-sparse core: every key block (causal: those on
-or below the diagonal, the diagonal ones element-masked)."""
+or below the diagonal, the diagonal ones element-masked), and any other pure band."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ def dense_band(n_q: int, n_k: int, causal: bool) -> Band:
     return Band(lo=0, offset=n_k - n_q) if causal else Band()
 
 
-def dense_attention(q, k, v, causal: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+def band_attention(q, k, v, band: Band, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch over the key blocks a band touches (dense, local windows)."""
     n_q, n_k = q.shape[2], k.shape[2]
-    band = dense_band(n_q, n_k, causal)
     layout = cached_layout(n_q, n_k, band, None, block_size(q.shape[-1]), q.device)
     return flash_attention(q, k, v, layout, band, out=out)[0]
+
+
+def dense_attention(q, k, v, causal: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    return band_attention(q, k, v, dense_band(q.shape[2], k.shape[2], causal), out=out)

@@ -21,7 +21,7 @@ What a launch may add to plain attention (all decided at compile time):
   log-sum-exp, so a mechanism's parts need no extra N x D buffers.
 
 Structure after Liger-Kernel: kernel -> launcher (:func:`flash_attention`) ->
-one function per mechanism (``kernels/<mechanism>.py``) -> registered impl.
+one function per mechanism family (``kernels/<family>.py``) -> registered impl.
 """
 
 from __future__ import annotations
@@ -259,8 +259,7 @@ def flash_attention(
     if accumulate and out.stride(-1) != 1:
         raise ValueError("flash_attention: accumulate needs an output with contiguous rows")
     dummy = torch.empty(1, device=q.device, dtype=torch.int32)
-    index_rows = q_index if q_index is not None else k_index if k_index is not None else dummy
-    n_indexed = index_rows.shape[0] if index_rows is not dummy else 1
+    n_indexed = next((x.shape[0] for x in (q_index, k_index) if x is not None), 1)
     rel_table = relative.table.to(q.dtype).contiguous() if relative is not None else q
     grid = (triton.cdiv(n_q, layout.block_m), batch * heads)
     win = window if window is not None else Window(1, 0, -BIG, BIG)
@@ -273,7 +272,7 @@ def flash_attention(
         layout.full, layout.full_count, layout.partial, layout.partial_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        rel_table.stride(0), rel_table.stride(1) if relative is not None else 0,
+        rel_table.stride(0), rel_table.stride(1),
         heads, n_q, n_k, n_out, layout.full.shape[0], n_indexed,
         groups[0].shape[0] if groups is not None else 1,
         layout.full.shape[2], layout.partial.shape[2],

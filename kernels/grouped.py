@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from kernels.flash import flash_attention
+from kernels.flash import block_size, flash_attention
 from kernels.layout import Band, Window, build_layout, cached_layout
 
 
-def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, block: int, out=None,
-                 lse=None, accumulate=False):  # fmt: skip
+def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, out=None, lse=None,
+                 accumulate=False):  # fmt: skip
     """One round for groups [B, H, N]: (out, lse) in original order."""
     from attn_zoo.grouped import sort_by_group
 
     b, h, n, _ = q.shape
+    block = block_size(q.shape[-1])
     groups = groups.expand(b, h, n).reshape(b * h, n)
     perm, _ = sort_by_group(groups)
     perm = perm.to(torch.int32).contiguous()
@@ -42,13 +43,13 @@ def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, block: int, 
     return flash_attention(q, k, v, layout, band, groups=(ordered, ordered), **common)
 
 
-def clustered_flash(q, k, v, members: torch.Tensor, block: int) -> torch.Tensor:
+def clustered_flash(q, k, v, members: torch.Tensor) -> torch.Tensor:
     """Each cluster attends within itself: members [B, H, C, w] positions.
     Returns [B, H, C * w, D] in member order (a token may sit in several clusters)."""
     b, h, clusters, width = members.shape
     index = members.reshape(b * h, clusters * width).to(torch.int32).contiguous()
     window = Window(seg_len=width, step=width, lo=0, hi=width - 1)
     n = index.shape[1]
-    layout = cached_layout(n, n, Band(), window, block, q.device)
+    layout = cached_layout(n, n, Band(), window, block_size(q.shape[-1]), q.device)
     return flash_attention(q, k, v, layout, Band(), window, q_index=index, k_index=index,
                            scatter=False)[0]  # fmt: skip

@@ -76,9 +76,9 @@ def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(keep, order, -1).to(torch.int32).contiguous(), counts.contiguous()
 
 
-def _ends(index: torch.Tensor, n: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _ends(n: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """First and last index of each block of ``block`` indices in [0, n)."""
-    start = torch.arange(0, n, block, device=index.device)
+    start = torch.arange(0, n, block, device=device)
     return start, torch.clamp(start + block, max=n) - 1
 
 
@@ -103,9 +103,8 @@ def build_layout(
     specially, so blocks holding it stay partial. ``full_band`` narrows what may
     be *full* (the adaptive-span ramp is 1 only there).
     """
-    anchor = torch.empty(0, device=device)
-    a, b = _ends(anchor, n_q, block_m)  # query block ends [n_qb]
-    c, d = _ends(anchor, n_k, block_n)  # key block ends [n_kb]
+    a, b = _ends(n_q, block_m, device)  # query block ends [n_qb]
+    c, d = _ends(n_k, block_n, device)  # key block ends [n_kb]
 
     def rows(x):  # a per-layout-row band edge [G] -> [G, 1, 1]
         return x.to(device).view(-1, 1, 1) if isinstance(x, torch.Tensor) else x

@@ -10,7 +10,7 @@ segment s sees [(sL - M) / c - Mc, (sL - M) / c).
 
 from __future__ import annotations
 
-from kernels.flash import Relative, flash_attention
+from kernels.flash import Relative, block_size, flash_attention
 from kernels.layout import BIG, Band, Window, cached_layout
 
 
@@ -19,23 +19,23 @@ def _band(causal: bool, same_length: bool, mem_len: int) -> Band:
     return Band(lo=0 if causal else -BIG, hi=mem_len if same_length else BIG)
 
 
-def _raw_part(q, k, v, plan, block, same_length=False, relative=None):
+def _raw_part(q, k, v, plan, same_length=False, relative=None):
     seg, mem = plan.segment_len, plan.mem_len
     window = Window(seg_len=seg, step=seg, lo=-mem, hi=seg - 1)
     band = _band(plan.causal, same_length, mem)
-    layout = cached_layout(plan.n_q, plan.n_k, band, window, block, q.device)
+    layout = cached_layout(plan.n_q, plan.n_k, band, window, block_size(q.shape[-1]), q.device)
     return flash_attention(q, k, v, layout, band, window, relative=relative)
 
 
-def xl_attention(q, k, v, plan, block: int):
+def xl_attention(q, k, v, plan):
     relative = Relative(plan.u, plan.v, plan.rel, plan.max_dist)
-    return _raw_part(q, k, v, plan, block, plan.same_length, relative)[0]
+    return _raw_part(q, k, v, plan, plan.same_length, relative)[0]
 
 
-def compressive_attention(q, k, v, plan, block: int):
+def compressive_attention(q, k, v, plan):
     from attn_zoo.compressive import compress
 
-    out, lse = _raw_part(q, k, v, plan, block)
+    out, lse = _raw_part(q, k, v, plan)
     c = plan.rate
     if plan.slots == 0 or plan.cmem_len == 0:
         return out
@@ -44,6 +44,6 @@ def compressive_attention(q, k, v, plan, block: int):
     oldest = -plan.mem_len // c - plan.cmem_len
     window = Window(seg_len=plan.segment_len, step=plan.segment_len // c, lo=oldest,
                     hi=-plan.mem_len // c - 1)  # fmt: skip
-    layout = cached_layout(plan.n_q, plan.slots, Band(), window, block, q.device)
+    layout = cached_layout(plan.n_q, plan.slots, Band(), window, block_size(q.shape[-1]), q.device)
     flash_attention(q, ck, cv, layout, Band(), window, out=out, lse=lse, accumulate=True)
     return out

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from kernels.flash import flash_attention
+from kernels.flash import block_size, flash_attention
 from kernels.layout import BIG, Band, Window, build_layout, cached_layout
 
 
@@ -32,8 +32,8 @@ def _columns(n: int, stride: int, causal: bool, block: int, device):
     return order.to(torch.int32)[None].contiguous(), column.contiguous(), layout
 
 
-def strided_attention(q, k, v, plan, block: int) -> torch.Tensor:
-    n, l = plan.n_q, plan.stride
+def strided_attention(q, k, v, plan) -> torch.Tensor:
+    n, l, block = plan.n_q, plan.stride, block_size(q.shape[-1])
     near = Band(lo=1, hi=l - 1) if plan.causal else Band(lo=-(l - 1), hi=l - 1)
     layout = cached_layout(n, n, near, None, block, q.device, self_pairs=not plan.causal)
     self_bias = None if plan.causal else float("-inf")  # i == j is in the column part
@@ -52,8 +52,9 @@ def _summary(n: int, stride: int, summary: int, device) -> torch.Tensor:
     return pos[pos % stride >= stride - summary].to(torch.int32)[None].contiguous()
 
 
-def fixed_attention(q, k, v, plan, block: int) -> torch.Tensor:
+def fixed_attention(q, k, v, plan) -> torch.Tensor:
     n, l, c = plan.n_q, plan.stride, plan.summary
+    block = block_size(q.shape[-1])
     band = Band(lo=0) if plan.causal else Band()
     own = Window(seg_len=l, step=l, lo=0, hi=l - 1)
     out, lse = flash_attention(q, k, v, cached_layout(n, n, band, own, block, q.device), band, own)
