@@ -24,9 +24,9 @@ import torch
 from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, blocks, gather, scatter, softmax_lse, upcast, window
-from kernels.runtime import triton_options
 
 
 def default_spans(heads: int, shortest: float = 32.0, longest: float = 1024.0) -> tuple:
@@ -124,7 +124,7 @@ def adaptive_span_reference(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
 @AdaptiveSpan.implementation("triton", **triton_options())
 def adaptive_span_triton(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
     """One launch, per-head layouts, the ramp in the masked blocks (kernels/adaptive_span.py)."""
-    from kernels.adaptive_span import adaptive_span_attention
+    from attn_zoo.kernels.adaptive_span import adaptive_span_attention
 
     return adaptive_span_attention(q, k, v, plan)
 

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
 from attn_zoo.xl import segment_starts as _segment_starts
-from kernels.runtime import triton_options
 
 COMPRESSIONS = ("mean", "max", "conv")
 
@@ -190,7 +190,7 @@ def compressive_reference(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
 @Compressive.implementation("triton", **triton_options())
 def compressive_triton(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
     """Memory + segment launch, then the compressed slots accumulated (kernels/memory.py)."""
-    from kernels.memory import compressive_attention
+    from attn_zoo.kernels.memory import compressive_attention
 
     return compressive_attention(q, k, v, plan)
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from kernels.runtime import triton_options
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def dense_reference(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
 @Dense.implementation("triton", **triton_options())
 def dense_triton(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     """The block-sparse flash core visiting every key block (kernels/dense.py)."""
-    from kernels.dense import dense_attention
+    from attn_zoo.kernels.dense import dense_attention
 
     return dense_attention(q, k, v, plan.causal)
 

@@ -34,9 +34,9 @@ from attn_zoo.grouped import (
     visible_sorted,
 )
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
 from attn_zoo.tiles import merge, upcast
-from kernels.runtime import triton_options
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def lsh_reference(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
 @LSH.implementation("triton", **triton_options())
 def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
     """One sorted launch per round, each accumulating into the last (kernels/grouped.py)."""
-    from kernels.grouped import sorted_flash
+    from attn_zoo.kernels.grouped import sorted_flash
 
     keys, out, lse = shared_keys(q), None, None
     for r in range(plan.buckets.shape[2]):

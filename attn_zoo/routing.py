@@ -37,10 +37,10 @@ from attn_zoo.grouped import (
     visible_sorted,
 )
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.lsh import shared_keys
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
-from kernels.runtime import triton_options
 
 UPDATES = ("ema", "none")
 
@@ -201,9 +201,9 @@ def routing_reference(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
 def routing_triton(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     """A banded launch for the local window, then a sorted (causal) or member-list
     (bidirectional) launch for the clusters (kernels/grouped.py)."""
-    from kernels.dense import band_attention
-    from kernels.grouped import clustered_flash, sorted_flash
-    from kernels.layout import Band
+    from attn_zoo.kernels.dense import band_attention
+    from attn_zoo.kernels.grouped import clustered_flash, sorted_flash
+    from attn_zoo.kernels.layout import Band
 
     keys, half = shared_keys(q), plan.window // 2
     band = Band(lo=0, hi=plan.window - 1) if plan.causal else Band(lo=-half, hi=half)

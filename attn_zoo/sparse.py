@@ -29,9 +29,9 @@ import torch
 from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, merge, scatter_result, window
-from kernels.runtime import triton_options
 
 
 def auto_stride(n: int, block: int) -> int:
@@ -134,7 +134,7 @@ def strided_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
 @SparseStrided.implementation("triton", **triton_options())
 def strided_triton(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     """Band launch + column-major launch accumulated into it (kernels/sparse.py)."""
-    from kernels.sparse import strided_attention
+    from attn_zoo.kernels.sparse import strided_attention
 
     return strided_attention(q, k, v, plan)
 
@@ -189,7 +189,7 @@ def strided_flex(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
 @SparseFixed.implementation("triton", **triton_options())
 def fixed_triton(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     """Own-block launch + summary-list launch(es) accumulated into it (kernels/sparse.py)."""
-    from kernels.sparse import fixed_attention
+    from attn_zoo.kernels.sparse import fixed_attention
 
     return fixed_attention(q, k, v, plan)
 

@@ -31,9 +31,9 @@ import torch
 from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, upcast, window
-from kernels.runtime import triton_options
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
 @XL.implementation("triton", **triton_options())
 def xl_triton(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     """Segment window + the relative term inside the kernel (kernels/memory.py)."""
-    from kernels.memory import xl_attention
+    from attn_zoo.kernels.memory import xl_attention
 
     return xl_attention(q, k, v, plan)
 

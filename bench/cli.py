@@ -11,7 +11,7 @@ import datetime as dt
 import os
 import sys
 
-from bench.errors import UsageError
+from attn_zoo.bench.errors import UsageError
 
 DEFAULT_SEQ_LENS = "512,2048,8192"
 
@@ -121,18 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "interpret", False):
             os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
         if args.command == "run":
-            from bench.sweep import run_sweep
+            from attn_zoo.bench.sweep import run_sweep
 
             return run_sweep(args)
         if args.command == "list":
-            from bench.listing import list_mechanisms
+            from attn_zoo.bench.listing import list_mechanisms
 
             return list_mechanisms(args)
         if args.command == "report":
-            from bench.report import run_report
+            from attn_zoo.bench.report import run_report
 
             return run_report(args)
-        from bench.compare import run_compare
+        from attn_zoo.bench.compare import run_compare
 
         return run_compare(args)
     except UsageError as e:

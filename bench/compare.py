@@ -18,11 +18,11 @@ import argparse
 import pandas as pd
 from rich.table import Table
 
-from bench.cases import KEY_COLUMNS
-from bench.console import make_console
-from bench.errors import UsageError
-from bench.runner import TOLERANCE
-from bench.runs import load_run
+from attn_zoo.bench.cases import KEY_COLUMNS
+from attn_zoo.bench.console import make_console
+from attn_zoo.bench.errors import UsageError
+from attn_zoo.bench.runner import TOLERANCE
+from attn_zoo.bench.runs import load_run
 
 MATCH = [c for c in KEY_COLUMNS if c != "device"]
 

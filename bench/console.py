@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.cases import Case
+from attn_zoo.bench.cases import Case
 
 
 def make_console() -> Console:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bench.errors import UsageError
+from attn_zoo.bench.errors import UsageError
 
 #: dtypes each device type runs (bfloat16 on CUDA only where the GPU has it).
 DEVICE_DTYPES = {

@@ -9,8 +9,8 @@ import dataclasses
 from rich.table import Table
 
 import attn_zoo
-from bench.console import make_console
-from bench.devices import resolve_device
+from attn_zoo.bench.console import make_console
+from attn_zoo.bench.devices import resolve_device
 
 
 def list_mechanisms(args: argparse.Namespace) -> int:

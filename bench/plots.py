@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bench.runs import Run
+from attn_zoo.bench.runs import Run
 
 STYLES = ["-", "--", ":", "-."]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from bench import plots
-from bench.errors import UsageError
-from bench.runs import Run, load_run
-from bench.targets import kernel_targets
+from attn_zoo.bench import plots
+from attn_zoo.bench.errors import UsageError
+from attn_zoo.bench.runs import Run, load_run
+from attn_zoo.bench.targets import kernel_targets
 
 TARGETS_TEXT = (
     "vs_sdpa: dense triton speed / sdpa speed (target >= 0.9 for N >= 2048); "

@@ -12,9 +12,9 @@ import torch
 
 import attn_zoo
 from attn_zoo import oracle
+from attn_zoo.bench.cases import Case
+from attn_zoo.bench.measure import peak_memory, time_call
 from attn_zoo.validation import DTYPES
-from bench.cases import Case
-from bench.measure import peak_memory, time_call
 
 #: err_oracle must be under this for the row to be ok (shared/DESIGN.md).
 TOLERANCE = {"float64": 1e-5, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}

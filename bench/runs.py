@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.cases import KEY_COLUMNS
-from bench.errors import UsageError
+from attn_zoo.bench.cases import KEY_COLUMNS
+from attn_zoo.bench.errors import UsageError
 
 NUMERIC = (
     "batch", "heads", "head_dim", "seq_len", "time_ms", "time_ms_p20", "time_ms_p80",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from bench.cases import KEY_COLUMNS, Case
-from bench.errors import UsageError
+from attn_zoo.bench.cases import KEY_COLUMNS, Case
+from attn_zoo.bench.errors import UsageError
 
 COLUMNS = (
     *KEY_COLUMNS,
@@ -78,7 +78,7 @@ def environment(device: torch.device) -> dict:
         "git_dirty": bool(status) if status is not None else None,
     }
     if device.type == "cuda":
-        from bench.measure import matmul_tflops
+        from attn_zoo.bench.measure import matmul_tflops
 
         env["matmul_tflops"] = round(matmul_tflops(device), 1)
     return env

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 import attn_zoo
-from bench.cases import Case, expand
-from bench.cli import choices, positive_ints
-from bench.console import Reporter, summary_table
-from bench.devices import device_dtypes, resolve_device
-from bench.errors import UsageError
-from bench.runner import MODES, Settings, run_case
-from bench.store import RunStore, command_line, environment, new_run_id
+from attn_zoo.bench.cases import Case, expand
+from attn_zoo.bench.cli import choices, positive_ints
+from attn_zoo.bench.console import Reporter, summary_table
+from attn_zoo.bench.devices import device_dtypes, resolve_device
+from attn_zoo.bench.errors import UsageError
+from attn_zoo.bench.runner import MODES, Settings, run_case
+from attn_zoo.bench.store import RunStore, command_line, environment, new_run_id
 
 #: The settings a run folder keeps in meta.json, so that --resume repeats them.
 SWEEP_ARGS = (

@@ -12,8 +12,8 @@ from functools import lru_cache
 
 import torch
 
-from kernels.flash import Ramp, block_size, flash_attention
-from kernels.layout import Band, BlockLayout, build_layout
+from attn_zoo.kernels.flash import Ramp, block_size, flash_attention
+from attn_zoo.kernels.layout import Band, BlockLayout, build_layout
 
 
 @lru_cache(maxsize=32)

@@ -1,7 +1,7 @@
 """Compile the flash core ahead of time for an NVIDIA target, without a GPU.
 
-``python -m kernels.compile_check [--arch 90] [--dtypes fp16,bf16,fp32] [--dims 32,64,128]``
-runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the
+``python -m attn_zoo.kernels.compile_check [--arch 90] [--dtypes fp16,bf16,fp32]
+[--dims 32,64,128]`` runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the
 bundled ptxas) for every combination of compile-time flags a mechanism
 launches, and checks each kernel's shared memory against the sm_90 limit (a
 launch would fail above it), so a kernel that only works in the interpreter
@@ -61,7 +61,7 @@ def signature(kernel, dtype: str) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.compile_check")
+    parser = argparse.ArgumentParser(prog="python -m attn_zoo.kernels.compile_check")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
     parser.add_argument("--dims", default="32,64,128")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.flash import _flash_fwd, block_size
+    from attn_zoo.kernels.flash import _flash_fwd, block_size
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0

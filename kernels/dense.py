@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.flash import block_size, flash_attention
-from kernels.layout import Band, cached_layout
+from attn_zoo.kernels.flash import block_size, flash_attention
+from attn_zoo.kernels.layout import Band, cached_layout
 
 
 def dense_band(n_q: int, n_k: int, causal: bool) -> Band:

@@ -11,7 +11,7 @@ What a launch may add to plain attention (all decided at compile time):
 * gathered rows: q and k/v read through index tensors (sorted or permuted
   orders), the output written back at the query's position or left in kernel
   order;
-* the element masks of :mod:`kernels.layout` (band, segment window, group
+* the element masks of :mod:`attn_zoo.kernels.layout` (band, segment window, group
   equality);
 * a bias on the pair i == j of positions (Reformer's self penalty, or -inf);
 * the adaptive-span ramp, bias log m_z(x) (Sukhbaatar et al. 2019, Eq. 4-5);
@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.layout import BIG, Band, BlockLayout, Window
+from attn_zoo.kernels.layout import BIG, Band, BlockLayout, Window
 
 LOG2E = 1.4426950408889634
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from kernels.flash import block_size, flash_attention
-from kernels.layout import Band, Window, build_layout, cached_layout
+from attn_zoo.kernels.flash import block_size, flash_attention
+from attn_zoo.kernels.layout import Band, Window, build_layout, cached_layout
 
 
 def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, out=None, lse=None,

@@ -1,6 +1,6 @@
 """Which key blocks each query block visits, and which of them need an element mask.
 
-The kernel (:mod:`kernels.flash`) works on *kernel indices*: positions in the
+The kernel (:mod:`attn_zoo.kernels.flash`) works on *kernel indices*: positions in the
 order the launch reads q and k (the natural order, or a sorted / gathered order
 given by index tensors). Visibility of the pair (i, j) is the conjunction of
 

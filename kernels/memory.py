@@ -10,8 +10,8 @@ segment s sees [(sL - M) / c - Mc, (sL - M) / c).
 
 from __future__ import annotations
 
-from kernels.flash import Relative, block_size, flash_attention
-from kernels.layout import BIG, Band, Window, cached_layout
+from attn_zoo.kernels.flash import Relative, block_size, flash_attention
+from attn_zoo.kernels.layout import BIG, Band, Window, cached_layout
 
 
 def _band(causal: bool, same_length: bool, mem_len: int) -> Band:

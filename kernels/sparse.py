@@ -16,8 +16,8 @@ from functools import lru_cache
 
 import torch
 
-from kernels.flash import block_size, flash_attention
-from kernels.layout import BIG, Band, Window, build_layout, cached_layout
+from attn_zoo.kernels.flash import block_size, flash_attention
+from attn_zoo.kernels.layout import BIG, Band, Window, build_layout, cached_layout
 
 
 @lru_cache(maxsize=16)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import attn_zoo
-import bench.runner
-from bench.cli import main
-from bench.store import COLUMNS
+import attn_zoo.bench.runner
+from attn_zoo.bench.cli import main
+from attn_zoo.bench.store import COLUMNS
 
 
 def run(tmp_path, *args, run_id="r"):
@@ -97,7 +97,7 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def test_resume_finishes_an_interrupted_run(tmp_path, monkeypatch):
-    real = bench.runner.run_case
+    real = attn_zoo.bench.runner.run_case
     calls = []
 
     def flaky(case, settings):
@@ -106,12 +106,12 @@ def test_resume_finishes_an_interrupted_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(case, settings)
 
-    monkeypatch.setattr("bench.sweep.run_case", flaky)
+    monkeypatch.setattr("attn_zoo.bench.sweep.run_case", flaky)
     args = ["--seq-lens", "32,48", "--mechanisms", "dense,sparse_fixed"]
     assert run(tmp_path, *args) == 130
     first = rows(tmp_path)
     assert len(first) == 2
-    monkeypatch.setattr("bench.sweep.run_case", real)
+    monkeypatch.setattr("attn_zoo.bench.sweep.run_case", real)
     assert main(["run", "--resume", str(tmp_path / "r")]) == 0
     final = rows(tmp_path)
     keys = [(r["mechanism"], r["impl"], r["seq_len"]) for r in final]

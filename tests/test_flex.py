@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import attn_zoo
-from bench.cases import Case
-from bench.runner import skip_reason
+from attn_zoo.bench.cases import Case
+from attn_zoo.bench.runner import skip_reason
 from conftest import check_impl, qkv, small
 
 pytest.importorskip("torch.nn.attention.flex_attention")

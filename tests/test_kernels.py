@@ -9,9 +9,9 @@ from attn_zoo import oracle
 from conftest import qkv
 
 pytest.importorskip("triton")
-from kernels.dense import dense_attention
-from kernels.flash import flash_attention
-from kernels.layout import Band, build_layout
+from attn_zoo.kernels.dense import dense_attention
+from attn_zoo.kernels.flash import flash_attention
+from attn_zoo.kernels.layout import Band, build_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -91,8 +91,8 @@ def test_core_compiles_for_h100_without_a_gpu(dtypes, dims):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-W", "ignore", "-m", "kernels.compile_check", "--arch", "90",
-               "--dtypes", dtypes, "--dims", dims]  # fmt: skip
+    command = [sys.executable, "-W", "ignore", "-m", "attn_zoo.kernels.compile_check",
+               "--arch", "90", "--dtypes", dtypes, "--dims", dims]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0 failure(s)" in done.stdout

@@ -6,7 +6,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from bench.cli import main
+from attn_zoo.bench.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_interpreter_rows_never_gate_on_time_or_memory(base_run, tmp_path):
 
 
 def test_report_leaves_interpreter_rows_out_of_timings(base_run, tmp_path):
-    from bench.runs import load_run
+    from attn_zoo.bench.runs import load_run
 
     run = load_run(planted(base_run, tmp_path, interpreted_lsh))
     assert set(run.measured().table.mechanism) == {"dense", "sparse_strided"}
@@ -153,7 +153,7 @@ def test_report_leaves_interpreter_rows_out_of_timings(base_run, tmp_path):
 
 
 def test_kernel_targets_are_ratios_within_one_run():
-    from bench.targets import kernel_targets
+    from attn_zoo.bench.targets import kernel_targets
 
     shape = dict(device="cuda", dtype="float16", batch=1, heads=2, head_dim=64, seq_len=1024)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import attn_zoo
-from bench.measure import cpu_peak_supported, peak_memory
+from attn_zoo.bench.measure import cpu_peak_supported, peak_memory
 from conftest import MECHANISMS
 
 

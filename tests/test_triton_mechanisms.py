@@ -10,7 +10,7 @@ import attn_zoo
 from conftest import check_impl, small
 
 pytest.importorskip("triton")
-import kernels.flash
+import attn_zoo.kernels.flash
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MECHANISMS = [m for m in attn_zoo.names() if "triton" in attn_zoo.get(m).impls]
@@ -36,7 +36,7 @@ def poisoned_outputs(monkeypatch):
     def nan_filled(q, shape, dtype):
         return torch.full(shape, float("nan"), device=q.device, dtype=dtype)
 
-    monkeypatch.setattr(kernels.flash, "new_output", nan_filled)
+    monkeypatch.setattr(attn_zoo.kernels.flash, "new_output", nan_filled)
 
 
 def check(mech, n, dim, dtype, causal, batch=1):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import attn_zoo
-from bench.measure import synchronized
+from attn_zoo.bench.measure import synchronized
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 N = int(os.environ.get("ATTN_ZOO_PERF_N", 4096 if DEVICE.type == "cuda" else 256))
