@@ -1,16 +1,25 @@
 """Adaptive attention span (Sukhbaatar et al. 2019, "Adaptive Attention Span
 in Transformers", Sec. 3.1-3.2).
 
-Head h attends to the keys at distance x = i - j (bidirectional: |i - j|)
-weighted by the soft mask of Eq. 4,
+Eq. 5 attends to the previous S positions t - S ... t - 1 (the current token
+is not attended): head h weights the key at distance x = t - r, 1 <= x <= S,
+by the soft mask of Eq. 4,
 
     m_z(x) = clamp((R + z_h - x) / R, 0, 1),
 
-applied to the attention weights after the softmax and renormalized (Eq. 5),
-which equals a softmax with bias log m_z(i - j). The savings come from never
-touching keys with m = 0: head h reads only its ceil(z_h + R) nearest keys,
-so heads with short spans cost little (per-head bands, not one band sized for
-the longest span as in the public code).
+applied after the softmax and renormalized, which equals a softmax with bias
+log m_z(x) over those keys. The cap S bounds the window itself, not only z_h.
+Bidirectionally the window is mirrored: 1 <= |i - j| <= S.
+
+Switch: ``ramp_shift=1`` reproduces the authors' code, which evaluates the
+ramp at m_z(x - 1) on distances 1 ... S ("attention doesn't include the
+current step itself"), so its window is one key longer (z = 3, R = 4, t = 30:
+the paper attends 24 ... 29, the authors' code 23 ... 29).
+
+The savings come from never touching keys with m = 0: head h reads only the
+keys within its own reach (per-head bands, not one band sized for the longest
+span as in the public code). A row with no key in reach (t = 0 in causal
+mode) gives 0.
 """
 
 from __future__ import annotations
@@ -43,18 +52,38 @@ class AdaptiveSpanConfig:
     spans: tuple[float, ...] | None = None  # z_h per head; None: default_spans over span_range
     span_range: tuple[float, float] = (32.0, 1024.0)  # shortest and longest default span
     ramp: float = 32.0  # R, the ramp's width (Sec. 3.2: R = 32)
-    max_span: int = 8192  # S, the largest span a head may learn (Sec. 4: up to 8192)
+    max_span: int = 8192  # S: z_h <= S and distances <= S (Eq. 5; Sec. 4: up to 8192)
+    ramp_shift: int = 0  # 0: m_z(x), Eq. 4-5; 1: m_z(x - 1), the authors' code
     tile: int = 64  # queries per tile in the reference
 
 
 @dataclass(frozen=True)
 class SpanPlan(Plan):
     spans: tuple[float, ...]  # z_h, clamped to [0, max_span]
-    ramp: float
+    ramp: float  # R
+    max_span: int  # S
+    shift: int  # the ramp is m_z(x - shift)
 
-    def width(self, head: int) -> int:
-        """Keys with m > 0 on one side of a query: distances 0 .. width - 1."""
-        return math.ceil(self.spans[head] + self.ramp)
+    def reach(self, head: int) -> int:
+        """The farthest distance head h attends (m > 0 and x <= S); it attends
+        distances 1 .. reach (0 keys when reach is 0)."""
+        return max(0, min(self.max_span, math.ceil(self.spans[head] + self.ramp + self.shift) - 1))
+
+    def flat(self, head: int) -> int:
+        """The farthest distance where the ramp is still 1 (no bias needed)."""
+        return max(0, min(self.max_span, math.floor(self.spans[head]) + self.shift))
+
+    def ramp_spans(self) -> tuple[float, ...]:
+        """z_h + shift: m_z(x - shift) = clamp((R + z_h + shift - x) / R, 0, 1)."""
+        return tuple(z + self.shift for z in self.spans)
+
+    def weight(self, distance: torch.Tensor, head: int | torch.Tensor) -> torch.Tensor:
+        """m_z(x - shift) on 1 <= x <= S, 0 elsewhere (Eq. 4-5); ``head`` an int or a
+        tensor of heads broadcasting against ``distance``."""
+        spans = torch.tensor(self.ramp_spans(), device=distance.device)
+        z = spans[head] if isinstance(head, torch.Tensor) else spans[head].item()
+        inside = (distance >= 1) & (distance <= self.max_span)
+        return soft_mask(distance.to(spans.dtype), z, self.ramp) * inside
 
 
 def soft_mask(distance: torch.Tensor, span: float | torch.Tensor, ramp: float) -> torch.Tensor:
@@ -68,7 +97,7 @@ class AdaptiveSpan(Mechanism):
     small: ClassVar[dict] = {"ramp": 4.0, "span_range": (2.0, 40.0)}
     Config = AdaptiveSpanConfig
     citation = "Sukhbaatar et al. 2019, Adaptive Attention Span in Transformers (Eq. 4-5)"
-    summary = "the previous z_h + R positions of head h, weighted by the soft ramp m_z"
+    summary = "the previous z_h + R positions of head h (not itself, at most S), ramp m_z"
     complexity = "O(N * sum_h (z_h + R)) time and memory"
     oracle_summary = "dense softmax with bias log m_z(i - j), per head"
 
@@ -82,37 +111,45 @@ class AdaptiveSpan(Mechanism):
             )
         if cfg.ramp <= 0:
             raise ValueError(f"adaptive_span: ramp R must be positive, got {cfg.ramp}")
+        if cfg.max_span < 1:
+            raise ValueError(f"adaptive_span: max_span S must be >= 1, got {cfg.max_span}")
+        if cfg.ramp_shift not in (0, 1):
+            raise ValueError(
+                f"adaptive_span: ramp_shift must be 0 (the paper) or 1 (the authors' code), "
+                f"got {cfg.ramp_shift}"
+            )
         spans = tuple(float(min(max(z, 0.0), cfg.max_span)) for z in spans)
         n = q.shape[2]
-        return SpanPlan(q.shape[0], heads, n, n, causal, spans, float(cfg.ramp))
+        return SpanPlan(
+            q.shape[0], heads, n, n, causal, spans, float(cfg.ramp), cfg.max_span, cfg.ramp_shift
+        )
 
     def oracle(self, q, k, v, plan: SpanPlan, rows):
+        """Eq. 5 written out: weight m_z(x - shift) for keys at distance 1 <= x <= S."""
         i = rows.to(q.device)[:, None].double()
         j = torch.arange(plan.n_k, device=q.device, dtype=torch.float64)[None, :]
         x = (i - j) if plan.causal else (i - j).abs()
         z = torch.tensor(plan.spans, dtype=torch.float64, device=q.device).view(1, -1, 1, 1)
-        m = soft_mask(x, z, plan.ramp)
-        if plan.causal:
-            m = m * (x >= 0)
+        m = ((plan.ramp + z - (x - plan.shift)) / plan.ramp).clamp(0, 1)
+        m = m * ((x >= 1) & (x <= plan.max_span))
         return [oracle.Term(torch.log(m))]
 
 
 @AdaptiveSpan.implementation("reference")
 def adaptive_span_reference(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
-    """Per head: a band of the ceil(z_h + R) nearest keys on tiles of queries;
-    softmax, times the soft mask, renormalized (Eq. 5)."""
+    """Per head: the band of keys within reach on tiles of queries; softmax,
+    times the soft mask, renormalized (Eq. 5)."""
     n, tile = plan.n_q, mech.config.tile
     qi = blocks(n, tile, q.device)
     out = []
     for h in range(plan.heads):
-        width = plan.width(h)
-        before = width - 1
-        after = 0 if plan.causal else width - 1
+        before = plan.reach(h)
+        after = 0 if plan.causal else before
         ki = window(qi[:, 0] - before, before + tile + after, n)
         i, j = qi[:, :, None], ki[:, None, :]
         x = (i - j) if plan.causal else (i - j).abs()
         qh, kh, vh = (upcast(t[:, h : h + 1]) for t in (q, k, v))
-        m = soft_mask(x.to(qh.dtype), plan.spans[h], plan.ramp) * ((j >= 0) & (x >= 0))
+        m = plan.weight(x, h).to(qh.dtype) * (j >= 0)
         scores = gather(qh, as_tiles(qi)) @ gather(kh, as_tiles(ki)).transpose(-2, -1)
         scores = (scores * q.shape[-1] ** -0.5).masked_fill(m == 0, -torch.inf)
         weights = softmax_lse(scores, dim=-1)[0] * m
@@ -131,9 +168,10 @@ def adaptive_span_triton(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
 
 @AdaptiveSpan.implementation("flex", **flex_options())
 def adaptive_span_flex(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
-    """The band as a per-head block mask, log m_z(x) as the score_mod (Eq. 4-5)."""
-    spans = torch.tensor(plan.spans, device=q.device)
-    width = torch.tensor([plan.width(h) for h in range(plan.heads)], device=q.device)
+    """The band 1 <= x <= reach as a per-head block mask, log m_z(x - shift) as the
+    score_mod (Eq. 4-5)."""
+    spans = torch.tensor(plan.ramp_spans(), device=q.device)
+    reach = torch.tensor([plan.reach(h) for h in range(plan.heads)], device=q.device)
     ramp, causal = plan.ramp, plan.causal
 
     def distance(i, j):
@@ -141,7 +179,7 @@ def adaptive_span_flex(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
 
     def in_span(b, h, i, j):
         x = distance(i, j)
-        return (x >= 0) & (x < width[h])
+        return (x >= 1) & (x <= reach[h])
 
     def log_soft_mask(score, b, h, i, j):
         return score + torch.log(soft_mask(distance(i, j).float(), spans[h], ramp))

@@ -17,6 +17,7 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
+from attn_zoo.tiles import upcast
 
 
 @dataclass(frozen=True)
@@ -54,14 +55,16 @@ class Dense(Mechanism):
 @Dense.implementation("reference")
 def dense_reference(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     """Materializes the [B, H, N, N] scores and their softmax: two N x N matrices
-    are alive at the peak (the test of the harness's memory figure counts on it)."""
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+    are alive at the peak (the test of the harness's memory figure counts on it).
+    Scores and softmax are float32 for half-precision inputs, so large scores
+    that overflow float16 (|q . k| > 65504) stay finite, as in the oracle."""
+    scores = torch.matmul(upcast(q), upcast(k).transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
     if plan.causal:
         future = torch.ones(plan.n_q, plan.n_k, dtype=torch.bool, device=q.device).triu_(1)
         scores.masked_fill_(future, -torch.inf)
     weights = torch.softmax(scores, dim=-1)
     del scores
-    return torch.matmul(weights, v)
+    return torch.matmul(weights, upcast(v)).to(q.dtype)
 
 
 @Dense.implementation("triton", **triton_options())

@@ -92,6 +92,8 @@ class Mechanism:
     small: ClassVar[dict[str, Any]] = {}
     #: Whether q and k must have the same sequence length.
     self_attention: ClassVar[bool] = True
+    #: Shared QK (Reformer, Routing): the keys are the normalized queries, ``k`` is not read.
+    shared_qk: ClassVar[bool] = False
     impls: ClassVar[dict[str, Impl]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

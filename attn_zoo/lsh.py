@@ -1,19 +1,29 @@
 """Reformer LSH attention (Kitaev et al. 2020, "Reformer: The Efficient
 Transformer", Sec. 2).
 
-Shared QK: keys are the L2-normalized queries. Each of ``n_hashes`` rounds
-draws a random rotation R (explicit seed) and hashes h(x) = argmax([xR; -xR])
-into ``n_buckets`` buckets (Sec. 2, "Locality sensitive hashing"). Tokens are
-sorted by (bucket, position) and cut into chunks of ``bucket_size``; each
-chunk attends to itself and the previous chunk (Eq. 3-4, Fig. 2). A token
-does not attend to itself unless nothing else is visible. Rounds are combined
-by their log-sum-exp (Sec. 2.3), which equals one dense softmax with bias
-log c_ij, c_ij = the rounds in which key j is visible to query i.
+Shared QK: keys are the L2-normalized queries (Sec. 2.2), so ``k`` is not
+read. Each of ``n_hashes`` rounds draws a random rotation R (explicit seed)
+and hashes h(x) = argmax([xR; -xR]) into ``n_buckets`` buckets, by default
+n_b = 2N / m for chunks of m = ``bucket_size`` (Sec. 2.3: "we set the chunk
+size m = 2l / n_buckets"). Tokens are sorted by (bucket, position) and cut
+into chunks of m; a query attends to the keys *of its own bucket* in its
+chunk and the previous one (Eq. 3-4: P_i = {j : h(q_i) = h(k_j)}, the chunks
+only bound the work). A token does not attend to itself unless nothing else
+is visible (``self_penalty``, public code: -1e5). Rounds are combined by
+their log-sum-exp (Sec. 2.3) after subtracting log N_ij, the number of rounds
+in which j is visible to i (Eq. 7), so a key found twice counts once: the
+result is one softmax over the union of the rounds' sets.
+
+Switches reproducing public code: ``attend_across_buckets=True`` drops the
+bucket test inside the chunks (trax's option of that name; most ports do
+it); ``allow_duplicate_attention=True`` skips the correction, which equals
+one dense softmax with bias log c_ij (trax's option of that name).
 
 Causal mode: chunk boundaries depend on where later tokens sort, so the
 paper's causal LSH leaks the future. Here causal means: each token attends to
 itself and the ``bucket_size`` most recent earlier tokens *of its own bucket*
-(a window in sorted order), which depends on earlier tokens only.
+(a window in sorted order), which depends on earlier tokens only; the
+duplicate correction applies to it the same way.
 """
 
 from __future__ import annotations
@@ -28,24 +38,31 @@ from attn_zoo import oracle
 from attn_zoo.flex import flex_options
 from attn_zoo.grouped import (
     group_pairs,
-    sort_by_group,
     sorted_attention,
     sorted_flex,
     visible_sorted,
 )
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
+from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.registry import register
 from attn_zoo.tiles import merge, upcast
 
 
 @dataclass(frozen=True)
 class LSHConfig:
-    bucket_size: int = 64  # chunk length m (Sec. 5: 64? experiments use chunks of 64)
+    bucket_size: int = 64  # chunk length m (Sec. 5 experiments: 64)
     n_hashes: int = 4  # rounds (Sec. 5 evaluates 1, 2, 4, 8)
-    n_buckets: int | None = None  # None: about N / bucket_size, even
+    n_buckets: int | None = None  # None: 2N / m, even (Sec. 2.3)
     self_penalty: float = -1e5  # added to a token's own score (public code: -1e5)
     seed: int = 0  # draws the random rotations
+    attend_across_buckets: bool = False  # True: whole chunks, any bucket (trax option)
+    allow_duplicate_attention: bool = False  # True: no Eq. 7 correction (trax option)
+
+
+def default_buckets(n: int, bucket_size: int) -> int:
+    """n_b = 2N / m, rounded to an even count of at least 2 (Sec. 2.3)."""
+    return max(2, 2 * round(n / bucket_size))
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,10 +70,19 @@ class LSHPlan(Plan):
     buckets: torch.Tensor  # [B, H, n_hashes, N]
     bucket_size: int
     self_penalty: float
+    across_buckets: bool = False
+    duplicates: bool = False  # True: rounds merged without the Eq. 7 correction
 
     @property
     def mode(self) -> str:
-        return "window" if self.causal else "chunks"
+        if self.causal:
+            return "window"
+        return "chunks" if self.across_buckets else "buckets"
+
+    @property
+    def rounds(self) -> torch.Tensor | None:
+        """Every round's buckets, for the duplicate correction (None when off)."""
+        return None if self.duplicates else self.buckets
 
 
 def shared_keys(q: torch.Tensor) -> torch.Tensor:
@@ -70,11 +96,15 @@ class LSH(Mechanism):
     small: ClassVar[dict] = {"bucket_size": 8, "n_hashes": 2}
     Config = LSHConfig
     citation = "Kitaev et al. 2020, Reformer: The Efficient Transformer (Sec. 2, Eq. 3-4)"
-    summary = "keys in its sorted chunk and the previous one, per hash round (shared QK)"
+    summary = (
+        "keys of its own hash bucket in its sorted chunk and the previous one, per round "
+        "(shared QK: k is not read)"
+    )
+    shared_qk = True
     complexity = "O(N n_hashes bucket_size) time and memory (+ a sort)"
     oracle_summary = (
-        "dense softmax over shared-QK scores with bias log c_ij (rounds in which j is "
-        "visible, from the plan's sorted places) and the self penalty"
+        "dense softmax over shared-QK scores, 0/-inf over the union of the rounds' "
+        "visible sets from the plan's sorted places (log c_ij with duplicates), self penalty"
     )
 
     def inputs(self, q, k, v):
@@ -85,16 +115,18 @@ class LSH(Mechanism):
         if cfg.bucket_size < 1 or cfg.n_hashes < 1:
             raise ValueError("lsh: bucket_size and n_hashes must be >= 1")
         b, h, n, d = q.shape
-        n_buckets = cfg.n_buckets or max(2, 2 * round(n / (2 * cfg.bucket_size)))
+        n_buckets = cfg.n_buckets or default_buckets(n, cfg.bucket_size)
         if n_buckets % 2:
             raise ValueError(
                 f"lsh: n_buckets must be even (argmax over [xR; -xR]), got {n_buckets}"
             )
         g = torch.Generator().manual_seed(cfg.seed)
-        rotations = torch.randn(h, cfg.n_hashes, d, n_buckets // 2, generator=g).to(q.device)
+        rotations = torch.randn(h, cfg.n_hashes, d, n_buckets // 2, generator=g,
+                                dtype=torch.float32).to(q.device)  # fmt: skip
         rotated = torch.einsum("bhnd,hrdk->bhrnk", shared_keys(q).float(), rotations)
         buckets = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
-        return LSHPlan(b, h, n, n, causal, buckets, cfg.bucket_size, cfg.self_penalty)
+        return LSHPlan(b, h, n, n, causal, buckets, cfg.bucket_size, cfg.self_penalty,
+                       cfg.attend_across_buckets, cfg.allow_duplicate_attention)  # fmt: skip
 
     def oracle(self, q, k, v, plan: LSHPlan, rows):
         rows = rows.to(q.device)
@@ -104,7 +136,9 @@ class LSH(Mechanism):
         vis = visible_sorted(rank_i, rank_j, group_i, group_j, plan.bucket_size, plan.mode)
         count = vis.sum(dim=2, dtype=torch.float64)  # rounds: [B, H, R, N]
         is_self = rows[:, None] == torch.arange(plan.n_k, device=q.device)[None, :]
-        bias = torch.log(count) + is_self * plan.self_penalty
+        # Eq. 7: the union of the rounds' sets, each key once; without it, log c_ij
+        seen = torch.log(count) if plan.duplicates else oracle.mask_bias(count > 0)
+        bias = seen + is_self * plan.self_penalty
         _, keys, _ = self.inputs(q, k, v)
         return [oracle.Term(bias, k=keys)]
 
@@ -118,7 +152,7 @@ def _merged_rounds(attention, q, v, plan: LSHPlan) -> torch.Tensor:
     keys = shared_keys(q)
     rounds = [
         attention(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
-                  plan.self_penalty)
+                  plan.self_penalty, plan.rounds)
         for r in range(plan.buckets.shape[2])
     ]  # fmt: skip
     return merge(rounds)[0].to(q.dtype)
@@ -138,7 +172,7 @@ def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
     for r in range(plan.buckets.shape[2]):
         out, lse = sorted_flash(
             q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode, plan.self_penalty,
-            out=out, lse=lse, accumulate=r > 0,
+            rounds=plan.rounds, out=out, lse=lse, accumulate=r > 0,
         )  # fmt: skip
     return out
 

@@ -1,7 +1,8 @@
 """Routing attention (Roy et al. 2020, "Efficient Content-Based Sparse
 Attention with Routing Transformers", Sec. 4).
 
-Shared QK, normalized as in lsh. Centroids (about sqrt(N) of them, drawn
+Shared QK, normalized as in lsh: the keys are the normalized queries and
+``k`` is not read. Centroids (about sqrt(N) of them, drawn
 from an explicit seed) are updated by online k-means: ``kmeans_iters`` steps
 of mu <- decay * mu + (1 - decay) * mean of the tokens assigned to mu
 (Sec. 4.1), recorded as ``centroid_update``. Bidirectional mode routes with
@@ -31,13 +32,13 @@ from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.grouped import (
     group_pairs,
-    sort_by_group,
     sorted_attention,
     sorted_flex,
     visible_sorted,
 )
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
+from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.lsh import shared_keys
 from attn_zoo.registry import register
 from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
@@ -86,7 +87,11 @@ class Routing(Mechanism):
     small: ClassVar[dict] = {"window": 8}
     Config = RoutingConfig
     citation = "Roy et al. 2020, Efficient Content-Based Sparse Attention with Routing Transformers"
-    summary = "keys in the same k-means cluster (about sqrt(N) clusters), plus a local window"
+    summary = (
+        "keys in the same k-means cluster (about sqrt(N) clusters), plus a local window "
+        "(shared QK: k is not read)"
+    )
+    shared_qk = True
     complexity = "O(N (sqrt N + window)) time and memory"
     oracle_summary = (
         "weighted sum of dense softmaxes over shared-QK scores: the local window and each "
@@ -108,7 +113,9 @@ class Routing(Mechanism):
         b, h, n, d = q.shape
         n_clusters = min(n, cfg.n_clusters or max(1, round(math.sqrt(n))))
         g = torch.Generator().manual_seed(cfg.seed)
-        mu = torch.nn.functional.normalize(torch.randn(h, n_clusters, d, generator=g), dim=-1)
+        mu = torch.nn.functional.normalize(
+            torch.randn(h, n_clusters, d, generator=g, dtype=torch.float32), dim=-1
+        )
         mu = mu.to(q.device)
         x = shared_keys(q).float().detach()
         if not causal and cfg.centroid_update == "ema":

@@ -8,11 +8,14 @@ positions (Sec. 3.3):
 
     A_ij = (q_i + u) . k_j  +  (q_i + v) . W_R R_(i-j),      scaled by 1/sqrt(d),
 
-with sinusoidal R, distances beyond ``clamp_len`` sharing one embedding.
-u, v and W_R are model parameters; here they are drawn from N(0, 1/d) with an
-explicit seed. ``same_length`` hides keys more than M positions behind the
-query, so every query sees the same number of keys. In bidirectional mode the
-whole segment is visible and negative distances get their own embeddings.
+with sinusoidal R, distances beyond ``clamp_len`` sharing one embedding
+(``clamp_len`` None or <= 0: no clamping, as in the authors' code). u, v and
+W_R are model parameters; here they are drawn from N(0, 1/d) with an explicit
+seed, in float32 whatever torch's default dtype. ``same_length`` makes every
+query see the same number of keys, M: key j is visible iff i - j < M (the
+authors' code, ``tril(ones, -mask_shift_len)``; L = M = 8, i = 8 sees
+1 ... 8, not 0). In bidirectional mode the whole segment is visible and
+negative distances get their own embeddings.
 
 The reference computes the relative term the paper's way: one product
 (q + v) R^T over all distances, then the relative shift. Its position
@@ -41,7 +44,7 @@ class XLConfig:
     segment_len: int = 512  # L (enwik8 training: 512)
     mem_len: int = 512  # M (enwik8 training: 512)
     same_length: bool = False  # every query sees the same number of keys
-    clamp_len: int | None = None  # distances beyond share one embedding; None: no clamping
+    clamp_len: int | None = None  # distances beyond share one embedding; None or <= 0: none
     seed: int = 0  # draws u, v and W_R
 
 
@@ -98,14 +101,17 @@ class XL(Mechanism):
         cfg = self.config
         if cfg.segment_len < 1 or cfg.mem_len < 0:
             raise ValueError("xl: segment_len must be >= 1 and mem_len >= 0")
+        if cfg.same_length and cfg.mem_len < 1:
+            raise ValueError("xl: same_length needs mem_len >= 1 (each query sees M keys)")
         heads, dim = q.shape[1], q.shape[3]
         g = torch.Generator().manual_seed(cfg.seed)
-        u, vb = (torch.randn(heads, dim, generator=g) * dim**-0.5 for _ in range(2))
+        u, vb = (torch.randn(heads, dim, generator=g, dtype=torch.float32) * dim**-0.5
+                 for _ in range(2))  # fmt: skip
         w_r = torch.randn(heads, dim, dim + dim % 2, generator=g, dtype=torch.float64)
         w_r *= dim**-0.5
         max_dist = cfg.mem_len + cfg.segment_len
         dist = torch.arange(-max_dist, max_dist + 1)
-        if cfg.clamp_len is not None:
+        if cfg.clamp_len is not None and cfg.clamp_len > 0:
             dist = dist.clamp(-cfg.clamp_len, cfg.clamp_len)
         rel = torch.einsum("hdp,np->hnd", w_r, sinusoid(dist, dim + dim % 2)).float()
         n = q.shape[2]
@@ -121,7 +127,7 @@ class XL(Mechanism):
         vis = (j >= start - plan.mem_len) & (j >= 0)
         vis &= (j <= i) if plan.causal else (j < start + plan.segment_len)
         if plan.same_length:
-            vis &= i - j <= plan.mem_len
+            vis &= i - j < plan.mem_len
         return vis
 
     def oracle(self, q, k, v, plan: XLPlan, rows):
@@ -180,7 +186,7 @@ def xl_flex(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     are not detached here, so it is registered without a backward pass."""
     seg, mem, causal = plan.segment_len, plan.mem_len, plan.causal
     nearest = 0 if causal else -(seg - 1)
-    farthest = mem if plan.same_length else mem + seg - 1
+    farthest = mem - 1 if plan.same_length else mem + seg - 1
     rel = plan.rel_at(torch.arange(nearest, farthest + 1, device=q.device))  # [H, T, D]
     qv = q.float() + plan.v[:, None, :].float()
     table = torch.einsum("bhnd,htd->bhnt", qv, rel.float()) * q.shape[-1] ** -0.5
@@ -192,7 +198,7 @@ def xl_flex(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     def segment_and_memory(b, h, i, j):
         start = i - i % seg
         vis = (j >= start - mem) & ((j <= i) if causal else (j < start + seg))
-        return vis & (i - j <= mem) if plan.same_length else vis
+        return vis & (i - j < mem) if plan.same_length else vis
 
     qu = (q.float() + plan.u[:, None, :].float()).to(q.dtype)
     return flex(qu, k, v, segment_and_memory, relative)[0]

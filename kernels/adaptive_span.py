@@ -1,13 +1,14 @@
 """Adaptive span on the flash core (Sukhbaatar et al. 2019, Eq. 4-5).
 
-One launch; every head has its own layout: key blocks where the soft mask m is
-1 are full (no element work), the ramp's blocks are partial and add log m,
-and blocks beyond ceil(z_h + R) are never read.
+One launch; every head has its own layout over distances 1 <= x <= reach_h
+(the current token is not attended; bidirectionally the pair i == j is
+masked by a -inf self bias): key blocks where the soft mask m is 1 are full
+(no element work), the ramp's blocks are partial and add log m, and blocks
+beyond the reach are never read.
 """
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -17,20 +18,29 @@ from attn_zoo.kernels.layout import Band, BlockLayout, build_layout
 
 
 @lru_cache(maxsize=32)
-def _layout(n: int, spans: tuple, ramp: float, causal: bool, block: int, device) -> BlockLayout:
-    width = torch.tensor([math.ceil(z + ramp) for z in spans])  # distances 0 .. width - 1
-    inner = torch.tensor([math.floor(z) for z in spans])  # m = 1 up to here
+def _layout(n: int, reach: tuple, flat: tuple, causal: bool, block: int, device) -> BlockLayout:
+    far, near = torch.tensor(reach), torch.tensor(flat)  # m > 0 up to far, m = 1 up to near
     if causal:
-        touched, full = Band(lo=0, hi=width - 1), Band(lo=0, hi=inner)
+        touched, full = Band(lo=1, hi=far), Band(lo=1, hi=near)
     else:
-        touched, full = Band(lo=1 - width, hi=width - 1), Band(lo=-inner, hi=inner)
-    return build_layout(n, n, touched, full_band=full, block_m=block, block_n=block, device=device)
+        touched, full = Band(lo=-far, hi=far), Band(lo=-near, hi=near)
+    return build_layout(n, n, touched, full_band=full, self_pairs=not causal, block_m=block,
+                        block_n=block, device=device)  # fmt: skip
 
 
 def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
     block = block_size(q.shape[-1])
-    layout = _layout(plan.n_q, plan.spans, plan.ramp, plan.causal, block, q.device)
-    spans = torch.tensor(plan.spans, dtype=torch.float32, device=q.device)
+    heads = range(plan.heads)
+    reach = tuple(plan.reach(h) for h in heads)
+    flat = tuple(plan.flat(h) for h in heads)
+    layout = _layout(plan.n_q, reach, flat, plan.causal, block, q.device)
+    spans = torch.tensor(plan.ramp_spans(), dtype=torch.float32, device=q.device)
     ramp = Ramp(spans, plan.ramp, symmetric=not plan.causal)
-    band = Band(lo=0) if plan.causal else Band()
-    return flash_attention(q, k, v, layout, band, ramp=ramp)[0]
+    far = torch.tensor(reach)  # per head; the layout never visits blocks past it
+    band = (
+        Band(lo=1, hi=int(far.max()))
+        if plan.causal
+        else Band(lo=-int(far.max()), hi=int(far.max()))
+    )
+    self_bias = None if plan.causal else float("-inf")
+    return flash_attention(q, k, v, layout, band, ramp=ramp, self_bias=self_bias)[0]

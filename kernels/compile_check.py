@@ -17,7 +17,7 @@ import sys
 import time
 
 #: The flag sets the mechanisms launch (kernels/<family>.py), by name.
-VARIANTS: dict[str, dict[str, bool]] = {
+VARIANTS: dict[str, dict[str, bool | int]] = {
     "dense / band": {},
     "strided near, bidirectional": {"SELF": True},
     "strided columns": dict.fromkeys(
@@ -27,22 +27,29 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "fixed summaries": {"GATHER_K": True, "WINDOW": True, "ACCUMULATE": True},
     "compressive slots": {"WINDOW": True, "ACCUMULATE": True},
     "adaptive span, causal": {"RAMP": True},
-    "adaptive span, bidirectional": {"RAMP": True, "SYMMETRIC": True},
+    "adaptive span, bidirectional": {"RAMP": True, "SYMMETRIC": True, "SELF": True},
     "xl": {"WINDOW": True, "REL_TERM": True},
-    "lsh chunks": dict.fromkeys(
+    "lsh buckets": dict.fromkeys(
+        ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "ACCUMULATE"), True
+    )
+    | {"DUP": 1},
+    "lsh across buckets": dict.fromkeys(
         ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "SELF", "ACCUMULATE"), True
-    ),
+    )
+    | {"DUP": 2},
     "lsh causal": dict.fromkeys(
         ("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS", "SELF", "ACCUMULATE"), True
-    ),
+    )
+    | {"DUP": 3},
     "routing causal clusters": dict.fromkeys(("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS"), True),
     "routing member lists": dict.fromkeys(("GATHER_Q", "GATHER_K", "WINDOW"), True),
 }
 FLAGS = ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "RAMP", "SYMMETRIC",
-         "REL_TERM", "ACCUMULATE")  # fmt: skip
+         "REL_TERM", "DUP", "ACCUMULATE")  # fmt: skip
 POINTERS = {"LSE": "fp32", "U": "fp32", "VB": "fp32", "SPANS": "fp32"} | dict.fromkeys(
-    ("QIDX", "KIDX", "QGRP", "KGRP", "FULL", "FULL_COUNT", "PARTIAL", "PARTIAL_COUNT"), "i32"
-)
+    ("QIDX", "KIDX", "QGRP", "KGRP", "RGRP", "RRANK", "FULL", "FULL_COUNT", "PARTIAL",
+     "PARTIAL_COUNT"), "i32"
+)  # fmt: skip
 SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 INT64 = {"lo", "hi", "offset", "seg_len", "seg_step", "win_lo", "win_hi"}
 FLOAT = {"self_bias", "ramp", "qk_scale"}
@@ -81,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         for dim in (int(d) for d in args.dims.split(",")):
             for name, flags in VARIANTS.items():
                 block = block_size(dim)
-                constants = {flag: flags.get(flag, False) for flag in FLAGS}
+                constants = {flag: flags.get(flag, 0 if flag == "DUP" else False)
+                             for flag in FLAGS}  # fmt: skip
                 constants |= dict(HEAD_DIM=dim, BLOCK_M=block, BLOCK_N=block,
                                   PRECISION="ieee" if dtype == "fp32" else None)  # fmt: skip
                 start = time.perf_counter()

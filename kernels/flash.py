@@ -17,6 +17,8 @@ What a launch may add to plain attention (all decided at compile time):
 * the adaptive-span ramp, bias log m_z(x) (Sukhbaatar et al. 2019, Eq. 4-5);
 * the Transformer-XL relative term (q_i + v) . W_R R_(i-j) (Dai et al. 2019,
   Sec. 3.3), with the content term (q_i + u) . k_j;
+* Reformer's duplicate correction, bias -log N_ij for a pair visible in N_ij
+  hash rounds (Kitaev et al. 2020, Eq. 7);
 * accumulation into a partial (out, lse) already in the output, merged by
   log-sum-exp, so a mechanism's parts need no extra N x D buffers.
 
@@ -59,16 +61,56 @@ class Relative:
     max_dist: int
 
 
+@dataclass(frozen=True, eq=False)
+class Duplicates:
+    """Reformer's Eq. 7: every round's groups and sorted places at original
+    positions, [B * H, R, N] int32, and the rule that makes a pair visible in a
+    round (``mode`` of :mod:`attn_zoo.grouped`, over sorted places)."""
+
+    groups: torch.Tensor
+    ranks: torch.Tensor
+    chunk: int
+    mode: str
+
+
+#: The ``DUP`` flag of each rule (0: no duplicate correction).
+DUP_MODES = {"buckets": 1, "chunks": 2, "window": 3}
+
+
+@triton.jit
+def _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, chunk, DUP: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """N_ij: the rounds in which key k_pos is visible to query q_pos (Eq. 7)."""
+    seen = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r in range(n_rounds):
+        gq = tl.load(RGRP + r * n_pos + q_pos)
+        gk = tl.load(RGRP + r * n_pos + k_pos)
+        pq = tl.load(RRANK + r * n_pos + q_pos)
+        pk = tl.load(RRANK + r * n_pos + k_pos)
+        same = gq[:, None] == gk[None, :]
+        if DUP == 3:  # window: same group, 0 <= back <= chunk sorted places
+            back = pq[:, None] - pk[None, :]
+            vis = same & (back >= 0) & (back <= chunk)
+        else:  # chunks c - 1 and c (buckets: and the same group)
+            cq = (pq // chunk)[:, None]
+            ck = (pk // chunk)[None, :]
+            vis = (cq == ck) | (cq - 1 == ck)
+            if DUP == 1:
+                vis = vis & same
+        seen += vis.to(tl.float32)
+    return seen
+
+
 @triton.jit
 def _attend_block(
     acc, m_i, l_i, q, qv, q_pos, m_start, offs_m, start,
-    K, V, KIDX, KGRP, REL, SPANS,
+    K, V, KIDX, KGRP, REL, SPANS, RGRP, RRANK,
     skn, svn, srn, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi,
-    q_grp, self_bias, ramp, h, max_dist, qk_scale,
+    q_grp, self_bias, ramp, h, max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, GATHER_K: tl.constexpr, WINDOW: tl.constexpr,
     GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    REL_TERM: tl.constexpr, PRECISION: tl.constexpr,
+    REL_TERM: tl.constexpr, DUP: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax, in the exp2 domain."""
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -97,6 +139,10 @@ def _attend_block(
         s = tl.dot(qv, r, input_precision=PRECISION)
         diag = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + BLOCK_N - 1
         qk += tl.gather(s, diag, 1) * qk_scale
+    if DUP != 0:
+        seen = _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, dup_chunk, DUP,
+                            BLOCK_M, BLOCK_N)  # fmt: skip
+        qk -= tl.math.log2(tl.maximum(seen, 1.0))
     if MASKED:
         diff = (offs_m[:, None] + offset) - offs_n[None, :]
         visible = (diff >= lo) & (diff <= hi) & in_range[None, :]
@@ -128,16 +174,17 @@ def _attend_block(
 
 @triton.jit
 def _flash_fwd(
-    Q, K, V, O, LSE, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS,
+    Q, K, V, O, LSE, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, max_dist, qk_scale,
+    n_rounds, n_pos, dup_chunk,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
-    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, ACCUMULATE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr,
+    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -168,6 +215,8 @@ def _flash_fwd(
     K += b * skb + h * skh
     V += b * svb + h * svh
     REL += h * srh
+    RGRP += pid_bh * n_rounds * n_pos
+    RRANK += pid_bh * n_rounds * n_pos
     lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + pid_m
     for masked in tl.static_range(2):  # the full blocks, then those needing the mask
         if masked == 0:
@@ -178,11 +227,11 @@ def _flash_fwd(
             start = tl.load(blocks + t) * BLOCK_N
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, qv, q_pos, pid_m * BLOCK_M, offs_m, start,
-                K, V, KIDX, KGRP, REL, SPANS,
+                K, V, KIDX, KGRP, REL, SPANS, RGRP, RRANK,
                 skn, svn, srn, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi,
-                q_grp, self_bias, ramp, h, max_dist, qk_scale,
+                q_grp, self_bias, ramp, h, max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
                 HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, GATHER_K, WINDOW, GROUPS, SELF, RAMP,
-                SYMMETRIC, REL_TERM, PRECISION,
+                SYMMETRIC, REL_TERM, DUP, PRECISION,
             )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -232,6 +281,7 @@ def flash_attention(
     self_bias: float | None = None,
     ramp: Ramp | None = None,
     relative: Relative | None = None,
+    duplicates: Duplicates | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     accumulate: bool = False,
@@ -269,6 +319,7 @@ def flash_attention(
         *(groups if groups is not None else (dummy, dummy)),
         *((relative.u.contiguous(), relative.v.contiguous()) if relative else (q, q)), rel_table,
         ramp.spans if ramp is not None else q,
+        *((duplicates.groups, duplicates.ranks) if duplicates is not None else (dummy, dummy)),
         layout.full, layout.full_count, layout.partial, layout.partial_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -280,11 +331,14 @@ def flash_attention(
         (self_bias if self_bias is not None else 0.0) * LOG2E,
         ramp.ramp if ramp is not None else 1.0,
         relative.max_dist if relative is not None else 0, dim**-0.5 * LOG2E,
+        *((duplicates.groups.shape[1], duplicates.groups.shape[2], duplicates.chunk)
+          if duplicates is not None else (0, 0, 1)),
         HEAD_DIM=dim, BLOCK_M=layout.block_m, BLOCK_N=layout.block_n,
         GATHER_Q=q_index is not None, GATHER_K=k_index is not None,
         SCATTER_O=scatter and q_index is not None, WINDOW=window is not None,
         GROUPS=groups is not None, SELF=self_bias is not None, RAMP=ramp is not None,
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
+        DUP=DUP_MODES[duplicates.mode] if duplicates is not None else 0,
         ACCUMULATE=accumulate, PRECISION="ieee" if q.dtype == torch.float32 else None,
     )  # fmt: skip
     return out, lse

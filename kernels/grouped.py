@@ -2,40 +2,60 @@
 Kitaev et al. 2020; Routing Transformer, Roy et al. 2020).
 
 Rows are read through the permutation that sorts tokens by (group, position);
-the output goes back to each token's position. Two modes, as in
+the output goes back to each token's position. The modes of
 :mod:`attn_zoo.grouped`:
 
-* ``"chunks"``: chunk c of ``chunk`` sorted places sees chunks c - 1 and c
-  (a segment window on sorted places), whatever the groups;
+* ``"buckets"``: chunk c of ``chunk`` sorted places sees chunks c - 1 and c
+  (a segment window on sorted places), only its own group there (group
+  equality);
+* ``"chunks"``: the same window, whatever the groups;
 * ``"window"``: a token sees its own group's members at most ``chunk`` sorted
   places back (a band plus group equality).
+
+Given every round's groups, the kernel subtracts log N_ij (Reformer, Eq. 7).
 """
 
 from __future__ import annotations
 
 import torch
 
-from attn_zoo.kernels.flash import block_size, flash_attention
+from attn_zoo.kernels.flash import Duplicates, block_size, flash_attention
 from attn_zoo.kernels.layout import Band, Window, build_layout, cached_layout
+from attn_zoo.kernels.sorting import sort_by_group
 
 
-def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, out=None, lse=None,
-                 accumulate=False):  # fmt: skip
-    """One round for groups [B, H, N]: (out, lse) in original order."""
-    from attn_zoo.grouped import sort_by_group
+def round_places(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) -> Duplicates:
+    """Every round's groups [B|1, H|1, R, N] and sorted places, for Eq. 7."""
+    rounds = rounds.expand(b, h, -1, -1)
+    _, rank = sort_by_group(rounds)
+    flat = lambda x: x.reshape(b * h, *x.shape[2:]).to(torch.int32).contiguous()
+    return Duplicates(flat(rounds), flat(rank), chunk, mode)
 
+
+def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None, out=None,
+                 lse=None, accumulate=False):  # fmt: skip
+    """One round for groups [B, H, N]: (out, lse) in original order; with
+    ``rounds`` [B|1, H|1, R, N], every round's groups, the duplicate correction."""
     b, h, n, _ = q.shape
     block = block_size(q.shape[-1])
     groups = groups.expand(b, h, n).reshape(b * h, n)
     perm, _ = sort_by_group(groups)
     perm = perm.to(torch.int32).contiguous()
-    common = dict(q_index=perm, k_index=perm, self_bias=self_bias, out=out, lse=lse,
-                  accumulate=accumulate)  # fmt: skip
+    duplicates = round_places(rounds, b, h, chunk, mode) if rounds is not None else None
+    common = dict(q_index=perm, k_index=perm, self_bias=self_bias, duplicates=duplicates,
+                  out=out, lse=lse, accumulate=accumulate)  # fmt: skip
+    ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()
     if mode == "chunks":
         window = Window(seg_len=chunk, step=chunk, lo=-chunk, hi=chunk - 1)
         layout = cached_layout(n, n, Band(), window, block, q.device, self_pairs=True)
         return flash_attention(q, k, v, layout, Band(), window, **common)
-    ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()
+    if mode == "buckets":
+        window = Window(seg_len=chunk, step=chunk, lo=-chunk, hi=chunk - 1)
+        layout = build_layout(n, n, Band(), window, q_groups=ordered, k_groups=ordered,
+                              self_pairs=True, block_m=block, block_n=block,
+                              device=q.device)  # fmt: skip
+        return flash_attention(q, k, v, layout, Band(), window, groups=(ordered, ordered),
+                               **common)  # fmt: skip
     band = Band(lo=0, hi=chunk)
     layout = build_layout(n, n, band, q_groups=ordered, k_groups=ordered,
                           self_pairs=self_bias is not None, block_m=block, block_n=block,

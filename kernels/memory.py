@@ -4,8 +4,8 @@
 Segment s = i // L sees the memory [sL - M, sL) and its own segment (causal
 within it): a :class:`Window` on key positions. XL adds the relative-position
 term in the kernel (Sec. 3.3). Compressive then accumulates a second launch
-over the compressed slots, slot g of positions [gc, (g + 1) c), of which
-segment s sees [(sL - M) / c - Mc, (sL - M) / c).
+over the compressed slots its caller computed: segment s sees the slot
+window ``plan.slot_window(s)``, n slots further on per segment.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from attn_zoo.kernels.layout import BIG, Band, Window, cached_layout
 
 
 def _band(causal: bool, same_length: bool, mem_len: int) -> Band:
-    """Causal: j <= i; same_length: i - j <= M (XL's memory-length cap)."""
-    return Band(lo=0 if causal else -BIG, hi=mem_len if same_length else BIG)
+    """Causal: j <= i; same_length: i - j < M (XL's memory-length cap)."""
+    return Band(lo=0 if causal else -BIG, hi=mem_len - 1 if same_length else BIG)
 
 
 def _raw_part(q, k, v, plan, same_length=False, relative=None):
@@ -32,18 +32,14 @@ def xl_attention(q, k, v, plan):
     return _raw_part(q, k, v, plan, plan.same_length, relative)[0]
 
 
-def compressive_attention(q, k, v, plan):
-    from attn_zoo.compressive import compress
-
+def compressive_attention(q, k, v, ck, cv, plan):
+    """(out, lse) over [compressed slots ck, cv [B, H, G, D]; memory; segment]."""
     out, lse = _raw_part(q, k, v, plan)
-    c = plan.rate
-    if plan.slots == 0 or plan.cmem_len == 0:
-        return out
-    ck = compress(k.detach(), c, plan.compression, plan.conv_k).contiguous()
-    cv = compress(v.detach(), c, plan.compression, plan.conv_v).contiguous()
-    oldest = -plan.mem_len // c - plan.cmem_len
-    window = Window(seg_len=plan.segment_len, step=plan.segment_len // c, lo=oldest,
-                    hi=-plan.mem_len // c - 1)  # fmt: skip
+    if plan.slots == 0 or plan.cmem_len == 0 or plan.per_segment == 0:
+        return out, lse
+    first = -plan.cmem_len - plan.first_slot  # slot_window(s) = s n + first, Mc wide
+    window = Window(seg_len=plan.segment_len, step=plan.per_segment, lo=first,
+                    hi=first + plan.cmem_len - 1)  # fmt: skip
     layout = cached_layout(plan.n_q, plan.slots, Band(), window, block_size(q.shape[-1]), q.device)
     flash_attention(q, ck, cv, layout, Band(), window, out=out, lse=lse, accumulate=True)
-    return out
+    return out, lse

@@ -70,9 +70,9 @@ def test_adaptive_span_per_head_spans_are_configurable():
     mech = attn_zoo.get("adaptive_span", spans=(0.0, 5.0), ramp=2.0)
     q, k, v = qkv(30, heads=2, dim=32)
     out = mech(q, k, v, causal=True)
-    # span 0 with ramp 2: m(0) = 1, m(1) = 0.5, m(2) = 0
+    # span 0 with ramp 2: m(1) = 0.5, m(2) = 0; span 5: m > 0 up to distance 6
     plan = mech.plan(q, k, v, True)
-    assert plan.width(0) == 2 and plan.width(1) == 7
+    assert plan.reach(0) == 1 and plan.reach(1) == 6
     assert agree(mech, n=30) < 1e-5 and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="2 spans for 3 heads"):
         mech(*qkv(8, heads=3, dim=32))
