@@ -3,6 +3,10 @@
 >>> import attn_zoo, torch
 >>> q = k = v = torch.randn(1, 8, 512, 64)
 >>> out = attn_zoo.get("lsh")(q, k, v, causal=True, impl="reference")
+
+In a model: :func:`attention` (SDPA's signature plus ``mechanism=``),
+:class:`Attention` (an ``nn.Module`` owning the mechanism's parameters) and
+:func:`attn_zoo.integrations.transformers.register` (Hugging Face).
 """
 
 # isort: off
@@ -10,7 +14,19 @@
 from attn_zoo import dense, sparse, adaptive_span, xl, compressive, lsh, routing  # noqa: F401
 
 # isort: on
+from attn_zoo.functional import attention
 from attn_zoo.interface import Impl, Mechanism, Plan
+from attn_zoo.module import Attention
 from attn_zoo.registry import get, names, register, unregister
 
-__all__ = ["Impl", "Mechanism", "Plan", "get", "names", "register", "unregister"]
+__all__ = [
+    "Attention",
+    "Impl",
+    "Mechanism",
+    "Plan",
+    "attention",
+    "get",
+    "names",
+    "register",
+    "unregister",
+]

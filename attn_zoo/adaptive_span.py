@@ -25,7 +25,7 @@ mode) gives 0.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -35,7 +35,7 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, blocks, gather, scatter, softmax_lse, upcast, window
+from attn_zoo.tiles import as_tiles, blocks, gather, key_mask, scatter, softmax_lse, upcast, window
 
 
 def default_spans(heads: int, shortest: float = 32.0, longest: float = 1024.0) -> tuple:
@@ -63,6 +63,7 @@ class SpanPlan(Plan):
     ramp: float  # R
     max_span: int  # S
     shift: int  # the ramp is m_z(x - shift)
+    z: torch.Tensor | None = field(default=None, compare=False)  # learnable z_h [H]
 
     def reach(self, head: int) -> int:
         """The farthest distance head h attends (m > 0 and x <= S); it attends
@@ -80,8 +81,11 @@ class SpanPlan(Plan):
     def weight(self, distance: torch.Tensor, head: int | torch.Tensor) -> torch.Tensor:
         """m_z(x - shift) on 1 <= x <= S, 0 elsewhere (Eq. 4-5); ``head`` an int or a
         tensor of heads broadcasting against ``distance``."""
-        spans = torch.tensor(self.ramp_spans(), device=distance.device)
-        z = spans[head] if isinstance(head, torch.Tensor) else spans[head].item()
+        if self.z is not None:  # learnable spans: the gradient reaches z_h through m_z
+            spans = self.z.to(distance.device) + self.shift
+        else:
+            spans = torch.tensor(self.ramp_spans(), device=distance.device)
+        z = spans[head]
         inside = (distance >= 1) & (distance <= self.max_span)
         return soft_mask(distance.to(spans.dtype), z, self.ramp) * inside
 
@@ -101,10 +105,21 @@ class AdaptiveSpan(Mechanism):
     complexity = "O(N * sum_h (z_h + R)) time and memory"
     oracle_summary = "dense softmax with bias log m_z(i - j), per head"
 
-    def plan(self, q, k, v, causal: bool) -> SpanPlan:
+    def learnable(self, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+        """z_h [H] (Sec. 3.2: learned per head, in [0, S]), at the configured spans."""
+        cfg = self.config
+        spans = cfg.spans if cfg.spans is not None else default_spans(heads, *cfg.span_range)
+        return {"spans": torch.tensor(spans, dtype=torch.float32)}
+
+    def plan(self, q, k, v, causal: bool, params: dict | None = None) -> SpanPlan:
         cfg = self.config
         heads = q.shape[1]
-        spans = cfg.spans if cfg.spans is not None else default_spans(heads, *cfg.span_range)
+        z = None
+        if params:  # learnable z_h, clamped to [0, S] as the paper does
+            z = params["spans"].clamp(0, cfg.max_span)
+            spans = tuple(z.detach().cpu().tolist())
+        else:
+            spans = cfg.spans if cfg.spans is not None else default_spans(heads, *cfg.span_range)
         if len(spans) != heads:
             raise ValueError(
                 f"adaptive_span: {len(spans)} spans for {heads} heads; need one per head"
@@ -121,7 +136,7 @@ class AdaptiveSpan(Mechanism):
         spans = tuple(float(min(max(z, 0.0), cfg.max_span)) for z in spans)
         n = q.shape[2]
         return SpanPlan(
-            q.shape[0], heads, n, n, causal, spans, float(cfg.ramp), cfg.max_span, cfg.ramp_shift
+            q.shape[0], heads, n, n, causal, spans, float(cfg.ramp), cfg.max_span, cfg.ramp_shift, z
         )
 
     def oracle(self, q, k, v, plan: SpanPlan, rows):
@@ -132,7 +147,7 @@ class AdaptiveSpan(Mechanism):
         z = torch.tensor(plan.spans, dtype=torch.float64, device=q.device).view(1, -1, 1, 1)
         m = ((plan.ramp + z - (x - plan.shift)) / plan.ramp).clamp(0, 1)
         m = m * ((x >= 1) & (x <= plan.max_span))
-        return [oracle.Term(torch.log(m))]
+        return [oracle.Term(torch.log(m), keep=plan.keep)]
 
 
 @AdaptiveSpan.implementation("reference")
@@ -152,6 +167,9 @@ def adaptive_span_reference(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
         m = plan.weight(x, h).to(qh.dtype) * (j >= 0)
         scores = gather(qh, as_tiles(qi)) @ gather(kh, as_tiles(ki)).transpose(-2, -1)
         scores = (scores * q.shape[-1] ** -0.5).masked_fill(m == 0, -torch.inf)
+        kept = key_mask(plan.keep, as_tiles(ki))  # [B, 1, T, width] or None
+        if kept is not None:
+            scores = scores.masked_fill(~kept.unsqueeze(-2), -torch.inf)
         weights = softmax_lse(scores, dim=-1)[0] * m
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
         out.append(scatter(weights @ gather(vh, as_tiles(ki)), as_tiles(qi), n))
@@ -184,4 +202,4 @@ def adaptive_span_flex(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
     def log_soft_mask(score, b, h, i, j):
         return score + torch.log(soft_mask(distance(i, j).float(), spans[h], ramp))
 
-    return flex(q, k, v, in_span, log_soft_mask, per_head=True)[0]
+    return flex(q, k, v, in_span, log_soft_mask, per_head=True, keep=plan.keep)[0]

@@ -15,9 +15,10 @@ lost (L = 16, M = 8, Mc = 8, c = 2: position 48 sees slots of 8 ... 15 and
 24 ... 31, then the memory 40 ... 47).
 
 Memories get no gradient from the attention (stop-gradient as in
-Transformer-XL); the compression is trained by the attention-reconstruction
-loss, :func:`attention_reconstruction_loss`. In bidirectional mode the whole
-segment is visible.
+Transformer-XL): slots are pooled from detached keys and values, so through
+them only the convolution's weights learn; the paper trains f_c with the
+attention-reconstruction loss, :func:`attention_reconstruction_loss`. In
+bidirectional mode the whole segment is visible.
 
 Switches, each off by default:
 
@@ -50,7 +51,7 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, attend, blocks, gather, merge, scatter, window
+from attn_zoo.tiles import as_tiles, attend, blocks, gather, key_mask, merge, scatter, window
 from attn_zoo.xl import segment_starts as _segment_starts
 
 COMPRESSIONS = ("mean", "max", "conv")
@@ -92,6 +93,10 @@ class CompressivePlan(Plan):
         """(first slot index into ``slot_positions`` that segment s sees, Mc): the
         window [s n - Mc, s n), shifted by g0 (indices below 0 are zero memories)."""
         return segment * self.per_segment - self.cmem_len - self.first_slot, self.cmem_len
+
+    def slot_keep(self) -> torch.Tensor | None:
+        """Key padding of the slots [B, G]: a slot holding a padded position is hidden."""
+        return None if self.keep is None else self.keep[:, self.slot_positions].all(-1)
 
     def initial_keys(self, positions: torch.Tensor) -> torch.Tensor:
         """Zero memories (raw and compressed) each query position sees when
@@ -161,7 +166,19 @@ class Compressive(Mechanism):
         "pooling/conv code) with a 0/-inf mask of the visible slots and positions"
     )
 
-    def plan(self, q, k, v, causal: bool) -> CompressivePlan:
+    def learnable(self, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+        """The convolution f_c (kernel = stride = c) for keys and values, [H, D, D, c]
+        each, N(0, 1/(D c)) from ``seed``; mean and max pooling learn nothing."""
+        cfg = self.config
+        if cfg.compression != "conv":
+            return {}
+        g = torch.Generator().manual_seed(cfg.seed)
+        scale = (head_dim * cfg.rate) ** -0.5
+        shape = (heads, head_dim, head_dim, cfg.rate)
+        return {name: torch.randn(shape, generator=g, dtype=torch.float32) * scale
+                for name in ("conv_k", "conv_v")}  # fmt: skip
+
+    def plan(self, q, k, v, causal: bool, params: dict | None = None) -> CompressivePlan:
         cfg = self.config
         if cfg.compression not in COMPRESSIONS:
             raise ValueError(
@@ -175,15 +192,8 @@ class Compressive(Mechanism):
             )
         conv = (None, None)
         if cfg.compression == "conv":
-            g = torch.Generator().manual_seed(cfg.seed)
-            heads, dim = q.shape[1], q.shape[3]
-            scale = (dim * cfg.rate) ** -0.5
-            conv = tuple(
-                (
-                    torch.randn(heads, dim, dim, cfg.rate, generator=g, dtype=torch.float32) * scale
-                ).to(q.device)
-                for _ in range(2)
-            )
+            params = params or self.learnable(q.shape[1], q.shape[3])
+            conv = (params["conv_k"].to(q.device), params["conv_v"].to(q.device))
         n = q.shape[2]
         evicted = cfg.segment_len if cfg.compress_all_older else min(cfg.segment_len, cfg.mem_len)
         per_segment = evicted // cfg.rate
@@ -226,9 +236,14 @@ class Compressive(Mechanism):
         values = torch.cat([cv, zero, v.double()], 2)
         j = torch.arange(plan.n_k, device=q.device)[None, :]
         recent = j < _segment_starts(rows[:, None], plan.segment_len)
-        stop = torch.cat([torch.ones(len(segment), n_slots + 1, dtype=torch.bool,
-                                     device=q.device), recent], dim=-1)  # fmt: skip
-        return [oracle.Term(bias, k=keys, v=values, stop_grad=stop)]
+        # slots are pooled from detached memories, so only f_c's weights learn through them
+        stop = torch.cat([torch.zeros(len(segment), n_slots + 1, dtype=torch.bool,
+                                      device=q.device), recent], dim=-1)  # fmt: skip
+        keep = None
+        if plan.keep is not None:  # a slot holding a padded position is hidden
+            slot_keep = plan.keep[:, index.to(q.device)].view(len(plan.keep), n_slots, -1)
+            keep = torch.cat([slot_keep.all(-1), plan.keep[:, :1] | True, plan.keep], dim=1)
+        return [oracle.Term(bias, k=keys, v=values, stop_grad=stop, keep=keep)]
 
 
 def _replay_algorithm_1(plan: CompressivePlan):
@@ -305,7 +320,12 @@ def compressive_reference(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
     current = (j >= 0) & (i >= 0) & ((j <= i) if plan.causal else True)
     memories = real | plan.attend_initial
     vis = torch.cat([memories[:, None, :].expand(-1, seg, -1), current], dim=-1)
-    out, _ = attend(gather(q, as_tiles(qi)), kg, vg, vis)
+    keep = None
+    if plan.keep is not None:  # zero memories are no padding
+        keep = torch.cat([key_mask(plan.slot_keep(), as_tiles(si)) | (si < 0),
+                          key_mask(plan.keep, mem_i) | ~real[:, plan.cmem_len:],
+                          key_mask(plan.keep, cur_i)], dim=-1)  # fmt: skip
+    out, _ = attend(gather(q, as_tiles(qi)), kg, vg, vis, keep=keep)
     return scatter(out, as_tiles(qi), n).to(q.dtype)
 
 
@@ -316,7 +336,8 @@ def compressive_triton(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
     from attn_zoo.kernels.memory import compressive_attention
 
     ck, cv = compressed_memory(k, v, plan)
-    out, lse = compressive_attention(q, k, v, ck.contiguous(), cv.contiguous(), plan)
+    out, lse = compressive_attention(q, k, v, ck.contiguous(), cv.contiguous(), plan,
+                                     plan.slot_keep())  # fmt: skip
     return with_initial_memory(out, lse, plan)
 
 
@@ -338,4 +359,5 @@ def compressive_flex(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
         return slot | raw
 
     keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
-    return with_initial_memory(*flex(q, keys, values, slots_memory_segment), plan)
+    keep = None if plan.keep is None else torch.cat([plan.slot_keep(), plan.keep], dim=1)
+    return with_initial_memory(*flex(q, keys, values, slots_memory_segment, keep=keep), plan)

@@ -17,7 +17,7 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from attn_zoo.tiles import upcast
+from attn_zoo.tiles import softmax_lse, upcast
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,20 @@ class Dense(Mechanism):
     self_attention = False
 
     def plan(self, q, k, v, causal: bool) -> Plan:
-        if causal and q.shape[2] != k.shape[2]:
+        if causal and q.shape[2] > k.shape[2]:
             raise ValueError(
-                f"dense: causal attention needs len(q) == len(k), got {q.shape[2]} and "
-                f"{k.shape[2]}; use causal=False for cross-attention"
+                f"dense: causal attention needs len(q) <= len(k) (queries are the last "
+                f"positions, SDPA's causal_lower_right), got {q.shape[2]} and {k.shape[2]}"
             )
         return Plan(q.shape[0], q.shape[1], q.shape[2], k.shape[2], causal)
 
     def oracle(self, q, k, v, plan: Plan, rows: torch.Tensor) -> list[oracle.Term]:
         if not plan.causal:
-            return [oracle.Term(torch.zeros((), dtype=torch.float64, device=q.device))]
-        return [oracle.Term(oracle.mask_bias(oracle.causal_visible(rows.to(q.device), plan.n_k)))]
+            zero = torch.zeros((), dtype=torch.float64, device=q.device)
+            return [oracle.Term(zero, keep=plan.keep)]
+        offset = plan.n_k - plan.n_q  # causal: the last query sees every key (lower right)
+        visible = oracle.causal_visible(rows.to(q.device), plan.n_k, offset)
+        return [oracle.Term(oracle.mask_bias(visible), keep=plan.keep)]
 
     def pairs(self, q, k, v, plan: Plan) -> int:
         return plan.full_pairs
@@ -59,10 +62,14 @@ def dense_reference(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     Scores and softmax are float32 for half-precision inputs, so large scores
     that overflow float16 (|q . k| > 65504) stay finite, as in the oracle."""
     scores = torch.matmul(upcast(q), upcast(k).transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
-    if plan.causal:
-        future = torch.ones(plan.n_q, plan.n_k, dtype=torch.bool, device=q.device).triu_(1)
-        scores.masked_fill_(future, -torch.inf)
-    weights = torch.softmax(scores, dim=-1)
+    if plan.causal:  # query i is position i + n_k - n_q (the last query sees every key)
+        future = torch.ones(plan.n_q, plan.n_k, dtype=torch.bool, device=q.device)
+        scores.masked_fill_(future.triu_(1 + plan.n_k - plan.n_q), -torch.inf)
+    if plan.keep is not None:  # padding may leave a query no key: 0, not NaN
+        scores.masked_fill_(~plan.keep[:, None, None, :], -torch.inf)
+        weights = softmax_lse(scores, dim=-1)[0]
+    else:
+        weights = torch.softmax(scores, dim=-1)
     del scores
     return torch.matmul(weights, upcast(v)).to(q.dtype)
 
@@ -72,16 +79,24 @@ def dense_triton(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     """The block-sparse flash core visiting every key block (kernels/dense.py)."""
     from attn_zoo.kernels.dense import dense_attention
 
-    return dense_attention(q, k, v, plan.causal)
+    return dense_attention(q, k, v, plan.causal, keep=plan.keep)
 
 
 @Dense.implementation("flex", **flex_options())
 def dense_flex(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     offset = plan.n_k - plan.n_q
     causal = (lambda b, h, i, j: i + offset >= j) if plan.causal else None
-    return flex(q, k, v, causal)[0]
+    return flex(q, k, v, causal, keep=plan.keep)[0]
 
 
 @Dense.implementation("sdpa")
 def dense_sdpa(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, is_causal=plan.causal)
+    if plan.keep is None and plan.n_q == plan.n_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=plan.causal)
+    mask = torch.ones(plan.n_q, plan.n_k, dtype=torch.bool, device=q.device)
+    if plan.causal:  # lower right, as the other impls
+        mask = mask.tril_(plan.n_k - plan.n_q)
+    if plan.keep is not None:
+        mask = mask & plan.keep[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # no key: 0, not NaN

@@ -43,6 +43,17 @@ def flex_options(differentiable: bool = True) -> dict:
     )
 
 
+def _with_key_padding(mask_mod: Callable | None, keep: torch.Tensor) -> Callable:
+    """``mask_mod`` that also hides the keys ``keep`` marks False."""
+    kept = keep if keep.dim() == 3 else keep[:, None, :]
+
+    def padded(b, h, i, j):
+        visible = kept[b, h if kept.shape[1] > 1 else 0, j]
+        return visible if mask_mod is None else visible & mask_mod(b, h, i, j)
+
+    return padded
+
+
 @cache
 def _compiled() -> Callable:
     from torch.nn.attention.flex_attention import flex_attention
@@ -58,13 +69,19 @@ def flex(
     score_mod: Callable | None = None,
     *,
     per_head: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlexAttention of q [B, H, Nq, D] over k, v [B, H, Nk, D] with a block mask
-    built from ``mask_mod(b, h, i, j)``; ``per_head``: the mask depends on b, h.
+    built from ``mask_mod(b, h, i, j)``; ``per_head``: the mask depends on b, h;
+    ``keep`` [B, Nk] or [B, H, Nk] (bool, in k's order) hides padded keys.
     Returns (out, lse [B, H, Nq] in natural log, -inf for a row that sees nothing)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     b, h, n_q, _ = q.shape
+    if q.device.type == "cpu" and not torch.is_grad_enabled():  # CPU flex refuses inputs
+        q, k, v = q.detach(), k.detach(), v.detach()  # that require grad even here
+    if keep is not None:
+        mask_mod, per_head = _with_key_padding(mask_mod, keep), True
     block_mask = None
     if mask_mod is not None:
         batch, heads = (b, h) if per_head else (None, None)

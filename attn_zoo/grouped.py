@@ -27,7 +27,7 @@ import torch
 
 from attn_zoo.flex import flex
 from attn_zoo.kernels.sorting import sort_by_group
-from attn_zoo.tiles import attend, blocks, gather, scatter_result, window
+from attn_zoo.tiles import attend, blocks, gather, key_mask, scatter_result, window
 
 MODES = ("buckets", "chunks", "window")
 
@@ -49,9 +49,11 @@ def sorted_attention(
     mode: str,
     self_penalty: float,
     rounds: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) in original order for groups [B|1, H|1, N] (one round); with
-    ``rounds`` [B|1, H|1, R, N], every round's groups, the duplicate correction."""  # fmt: skip
+    ``rounds`` [B|1, H|1, R, N], every round's groups, the duplicate correction;
+    ``keep`` [B, N] hides padded keys."""  # fmt: skip
     n = q.shape[2]
     perm, _ = sort_by_group(groups)
     qp, kp = sorted_tiles(n, chunk, q.device)
@@ -70,7 +72,8 @@ def sorted_attention(
     bias = is_self.float() * self_penalty
     if rounds is not None:
         bias = bias - torch.log(rounds_visible(rounds, qi, ki, chunk, mode).clamp_min(1))
-    result = attend(gather(q, qi), gather(k, ki), gather(v, ki), vis, bias=bias)
+    result = attend(gather(q, qi), gather(k, ki), gather(v, ki), vis, bias=bias,
+                    keep=key_mask(keep, ki))  # fmt: skip
     return scatter_result(result, qi, n)
 
 
@@ -97,6 +100,7 @@ def sorted_flex(
     mode: str,
     self_penalty: float | None,
     rounds: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sorted_attention` through FlexAttention: rows gathered into sorted
     order, the same rule as a mask_mod on sorted places, the self penalty and the
@@ -134,7 +138,8 @@ def sorted_flex(
 
     modded = self_penalty or rounds is not None
     result = flex(gather(q, perm), gather(k, perm), gather(v, perm), visible,
-                  score_mod if modded else None, per_head=mode != "chunks")  # fmt: skip
+                  score_mod if modded else None, per_head=mode != "chunks",
+                  keep=key_mask(keep, perm))  # fmt: skip
     return scatter_result(result, perm, n)
 
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from attn_zoo.validation import check_head_dim, check_qkv
+from attn_zoo.validation import check_head_dim, check_key_padding, check_qkv
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class Plan:
     n_q: int
     n_k: int
     causal: bool
+    #: Key padding [batch, n_k] bool, True = attend (None: every key). Every
+    #: implementation and the oracle hide the keys it marks False.
+    keep: torch.Tensor | None = field(default=None, kw_only=True, compare=False)
 
     @property
     def full_pairs(self) -> int:
@@ -156,6 +159,25 @@ class Mechanism:
             lambda rows: self.oracle(q, k, v, plan, rows), plan.n_q, plan.batch, plan.heads
         )
 
+    # -- model use: learnable tensors and the softmax scale -------------------
+    def learnable(self, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+        """The mechanism's trainable tensors (xl's u, v, W_R; ...), at the seeded
+        values ``plan`` draws when given none; :class:`attn_zoo.Attention` holds
+        them as ``nn.Parameter``s. Mechanisms with parameters accept them as
+        ``plan(..., params=)``."""
+        return {}
+
+    def make_plan(self, q, k, v, causal: bool, params: dict | None = None) -> Plan:
+        """``plan``, with the learnable tensors when given."""
+        if not params:
+            return self.plan(q, k, v, causal)
+        return self.plan(q, k, v, causal, params=params)
+
+    def scaled(self, q, k, plan: Plan, factor: float):
+        """Inputs whose scores are ``factor`` times these (the softmax scale
+        becomes factor / sqrt(d)): scores are linear in q, so q * factor."""
+        return q * factor, k, plan
+
     def inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """The (q, k, v) the mechanism actually attends with (shared-QK mechanisms
         replace k); plain dense attention over these is the ``err_dense`` baseline."""
@@ -178,8 +200,15 @@ class Mechanism:
         causal: bool = True,
         impl: str = "reference",
         plan: Plan | None = None,
+        *,
+        key_padding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention output ``[batch, heads, n_q, head_dim]`` in q's dtype."""
+        """Attention output ``[batch, heads, n_q, head_dim]`` in q's dtype.
+
+        ``key_padding`` [batch, n_k] bool (True = attend) hides padded keys; a
+        query that sees no key gets 0. An implementation without a backward pass
+        on q's device raises when an input requires grad (never a detached output).
+        """
         chosen = self.impl(impl)
         check_qkv(q, k, v, self_attention=self.self_attention, who=self.name)
         check_head_dim(q.shape[-1], chosen.head_dims, who=f"{self.name}/{impl}")
@@ -192,8 +221,17 @@ class Mechanism:
         why = chosen.unavailable(q.device)
         if why is not None:
             raise ValueError(f"{self.name}/{impl} cannot run on {q.device.type}: {why}")
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        if wants_grad and not chosen.differentiable(q.device):
+            raise ValueError(
+                f"{self.name}/{impl} has no backward pass on {q.device.type}, and an input "
+                f"requires grad; use impl='reference' to train, or torch.no_grad() to infer"
+            )
         if plan is None:
             plan = self.plan(q, k, v, causal)
+        if key_padding is not None:
+            check_key_padding(key_padding, q.shape[0], k.shape[2], q.device, who=self.name)
+            plan = dataclasses.replace(plan, keep=key_padding)
         return chosen.fn(self, q, k, v, plan)
 
     def describe(self) -> dict[str, Any]:

@@ -140,7 +140,7 @@ class LSH(Mechanism):
         seen = torch.log(count) if plan.duplicates else oracle.mask_bias(count > 0)
         bias = seen + is_self * plan.self_penalty
         _, keys, _ = self.inputs(q, k, v)
-        return [oracle.Term(bias, k=keys)]
+        return [oracle.Term(bias, k=keys, keep=plan.keep)]
 
     def pairs(self, q, k, v, plan: LSHPlan) -> int:
         return group_pairs(plan.buckets, plan.bucket_size, plan.mode)
@@ -152,7 +152,7 @@ def _merged_rounds(attention, q, v, plan: LSHPlan) -> torch.Tensor:
     keys = shared_keys(q)
     rounds = [
         attention(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
-                  plan.self_penalty, plan.rounds)
+                  plan.self_penalty, plan.rounds, plan.keep)
         for r in range(plan.buckets.shape[2])
     ]  # fmt: skip
     return merge(rounds)[0].to(q.dtype)
@@ -172,7 +172,7 @@ def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
     for r in range(plan.buckets.shape[2]):
         out, lse = sorted_flash(
             q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode, plan.self_penalty,
-            rounds=plan.rounds, out=out, lse=lse, accumulate=r > 0,
+            rounds=plan.rounds, keep=plan.keep, out=out, lse=lse, accumulate=r > 0,
         )  # fmt: skip
     return out
 

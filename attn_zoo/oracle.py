@@ -21,7 +21,8 @@ class Term:
 
     Shapes broadcast against ``[batch, heads, rows, n_keys]``. ``k``/``v``
     replace the inputs' keys (compressed memories, shared QK); ``stop_grad``
-    marks pairs whose key and value receive no gradient (recurrence memories).
+    marks pairs whose key and value receive no gradient (recurrence memories);
+    ``keep`` [batch, n_keys] (bool) hides padded keys.
     """
 
     bias: torch.Tensor
@@ -29,6 +30,7 @@ class Term:
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
     stop_grad: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
 
 
 def sample_rows(n: int, max_rows: int | None, seed: int = 0) -> torch.Tensor:
@@ -68,7 +70,10 @@ def evaluate(q, k, v, terms: list[Term], rows: torch.Tensor) -> torch.Tensor:
         if term.stop_grad is not None:
             frozen = q64 @ k64.detach().transpose(-2, -1)
             scores = torch.where(term.stop_grad, frozen, scores)
-        p = _softmax(scores * scale + term.bias)
+        scores = scores * scale + term.bias
+        if term.keep is not None:
+            scores = scores.masked_fill(~term.keep.to(scores.device)[:, None, None, :], -torch.inf)
+        p = _softmax(scores)
         if term.stop_grad is not None:
             part = (p * term.stop_grad) @ v64.detach() + (p * ~term.stop_grad) @ v64
         else:
@@ -86,9 +91,10 @@ def causal_visible(rows: torch.Tensor, n_k: int, offset: int = 0) -> torch.Tenso
 
 
 def dense(q, k, v, causal: bool, rows: torch.Tensor) -> torch.Tensor:
-    """Plain dense attention (causal if asked) at ``rows`` in float64: the
-    ``err_dense`` baseline."""
-    bias = mask_bias(causal_visible(rows, k.shape[2])) if causal else torch.zeros(())
+    """Plain dense attention (causal if asked: the queries are the last positions)
+    at ``rows`` in float64: the ``err_dense`` baseline."""
+    offset = k.shape[2] - q.shape[2]
+    bias = mask_bias(causal_visible(rows, k.shape[2], offset)) if causal else torch.zeros(())
     return evaluate(q, k, v, [Term(bias.to(q.device))], rows)
 
 

@@ -41,7 +41,7 @@ from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.lsh import shared_keys
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, window
+from attn_zoo.tiles import as_tiles, attend, blocks, gather, key_mask, scatter, window
 
 UPDATES = ("ema", "none")
 
@@ -81,6 +81,18 @@ def _mean_over_parts(local: torch.Tensor, routed: torch.Tensor, members: torch.T
     return (local + total) / (1 + count[..., None])
 
 
+def ema_step(mu: torch.Tensor, x: torch.Tensor, decay: float) -> torch.Tensor:
+    """One online k-means step (Sec. 4.1): each centroid [H, C, D] moves to
+    decay * mu + (1 - decay) * the mean of the tokens x [B, H, N, D] nearest to it,
+    renormalized; a centroid nobody chose stays."""
+    nearest = torch.einsum("bhnd,hcd->bhnc", x, mu).argmax(-1)
+    onehot = torch.nn.functional.one_hot(nearest, mu.shape[1]).to(x.dtype)
+    sums = torch.einsum("bhnc,bhnd->hcd", onehot, x)
+    counts = onehot.sum(dim=(0, 2))[..., None]
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), mu)
+    return torch.nn.functional.normalize(decay * mu + (1 - decay) * means, dim=-1)
+
+
 @register
 class Routing(Mechanism):
     name = "routing"
@@ -101,7 +113,15 @@ class Routing(Mechanism):
     def inputs(self, q, k, v):
         return q, shared_keys(q), v
 
-    def plan(self, q, k, v, causal: bool) -> RoutingPlan:
+    def centroids(self, heads: int, head_dim: int, n_clusters: int) -> torch.Tensor:
+        """The seeded initial centroids [H, C, D], unit length."""
+        g = torch.Generator().manual_seed(self.config.seed)
+        mu = torch.randn(heads, n_clusters, head_dim, generator=g, dtype=torch.float32)
+        return torch.nn.functional.normalize(mu, dim=-1)
+
+    def plan(self, q, k, v, causal: bool, params: dict | None = None) -> RoutingPlan:
+        """``params={"centroids": [H, C, D]}`` routes with given centroids (a model's
+        buffer, :class:`attn_zoo.Attention`) instead of the seeded ones."""
         cfg = self.config
         if cfg.centroid_update not in UPDATES:
             raise ValueError(
@@ -111,23 +131,16 @@ class Routing(Mechanism):
         if cfg.window < 1:
             raise ValueError("routing: window must be >= 1")
         b, h, n, d = q.shape
-        n_clusters = min(n, cfg.n_clusters or max(1, round(math.sqrt(n))))
-        g = torch.Generator().manual_seed(cfg.seed)
-        mu = torch.nn.functional.normalize(
-            torch.randn(h, n_clusters, d, generator=g, dtype=torch.float32), dim=-1
-        )
-        mu = mu.to(q.device)
+        if params:
+            mu = params["centroids"].detach().float().to(q.device)
+            n_clusters = mu.shape[1]
+        else:
+            n_clusters = min(n, cfg.n_clusters or max(1, round(math.sqrt(n))))
+            mu = self.centroids(h, d, n_clusters).to(q.device)
         x = shared_keys(q).float().detach()
         if not causal and cfg.centroid_update == "ema":
             for _ in range(cfg.kmeans_iters):
-                nearest = torch.einsum("bhnd,hcd->bhnc", x, mu).argmax(-1)
-                onehot = torch.nn.functional.one_hot(nearest, n_clusters).float()
-                sums = torch.einsum("bhnc,bhnd->hcd", onehot, x)
-                counts = onehot.sum(dim=(0, 2))[..., None]
-                means = torch.where(counts > 0, sums / counts.clamp_min(1), mu)
-                mu = torch.nn.functional.normalize(
-                    cfg.ema_decay * mu + (1 - cfg.ema_decay) * means, dim=-1
-                )
+                mu = ema_step(mu, x, cfg.ema_decay)
         similarity = torch.einsum("bhnd,hcd->bhcn", x, mu)
         width = math.ceil(n / n_clusters)
         if causal:
@@ -148,8 +161,8 @@ class Routing(Mechanism):
                                  c[..., None, :], plan.width, "window")  # fmt: skip
             half = torch.full((), 0.5, dtype=torch.float64, device=q.device)
             return [
-                oracle.Term(local, half, k=keys),
-                oracle.Term(oracle.mask_bias(vis), half, k=keys),
+                oracle.Term(local, half, k=keys, keep=plan.keep),
+                oracle.Term(oracle.mask_bias(vis), half, k=keys, keep=plan.keep),
             ]
         # holds[b, h, c, n]: token n is a member of cluster c
         b, h, n_clusters, _ = plan.members.shape
@@ -157,14 +170,16 @@ class Routing(Mechanism):
         holds.scatter_(-1, plan.members, True)
         row_holds = holds[..., rows]  # [B, H, C, R]
         weight = 1.0 / (1.0 + row_holds.sum(2, dtype=torch.float64))[..., None]  # [B, H, R, 1]
-        terms = [oracle.Term(local, weight, k=keys)]
+        terms = [oracle.Term(local, weight, k=keys, keep=plan.keep)]
         # one term per "k-th cluster holding the row", so each row sums only its own clusters
         order = row_holds.to(torch.int8).argsort(dim=2, descending=True, stable=True)
         for slot in range(int(row_holds.sum(2).max())):
             cluster = order[:, :, slot]  # [B, H, R]
             present = row_holds.gather(2, cluster[:, :, None]).squeeze(2)[..., None]
             vis = holds.gather(2, cluster[..., None].expand(-1, -1, -1, plan.n_k))
-            terms.append(oracle.Term(oracle.mask_bias(vis), weight * present, k=keys))
+            terms.append(
+                oracle.Term(oracle.mask_bias(vis), weight * present, k=keys, keep=plan.keep)
+            )
         return terms
 
     def pairs(self, q, k, v, plan: RoutingPlan) -> int:
@@ -192,14 +207,17 @@ def routing_reference(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
         qi[:, :, None], ki[:, None, :], plan.window, plan.causal
     )
     qi, ki = as_tiles(qi), as_tiles(ki)
-    local, _ = attend(gather(q, qi), gather(keys, ki), gather(v, ki), vis)
+    local, _ = attend(gather(q, qi), gather(keys, ki), gather(v, ki), vis,
+                      keep=key_mask(plan.keep, ki))  # fmt: skip
     local = scatter(local, qi, n)
     if plan.causal:
-        routed, _ = sorted_attention(q, keys, v, plan.clusters, plan.width, "window", 0.0)
+        routed, _ = sorted_attention(q, keys, v, plan.clusters, plan.width, "window", 0.0,
+                                     keep=plan.keep)  # fmt: skip
         return ((local + routed) / 2).to(q.dtype)
     # each cluster attends within itself; a token averages over the clusters holding it
     members = plan.members
-    routed, _ = attend(gather(q, members), gather(keys, members), gather(v, members))
+    routed, _ = attend(gather(q, members), gather(keys, members), gather(v, members),
+                       keep=key_mask(plan.keep, members))  # fmt: skip
     routed = routed.flatten(2, 3)
     return _mean_over_parts(local, routed, members).to(q.dtype)
 
@@ -214,11 +232,12 @@ def routing_triton(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
 
     keys, half = shared_keys(q), plan.window // 2
     band = Band(lo=0, hi=plan.window - 1) if plan.causal else Band(lo=-half, hi=half)
-    local = band_attention(q, keys, v, band)
+    local = band_attention(q, keys, v, band, keep=plan.keep)
     if plan.causal:
-        routed = sorted_flash(q, keys, v, plan.clusters, plan.width, "window", None)[0]
+        routed = sorted_flash(q, keys, v, plan.clusters, plan.width, "window", None,
+                              keep=plan.keep)[0]  # fmt: skip
         return ((local.float() + routed.float()) / 2).to(q.dtype)
-    routed = clustered_flash(q, keys, v, plan.members).float()
+    routed = clustered_flash(q, keys, v, plan.members, keep=plan.keep).float()
     return _mean_over_parts(local.float(), routed, plan.members).to(q.dtype)
 
 
@@ -231,9 +250,10 @@ def routing_flex(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     def local_window(b, h, i, j):
         return _local_visible(i, j, win, causal)
 
-    local = flex(q, keys, v, local_window)[0].float()
+    local = flex(q, keys, v, local_window, keep=plan.keep)[0].float()
     if causal:
-        routed = sorted_flex(q, keys, v, plan.clusters, plan.width, "window", None)[0]
+        routed = sorted_flex(q, keys, v, plan.clusters, plan.width, "window", None,
+                             keep=plan.keep)[0]  # fmt: skip
         return ((local + routed.float()) / 2).to(q.dtype)
     width = plan.members.shape[-1]
     index = plan.members.flatten(2, 3)
@@ -241,5 +261,7 @@ def routing_flex(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     def same_cluster(b, h, i, j):
         return i // width == j // width
 
-    routed = flex(gather(q, index), gather(keys, index), gather(v, index), same_cluster)[0]
+    keep = key_mask(plan.keep, index)  # [B, H, C * w] in member order
+    routed = flex(gather(q, index), gather(keys, index), gather(v, index), same_cluster,
+                  keep=keep)[0]  # fmt: skip
     return _mean_over_parts(local, routed.float(), plan.members).to(q.dtype)

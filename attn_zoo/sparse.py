@@ -31,7 +31,7 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, attend, blocks, gather, merge, scatter_result, window
+from attn_zoo.tiles import as_tiles, attend, blocks, gather, key_mask, merge, scatter_result, window
 
 
 def auto_stride(n: int, block: int) -> int:
@@ -92,7 +92,8 @@ def _band(q, k, v, plan: SparsePlan, half_width: int, same_block: bool):
     if plan.causal:
         vis &= j <= i
     qi, ki = as_tiles(qi), as_tiles(ki)
-    return scatter_result(attend(gather(q, qi), gather(k, ki), gather(v, ki), vis), qi, n)
+    result = attend(gather(q, qi), gather(k, ki), gather(v, ki), vis, keep=key_mask(plan.keep, ki))
+    return scatter_result(result, qi, n)
 
 
 @register
@@ -113,7 +114,7 @@ class SparseStrided(_Sparse):
         vis = a1 | a2
         if plan.causal:
             vis &= j <= i
-        return [oracle.Term(oracle.mask_bias(vis))]
+        return [oracle.Term(oracle.mask_bias(vis), keep=plan.keep)]
 
 
 @SparseStrided.implementation("reference")
@@ -127,7 +128,9 @@ def strided_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     vis = (j >= 0) & ((i - j).abs() > l)
     if plan.causal:
         vis &= j < i
-    far = scatter_result(attend(gather(q, cols), gather(k, cols), gather(v, cols), vis), cols, n)
+    far = attend(gather(q, cols), gather(k, cols), gather(v, cols), vis,
+                 keep=key_mask(plan.keep, cols))  # fmt: skip
+    far = scatter_result(far, cols, n)
     return merge([band, far])[0].to(q.dtype)
 
 
@@ -155,7 +158,7 @@ class SparseFixed(_Sparse):
         vis = (i // l == j // l) | (j % l >= l - c)
         if plan.causal:
             vis &= j <= i
-        return [oracle.Term(oracle.mask_bias(vis))]
+        return [oracle.Term(oracle.mask_bias(vis), keep=plan.keep)]
 
 
 @SparseFixed.implementation("reference")
@@ -171,7 +174,8 @@ def fixed_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     i, j = qi[:, :, None], summary_cols[None, None, :]
     vis = (i >= 0) & (j // l < i // l if plan.causal else j // l != i // l)
     qi, si = as_tiles(qi), as_tiles(summary_cols[None])
-    rest = scatter_result(attend(gather(q, qi), gather(k, si), gather(v, si), vis), qi, n)
+    rest = attend(gather(q, qi), gather(k, si), gather(v, si), vis, keep=key_mask(plan.keep, si))
+    rest = scatter_result(rest, qi, n)
     return merge([own, rest])[0].to(q.dtype)
 
 
@@ -183,7 +187,7 @@ def strided_flex(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
         vis = ((i - j).abs() <= l) | ((i - j) % l == 0)
         return vis & (j <= i) if causal else vis
 
-    return flex(q, k, v, merged_head)[0]
+    return flex(q, k, v, merged_head, keep=plan.keep)[0]
 
 
 @SparseFixed.implementation("triton", **triton_options())
@@ -202,4 +206,4 @@ def fixed_flex(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
         vis = (i // l == j // l) | (j % l >= l - c)
         return vis & (j <= i) if causal else vis
 
-    return flex(q, k, v, merged_head)[0]
+    return flex(q, k, v, merged_head, keep=plan.keep)[0]

@@ -57,12 +57,14 @@ def attend(
     v: torch.Tensor,
     visible: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the last two dims, accumulated in float32 (float64
     for float64 inputs).
 
     ``visible`` (bool) and ``bias`` (additive) broadcast against the
-    scores [..., q_rows, k_rows]. Returns (out [..., q_rows, D],
+    scores [..., q_rows, k_rows]; ``keep`` [..., k_rows] (bool, from
+    :func:`key_mask`) hides padded keys. Returns (out [..., q_rows, D],
     lse [..., q_rows]); a row with no visible key gives out 0 and
     lse -inf, never NaN.
     """
@@ -71,8 +73,23 @@ def attend(
         scores = scores + bias
     if visible is not None:
         scores = scores.masked_fill(~visible, NEG_INF)
+    if keep is not None:
+        scores = scores.masked_fill(~keep.unsqueeze(-2), NEG_INF)
     weights, lse = softmax_lse(scores, dim=-1)
     return weights.to(scores.dtype) @ upcast(v), lse
+
+
+def key_mask(keep: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """A key-padding mask [B, N] (True = attend) at key positions ``index``
+    [B|1, H|1, *tile] (-1 padding is hidden too): [B, 1|H, *tile], or None
+    when nothing is padded."""
+    if keep is None:
+        return None
+    padded = torch.cat([keep, keep.new_zeros(keep.shape[0], 1)], dim=1)  # -1 reads column N
+    flat = torch.where(index >= 0, index, keep.shape[1]).reshape(*index.shape[:2], -1)
+    rows = padded[:, None, :].expand(-1, flat.shape[1], -1)
+    picked = rows.gather(2, flat.expand(keep.shape[0], -1, -1))
+    return picked.view(keep.shape[0], flat.shape[1], *index.shape[2:])
 
 
 def scatter(tiles: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:

@@ -69,3 +69,16 @@ def check_head_dim(head_dim: int, accepted: tuple[int, ...] | None, *, who: str)
         raise ValueError(
             f"{who}: unsupported head_dim {head_dim}; accepted: {', '.join(map(str, accepted))}"
         )
+
+
+def check_key_padding(mask, batch: int, n_k: int, device, *, who: str) -> None:
+    """A key-padding mask is bool [batch, n_k] on the inputs' device, True = attend."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"{who}: key_padding must be a bool tensor [batch, n_k], True = attend")
+    if tuple(mask.shape) != (batch, n_k):
+        raise ValueError(
+            f"{who}: key_padding must have shape [batch, n_k] = [{batch}, {n_k}], "
+            f"got {list(mask.shape)}"
+        )
+    if mask.device != torch.device(device):
+        raise ValueError(f"{who}: key_padding is on {mask.device}, the inputs on {device}")

@@ -26,6 +26,7 @@ pair, so a wrong shift shows.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -36,7 +37,7 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, attend, blocks, gather, scatter, upcast, window
+from attn_zoo.tiles import as_tiles, attend, blocks, gather, key_mask, scatter, upcast, window
 
 
 @dataclass(frozen=True)
@@ -97,29 +98,45 @@ class XL(Mechanism):
         "0/-inf segment+memory mask, stop-gradient on memory pairs"
     )
 
-    def plan(self, q, k, v, causal: bool) -> XLPlan:
+    def learnable(self, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+        """u, v [H, D] and W_R [H, D, D'] (D' = D rounded up to even), N(0, 1/D) from
+        ``seed`` in float32 whatever torch's default dtype."""
+        g = torch.Generator().manual_seed(self.config.seed)
+        u, vb = (torch.randn(heads, head_dim, generator=g, dtype=torch.float32) * head_dim**-0.5
+                 for _ in range(2))  # fmt: skip
+        w_r = torch.randn(heads, head_dim, head_dim + head_dim % 2, generator=g,
+                          dtype=torch.float64) * head_dim**-0.5  # fmt: skip
+        return {"u": u, "v": vb, "w_r": w_r.float()}
+
+    def plan(self, q, k, v, causal: bool, params: dict | None = None) -> XLPlan:
         cfg = self.config
         if cfg.segment_len < 1 or cfg.mem_len < 0:
             raise ValueError("xl: segment_len must be >= 1 and mem_len >= 0")
         if cfg.same_length and cfg.mem_len < 1:
             raise ValueError("xl: same_length needs mem_len >= 1 (each query sees M keys)")
         heads, dim = q.shape[1], q.shape[3]
-        g = torch.Generator().manual_seed(cfg.seed)
-        u, vb = (torch.randn(heads, dim, generator=g, dtype=torch.float32) * dim**-0.5
-                 for _ in range(2))  # fmt: skip
-        w_r = torch.randn(heads, dim, dim + dim % 2, generator=g, dtype=torch.float64)
-        w_r *= dim**-0.5
+        params = params or self.learnable(heads, dim)
+        u, vb, w_r = params["u"], params["v"], params["w_r"].double()
+        if tuple(u.shape) != (heads, dim) or tuple(w_r.shape[:2]) != (heads, dim):
+            raise ValueError(
+                f"xl: parameters for {tuple(u.shape)} heads x dim, inputs have ({heads}, {dim})"
+            )
         max_dist = cfg.mem_len + cfg.segment_len
         dist = torch.arange(-max_dist, max_dist + 1)
         if cfg.clamp_len is not None and cfg.clamp_len > 0:
             dist = dist.clamp(-cfg.clamp_len, cfg.clamp_len)
-        rel = torch.einsum("hdp,np->hnd", w_r, sinusoid(dist, dim + dim % 2)).float()
+        rel = torch.einsum("hdp,np->hnd", w_r, sinusoid(dist, dim + dim % 2).to(w_r.device))
+        rel = rel.to(torch.float64 if u.dtype == torch.float64 else torch.float32)
         n = q.shape[2]
         device = q.device
         return XLPlan(
             q.shape[0], heads, n, n, causal, cfg.segment_len, cfg.mem_len, cfg.same_length,
             u.to(device), vb.to(device), rel.to(device), max_dist,
         )  # fmt: skip
+
+    def scaled(self, q, k, plan: XLPlan, factor: float):
+        """Every score term has a k or a W_R R factor: scale k and the table."""
+        return q, k * factor, dataclasses.replace(plan, rel=plan.rel * factor)
 
     def visible(self, plan: XLPlan, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Pair visibility from positions (broadcasting): memory + segment (+ causal)."""
@@ -146,7 +163,8 @@ class XL(Mechanism):
         index = (i - j).clamp(-plan.max_dist, plan.max_dist) + plan.max_dist
         relative = qr.gather(-1, index.expand(*qr.shape[:2], -1, -1))
         bias = (uk + relative) * q.shape[-1] ** -0.5
-        return [oracle.Term(torch.where(vis, bias, -torch.inf), stop_grad=memory)]
+        bias = torch.where(vis, bias, -torch.inf)
+        return [oracle.Term(bias, stop_grad=memory, keep=plan.keep)]
 
 
 @XL.implementation("reference")
@@ -166,7 +184,8 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     bd = (qg + plan.v[:, None, None, :].to(qg.dtype)) @ rel
     bd = rel_shift(bd, klen) * q.shape[-1] ** -0.5
     vis = mech.visible(plan, qi[:, :, None], ki[:, None, :]) & (qi[:, :, None] >= 0)
-    out, _ = attend(qg + plan.u[:, None, None, :].to(qg.dtype), kg, vg, vis, bias=bd)
+    qu = qg + plan.u[:, None, None, :].to(qg.dtype)
+    out, _ = attend(qu, kg, vg, vis, bias=bd, keep=key_mask(plan.keep, as_tiles(ki)))
     return scatter(out, as_tiles(qi), n).to(q.dtype)
 
 
@@ -201,4 +220,4 @@ def xl_flex(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
         return vis & (i - j < mem) if plan.same_length else vis
 
     qu = (q.float() + plan.u[:, None, :].float()).to(q.dtype)
-    return flex(qu, k, v, segment_and_memory, relative)[0]
+    return flex(qu, k, v, segment_and_memory, relative, keep=plan.keep)[0]

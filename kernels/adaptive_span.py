@@ -43,4 +43,5 @@ def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
         else Band(lo=-int(far.max()), hi=int(far.max()))
     )
     self_bias = None if plan.causal else float("-inf")
-    return flash_attention(q, k, v, layout, band, ramp=ramp, self_bias=self_bias)[0]
+    return flash_attention(q, k, v, layout, band, ramp=ramp, self_bias=self_bias,
+                           keep=plan.keep)[0]  # fmt: skip

@@ -14,12 +14,12 @@ def dense_band(n_q: int, n_k: int, causal: bool) -> Band:
     return Band(lo=0, offset=n_k - n_q) if causal else Band()
 
 
-def band_attention(q, k, v, band: Band, out: torch.Tensor | None = None) -> torch.Tensor:
+def band_attention(q, k, v, band: Band, out: torch.Tensor | None = None, keep=None):
     """One launch over the key blocks a band touches (dense, local windows)."""
     n_q, n_k = q.shape[2], k.shape[2]
     layout = cached_layout(n_q, n_k, band, None, block_size(q.shape[-1]), q.device)
-    return flash_attention(q, k, v, layout, band, out=out)[0]
+    return flash_attention(q, k, v, layout, band, out=out, keep=keep)[0]
 
 
-def dense_attention(q, k, v, causal: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    return band_attention(q, k, v, dense_band(q.shape[2], k.shape[2], causal), out=out)
+def dense_attention(q, k, v, causal: bool, out: torch.Tensor | None = None, keep=None):
+    return band_attention(q, k, v, dense_band(q.shape[2], k.shape[2], causal), out=out, keep=keep)

@@ -17,6 +17,7 @@ What a launch may add to plain attention (all decided at compile time):
 * the adaptive-span ramp, bias log m_z(x) (Sukhbaatar et al. 2019, Eq. 4-5);
 * the Transformer-XL relative term (q_i + v) . W_R R_(i-j) (Dai et al. 2019,
   Sec. 3.3), with the content term (q_i + u) . k_j;
+* key padding: keys whose position is marked padded are never seen;
 * Reformer's duplicate correction, bias -log N_ij for a pair visible in N_ij
   hash rounds (Kitaev et al. 2020, Eq. 7);
 * accumulation into a partial (out, lse) already in the output, merged by
@@ -104,13 +105,13 @@ def _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, chunk, DUP: tl.cons
 @triton.jit
 def _attend_block(
     acc, m_i, l_i, q, qv, q_pos, m_start, offs_m, start,
-    K, V, KIDX, KGRP, REL, SPANS, RGRP, RRANK,
+    K, V, KIDX, KGRP, REL, SPANS, RGRP, RRANK, KEEP,
     skn, svn, srn, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi,
     q_grp, self_bias, ramp, h, max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, GATHER_K: tl.constexpr, WINDOW: tl.constexpr,
     GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    REL_TERM: tl.constexpr, DUP: tl.constexpr, PRECISION: tl.constexpr,
+    REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One key block of the online softmax, in the exp2 domain."""
     offs_n = start + tl.arange(0, BLOCK_N)
@@ -143,6 +144,9 @@ def _attend_block(
         seen = _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, dup_chunk, DUP,
                             BLOCK_M, BLOCK_N)  # fmt: skip
         qk -= tl.math.log2(tl.maximum(seen, 1.0))
+    if PADDED:  # key padding, in every block (the layout does not know it)
+        kept = tl.load(KEEP + k_pos, mask=in_range, other=0)
+        qk = tl.where(kept[None, :] != 0, qk, float("-inf"))
     if MASKED:
         diff = (offs_m[:, None] + offset) - offs_n[None, :]
         visible = (diff >= lo) & (diff <= hi) & in_range[None, :]
@@ -174,16 +178,16 @@ def _attend_block(
 
 @triton.jit
 def _flash_fwd(
-    Q, K, V, O, LSE, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK,
+    Q, K, V, O, LSE, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, max_dist, qk_scale,
-    n_rounds, n_pos, dup_chunk,
+    n_rounds, n_pos, dup_chunk, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
-    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
@@ -217,6 +221,7 @@ def _flash_fwd(
     REL += h * srh
     RGRP += pid_bh * n_rounds * n_pos
     RRANK += pid_bh * n_rounds * n_pos
+    KEEP += b * keep_stride
     lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + pid_m
     for masked in tl.static_range(2):  # the full blocks, then those needing the mask
         if masked == 0:
@@ -227,11 +232,11 @@ def _flash_fwd(
             start = tl.load(blocks + t) * BLOCK_N
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, qv, q_pos, pid_m * BLOCK_M, offs_m, start,
-                K, V, KIDX, KGRP, REL, SPANS, RGRP, RRANK,
+                K, V, KIDX, KGRP, REL, SPANS, RGRP, RRANK, KEEP,
                 skn, svn, srn, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi,
                 q_grp, self_bias, ramp, h, max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
                 HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, GATHER_K, WINDOW, GROUPS, SELF, RAMP,
-                SYMMETRIC, REL_TERM, DUP, PRECISION,
+                SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -282,6 +287,7 @@ def flash_attention(
     ramp: Ramp | None = None,
     relative: Relative | None = None,
     duplicates: Duplicates | None = None,
+    keep: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     accumulate: bool = False,
@@ -292,7 +298,8 @@ def flash_attention(
     [G|1, n_k] (int32) read rows through a gather; the kernel then runs over
     n_q = q_index.shape[-1] queries and writes row i at ``q_index[i]`` when
     ``scatter`` (else at i). ``groups`` = (q groups [G, n_q], k groups [G, n_k])
-    sorted along the kernel order. With ``accumulate``, ``out`` and ``lse``
+    sorted along the kernel order. ``keep`` [B, positions of k] (bool, True =
+    attend) hides padded keys, read at each key's position. With ``accumulate``, ``out`` and ``lse``
     already hold a partial result over other keys and receive the merged one.
     Returns (out in q's dtype, lse [B, H, n_out] float32).
     """
@@ -309,6 +316,7 @@ def flash_attention(
     if accumulate and out.stride(-1) != 1:
         raise ValueError("flash_attention: accumulate needs an output with contiguous rows")
     dummy = torch.empty(1, device=q.device, dtype=torch.int32)
+    keep_rows = keep.to(torch.int8).contiguous() if keep is not None else dummy
     n_indexed = next((x.shape[0] for x in (q_index, k_index) if x is not None), 1)
     rel_table = relative.table.to(q.dtype).contiguous() if relative is not None else q
     grid = (triton.cdiv(n_q, layout.block_m), batch * heads)
@@ -320,6 +328,7 @@ def flash_attention(
         *((relative.u.contiguous(), relative.v.contiguous()) if relative else (q, q)), rel_table,
         ramp.spans if ramp is not None else q,
         *((duplicates.groups, duplicates.ranks) if duplicates is not None else (dummy, dummy)),
+        keep_rows,
         layout.full, layout.full_count, layout.partial, layout.partial_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
@@ -333,12 +342,13 @@ def flash_attention(
         relative.max_dist if relative is not None else 0, dim**-0.5 * LOG2E,
         *((duplicates.groups.shape[1], duplicates.groups.shape[2], duplicates.chunk)
           if duplicates is not None else (0, 0, 1)),
+        keep_rows.stride(0) if keep is not None else 0,
         HEAD_DIM=dim, BLOCK_M=layout.block_m, BLOCK_N=layout.block_n,
         GATHER_Q=q_index is not None, GATHER_K=k_index is not None,
         SCATTER_O=scatter and q_index is not None, WINDOW=window is not None,
         GROUPS=groups is not None, SELF=self_bias is not None, RAMP=ramp is not None,
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
-        DUP=DUP_MODES[duplicates.mode] if duplicates is not None else 0,
+        DUP=DUP_MODES[duplicates.mode] if duplicates is not None else 0, PADDED=keep is not None,
         ACCUMULATE=accumulate, PRECISION="ieee" if q.dtype == torch.float32 else None,
     )  # fmt: skip
     return out, lse

@@ -32,8 +32,8 @@ def round_places(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) ->
     return Duplicates(flat(rounds), flat(rank), chunk, mode)
 
 
-def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None, out=None,
-                 lse=None, accumulate=False):  # fmt: skip
+def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None, keep=None,
+                 out=None, lse=None, accumulate=False):  # fmt: skip
     """One round for groups [B, H, N]: (out, lse) in original order; with
     ``rounds`` [B|1, H|1, R, N], every round's groups, the duplicate correction."""
     b, h, n, _ = q.shape
@@ -43,7 +43,7 @@ def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
     perm = perm.to(torch.int32).contiguous()
     duplicates = round_places(rounds, b, h, chunk, mode) if rounds is not None else None
     common = dict(q_index=perm, k_index=perm, self_bias=self_bias, duplicates=duplicates,
-                  out=out, lse=lse, accumulate=accumulate)  # fmt: skip
+                  keep=keep, out=out, lse=lse, accumulate=accumulate)  # fmt: skip
     ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()
     if mode == "chunks":
         window = Window(seg_len=chunk, step=chunk, lo=-chunk, hi=chunk - 1)
@@ -63,7 +63,7 @@ def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
     return flash_attention(q, k, v, layout, band, groups=(ordered, ordered), **common)
 
 
-def clustered_flash(q, k, v, members: torch.Tensor) -> torch.Tensor:
+def clustered_flash(q, k, v, members: torch.Tensor, keep=None) -> torch.Tensor:
     """Each cluster attends within itself: members [B, H, C, w] positions.
     Returns [B, H, C * w, D] in member order (a token may sit in several clusters)."""
     b, h, clusters, width = members.shape
@@ -72,4 +72,4 @@ def clustered_flash(q, k, v, members: torch.Tensor) -> torch.Tensor:
     n = index.shape[1]
     layout = cached_layout(n, n, Band(), window, block_size(q.shape[-1]), q.device)
     return flash_attention(q, k, v, layout, Band(), window, q_index=index, k_index=index,
-                           scatter=False)[0]  # fmt: skip
+                           scatter=False, keep=keep)[0]  # fmt: skip

@@ -24,7 +24,7 @@ def _raw_part(q, k, v, plan, same_length=False, relative=None):
     window = Window(seg_len=seg, step=seg, lo=-mem, hi=seg - 1)
     band = _band(plan.causal, same_length, mem)
     layout = cached_layout(plan.n_q, plan.n_k, band, window, block_size(q.shape[-1]), q.device)
-    return flash_attention(q, k, v, layout, band, window, relative=relative)
+    return flash_attention(q, k, v, layout, band, window, relative=relative, keep=plan.keep)
 
 
 def xl_attention(q, k, v, plan):
@@ -32,8 +32,9 @@ def xl_attention(q, k, v, plan):
     return _raw_part(q, k, v, plan, plan.same_length, relative)[0]
 
 
-def compressive_attention(q, k, v, ck, cv, plan):
-    """(out, lse) over [compressed slots ck, cv [B, H, G, D]; memory; segment]."""
+def compressive_attention(q, k, v, ck, cv, plan, slot_keep=None):
+    """(out, lse) over [compressed slots ck, cv [B, H, G, D]; memory; segment];
+    ``slot_keep`` [B, G] hides slots that hold a padded position."""
     out, lse = _raw_part(q, k, v, plan)
     if plan.slots == 0 or plan.cmem_len == 0 or plan.per_segment == 0:
         return out, lse
@@ -41,5 +42,6 @@ def compressive_attention(q, k, v, ck, cv, plan):
     window = Window(seg_len=plan.segment_len, step=plan.per_segment, lo=first,
                     hi=first + plan.cmem_len - 1)  # fmt: skip
     layout = cached_layout(plan.n_q, plan.slots, Band(), window, block_size(q.shape[-1]), q.device)
-    flash_attention(q, ck, cv, layout, Band(), window, out=out, lse=lse, accumulate=True)
+    flash_attention(q, ck, cv, layout, Band(), window, keep=slot_keep, out=out, lse=lse,
+                    accumulate=True)  # fmt: skip
     return out, lse

@@ -37,11 +37,11 @@ def strided_attention(q, k, v, plan) -> torch.Tensor:
     near = Band(lo=1, hi=l - 1) if plan.causal else Band(lo=-(l - 1), hi=l - 1)
     layout = cached_layout(n, n, near, None, block, q.device, self_pairs=not plan.causal)
     self_bias = None if plan.causal else float("-inf")  # i == j is in the column part
-    out, lse = flash_attention(q, k, v, layout, near, self_bias=self_bias)
+    out, lse = flash_attention(q, k, v, layout, near, self_bias=self_bias, keep=plan.keep)
     order, column, layout = _columns(n, l, plan.causal, block, q.device)
     far = Band(lo=0) if plan.causal else Band()
     flash_attention(q, k, v, layout, far, q_index=order, k_index=order, groups=(column, column),
-                    out=out, lse=lse, accumulate=True)  # fmt: skip
+                    keep=plan.keep, out=out, lse=lse, accumulate=True)  # fmt: skip
     return out
 
 
@@ -57,7 +57,8 @@ def fixed_attention(q, k, v, plan) -> torch.Tensor:
     block = block_size(q.shape[-1])
     band = Band(lo=0) if plan.causal else Band()
     own = Window(seg_len=l, step=l, lo=0, hi=l - 1)
-    out, lse = flash_attention(q, k, v, cached_layout(n, n, band, own, block, q.device), band, own)
+    layout = cached_layout(n, n, band, own, block, q.device)
+    out, lse = flash_attention(q, k, v, layout, band, own, keep=plan.keep)
     if c == 0 or n <= l - c:
         return out
     index = _summary(n, l, c, q.device)
@@ -67,6 +68,6 @@ def fixed_attention(q, k, v, plan) -> torch.Tensor:
         windows.append(Window(seg_len=l, step=c, lo=c, hi=BIG))
     for window in windows:
         layout = cached_layout(n, index.shape[1], Band(), window, block, q.device)
-        flash_attention(q, k, v, layout, Band(), window, k_index=index, out=out, lse=lse,
-                        accumulate=True)  # fmt: skip
+        flash_attention(q, k, v, layout, Band(), window, k_index=index, keep=plan.keep, out=out,
+                        lse=lse, accumulate=True)  # fmt: skip
     return out

@@ -11,8 +11,8 @@ from conftest import qkv
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("n,n_k", [(64, 64), (33, 33), (16, 40)])
 def test_reference_sdpa_oracle_agree(n, n_k, causal):
-    if causal and n != n_k:
-        pytest.skip("causal dense needs len(q) == len(k)")
+    """Causal with fewer queries than keys: the queries are the last positions
+    (SDPA's causal_lower_right, a KV cache's decode step)."""
     dense = attn_zoo.get("dense")
     q, k, v = qkv(n, n_k=n_k, heads=3)
     plan = dense.plan(q, k, v, causal)
@@ -52,7 +52,7 @@ def test_self_attention_mechanisms_refuse_mismatched_lengths():
         attn_zoo.get("lsh")(q, k, v)
 
 
-def test_causal_cross_attention_is_refused():
-    q, k, v = qkv(8, n_k=12)
-    with pytest.raises(ValueError, match="causal attention needs len"):
+def test_causal_with_more_queries_than_keys_is_refused():
+    q, k, v = qkv(12, n_k=8)
+    with pytest.raises(ValueError, match="causal attention needs len\\(q\\) <= len\\(k\\)"):
         attn_zoo.get("dense")(q, k, v, causal=True)
