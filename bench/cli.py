@@ -1,7 +1,8 @@
-"""``bench``: run a sweep, list mechanisms, draw reports, gate regressions.
+"""``bench`` (also ``attn-zoo`` and ``python -m attn_zoo.bench``): run a sweep,
+list mechanisms, draw reports, gate regressions.
 
-Every bad argument exits with status 2 and one line naming the problem and
-the accepted values, never a traceback.
+Every bad argument, and every damaged file a command reads, exits with status
+2 and one line naming the problem and the accepted values, never a traceback.
 """
 
 from __future__ import annotations
@@ -12,106 +13,121 @@ import os
 import sys
 
 from attn_zoo.bench.errors import UsageError
+from attn_zoo.bench.settings import DEFAULT_SEQ_LENS
 
-DEFAULT_SEQ_LENS = "512,2048,8192"
+COMMANDS = {
+    "run": "sweep mechanisms x implementations x sequence lengths",
+    "list": "registered mechanisms, configs, implementations",
+    "report": "plots and report.md from run folders",
+    "compare": "gate a candidate run against a baseline",
+}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, status 2
+        if "arguments are required" in message and "{run," in message:
+            message = f"a command is needed; accepted: {', '.join(COMMANDS)} (bench COMMAND -h)"
         raise UsageError(message)
 
 
-def positive_ints(flag: str, text: str) -> list[int]:
-    values = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            value = int(item)
-        except ValueError:
-            raise UsageError(
-                f"{flag}: {item!r} is not an integer; expected positive integers "
-                f"separated by commas, e.g. {DEFAULT_SEQ_LENS}"
-            ) from None
-        if value <= 0:
-            raise UsageError(f"{flag}: {value} is not positive; accepted: integers >= 1")
-        values.append(value)
-    return values
-
-
-def choices(flag: str, text: str, accepted: list[str]) -> list[str]:
-    values = [item.strip() for item in text.split(",") if item.strip()]
-    if not values:
-        raise UsageError(f"{flag}: empty; accepted: {', '.join(accepted)}")
-    for value in values:
-        if value not in accepted:
-            raise UsageError(f"{flag}: unknown {value!r}; accepted: {', '.join(accepted)}")
-    return values
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(explicit: bool = False) -> argparse.ArgumentParser:
+    """The command line. ``explicit``: ``bench run`` flags get no defaults, so that
+    parsing tells which flags were given (``--resume`` refuses changed settings)."""
+    default = (lambda value: argparse.SUPPRESS) if explicit else (lambda value: value)
     parser = _Parser(prog="bench", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="{" + ",".join(COMMANDS) + "}")  # fmt: skip
 
-    run = sub.add_parser("run", help="sweep mechanisms x implementations x sequence lengths")
-    run.add_argument(
-        "--seq-lens", default=DEFAULT_SEQ_LENS, help="comma-separated (default %(default)s)"
+    run = sub.add_parser("run", help=COMMANDS["run"])
+    add = run.add_argument
+    add(
+        "--seq-lens",
+        default=default(DEFAULT_SEQ_LENS),
+        help="comma-separated (default %(default)s)",
     )
-    run.add_argument("--mechanisms", default="all", help="comma-separated registry keys, or all")
-    run.add_argument(
+    add("--mechanisms", default=default("all"), help="comma-separated registry keys, or all")
+    add(
         "--impls",
-        default=None,
+        default=default(None),
         help="comma-separated; default: every implementation that runs natively here",
     )
-    run.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
-    run.add_argument("--dtype", default="float32", help="comma-separated (default float32)")
-    run.add_argument("--batch", default="1", help="comma-separated (default 1)")
-    run.add_argument("--heads", default="8", help="comma-separated (default 8)")
-    run.add_argument("--head-dim", default="64", help="comma-separated (default 64)")
-    run.add_argument(
+    add("--device", default=default("auto"), help="auto | cpu | cuda (default auto)")
+    add("--dtype", default=default("float32"), help="comma-separated (default float32)")
+    add("--batch", default=default("1"), help="comma-separated (default 1)")
+    add("--heads", default=default("8"), help="comma-separated (default 8)")
+    add("--head-dim", default=default("64"), help="comma-separated (default 64)")
+    add(
         "--causal",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=default(True),
         help="causal attention (default) or --no-causal",
     )
-    run.add_argument("--mode", default="fwd", help="fwd | fwd_bwd, comma-separated (default fwd)")
-    run.add_argument("--repeats", type=int, default=5, help="timed calls per case (default 5)")
-    run.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
-    run.add_argument("--seed", type=int, default=0, help="inputs and oracle row sample (default 0)")
-    run.add_argument(
+    add(
+        "--mode",
+        default=default("fwd"),
+        help="fwd | fwd_bwd | bwd (backward alone), comma-separated (default fwd)",
+    )
+    add("--repeats", type=int, default=default(5), help="at least this many timed calls (5)")
+    add(
+        "--min-time",
+        type=float,
+        default=default(0.5),
+        help="and at least this many seconds of timed calls per case (default 0.5)",
+    )
+    add("--warmup", type=int, default=default(1), help="untimed calls first (default 1)")
+    add("--seed", type=int, default=default(0), help="inputs and oracle row sample (default 0)")
+    add(
         "--oracle-rows",
         type=int,
-        default=512,
+        default=default(512),
         help="query rows checked against the oracle when N is larger (default 512)",
     )
-    run.add_argument(
+    add(
         "--interpret",
         action="store_true",
+        default=default(False),
         help="run Triton kernels in Triton's CPU interpreter (slow; small N only)",
     )
-    run.add_argument("--out", default="results", help="folder for run folders (default results)")
-    run.add_argument("--run-id", default=None, help="run folder name (default <device>-<time>)")
-    run.add_argument(
+    add(
+        "--cuda-graph",
+        action="store_true",
+        default=default(False),
+        help="time replays of a captured CUDA graph (CUDA, --mode fwd)",
+    )
+    add("--out", default=default("results"), help="folder for run folders (default results)")
+    add("--run-id", default=default(None), help="run folder name (default <device>-<time>)")
+    add(
         "--resume",
-        default=None,
+        default=default(None),
         metavar="RUN_FOLDER",
-        help="finish an interrupted run, keeping its rows and settings",
+        help="finish an interrupted run with its own settings (changed settings are refused)",
     )
 
-    lst = sub.add_parser("list", help="registered mechanisms, configs, implementations")
+    lst = sub.add_parser("list", help=COMMANDS["list"])
     lst.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     lst.add_argument("--interpret", action="store_true", help="count the Triton interpreter in")
 
-    report = sub.add_parser("report", help="plots and report.md from run folders")
+    report = sub.add_parser("report", help=COMMANDS["report"])
     report.add_argument("runs", nargs="+", help="run folders")
     report.add_argument("--out", default=None, help="report folder (default reports/<run-id>)")
+    report.add_argument("--baseline", default=None, metavar="MECHANISM/IMPL",
+                        help="what speedups are measured against (default: the fastest dense "
+                             "implementation in each run, sdpa where present)")  # fmt: skip
 
-    compare = sub.add_parser("compare", help="gate a candidate run against a baseline")
+    compare = sub.add_parser("compare", help=COMMANDS["compare"])
     compare.add_argument("baseline")
     compare.add_argument("candidate")
-    compare.add_argument("--time-tol", type=float, default=0.10, help="default 0.10 (10%%)")
+    compare.add_argument("--time-tol", type=float, default=0.10,
+                         help="flag a case when its time ratio's 95%% lower bound exceeds "
+                              "1 + this (default 0.10)")  # fmt: skip
     compare.add_argument("--mem-tol", type=float, default=0.05, help="default 0.05 (5%%)")
     compare.add_argument("--force", action="store_true", help="compare runs from different devices")
     return parser
+
+
+def given_flags(argv: list[str]) -> dict:
+    """The ``bench run`` flags present on the command line, with their values."""
+    return vars(build_parser(explicit=True).parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from attn_zoo.bench.sweep import run_sweep
 
-            return run_sweep(args)
+            return run_sweep(args, given_flags(argv))
         if args.command == "list":
             from attn_zoo.bench.listing import list_mechanisms
 

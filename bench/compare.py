@@ -1,21 +1,30 @@
-"""``bench compare BASELINE CANDIDATE``: a noise-aware regression gate.
+"""``bench compare BASELINE CANDIDATE``: a regression gate that holds on a noisy
+machine.
 
-Cases are matched on their key columns. A case regresses when
+Cases are matched strictly on their key columns: a duplicated case in either
+run is an error (exit 2); a case missing from the candidate is a regression; a
+case only in the candidate is listed as new. A case regresses when
 
-* its time grew by more than ``--time-tol`` *and* by more than the measured
-  spread of the two runs (the sum of each run's 20th-80th percentile range),
-* its peak memory grew by more than ``--mem-tol``,
-* it fails equivalence (err_oracle over its dtype's tolerance), or
-* its status got worse (ok became anything else), or it is missing.
+* **time**: the ratio of median times (candidate / baseline) has a 95%
+  bootstrap lower bound above 1 + ``--time-tol``. Both runs' timing samples are
+  resampled with replacement (2,000 times, seeded), so a row's own spread
+  decides how sure the gate is, and a single noisy repeat cannot flag it.
+  Rows without samples (older runs) fall back to the median ratio beyond the
+  sum of both 20th-80th percentile spreads;
+* **memory**: peak memory grew by more than ``--mem-tol`` (and 4 KiB);
+* **status**: it was ok and is not, or err_oracle newly exceeds its tolerance.
 
-Exit status: 0 clean, 1 regression, 2 bad input.
+A run compared with itself is clean whatever its statuses. Every flagged row
+prints why. Exit status: 0 clean, 1 regression, 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pandas as pd
+from rich.markup import escape
 from rich.table import Table
 
 from attn_zoo.bench.cases import KEY_COLUMNS
@@ -25,40 +34,94 @@ from attn_zoo.bench.runner import TOLERANCE
 from attn_zoo.bench.runs import load_run
 
 MATCH = [c for c in KEY_COLUMNS if c != "device"]
+BOOTSTRAP = 2000
+CONFIDENCE = 0.95
+
+
+def samples(row: pd.Series, suffix: str) -> np.ndarray:
+    """A row's timing samples (ms), from the samples column."""
+    text = row.get(f"time_samples_ms{suffix}")
+    if not isinstance(text, str) or not text.strip():
+        return np.empty(0)
+    return np.array([float(x) for x in text.split()])
+
+
+def median_ratio_interval(
+    base: np.ndarray, cand: np.ndarray, rng: np.random.Generator
+) -> tuple[float, float, float]:
+    """(ratio of medians, lower, upper) with a percentile bootstrap interval."""
+    ratio = float(np.median(cand) / np.median(base))
+    b = np.median(rng.choice(base, (BOOTSTRAP, len(base))), axis=1)
+    c = np.median(rng.choice(cand, (BOOTSTRAP, len(cand))), axis=1)
+    tail = (1 - CONFIDENCE) / 2
+    lower, upper = np.quantile(c / b, [tail, 1 - tail])
+    return ratio, float(lower), float(upper)
+
+
+def _duplicates(table: pd.DataFrame, which: str) -> None:
+    dup = table[table.duplicated(MATCH, keep=False)]
+    if len(dup):
+        first = dup.iloc[0]
+        raise UsageError(
+            f"{which} has {len(dup)} rows for repeated cases (e.g. {first.mechanism}/"
+            f"{first.impl} N={first.seq_len} {first.dtype} {first.mode}); each case must "
+            f"appear once"
+        )
+
+
+def _time_problem(r: pd.Series, time_tol: float, rng) -> str | None:
+    t0, t1 = r["time_ms_base"], r["time_ms_cand"]
+    if pd.isna(t0) or pd.isna(t1) or t0 <= 0:
+        return None
+    a, b = samples(r, "_base"), samples(r, "_cand")
+    if len(a) >= 2 and len(b) >= 2:
+        ratio, lower, upper = median_ratio_interval(a, b, rng)
+        if lower > 1 + time_tol:
+            return (
+                f"time x{ratio:.2f} (95% interval {lower:.2f}-{upper:.2f} is above "
+                f"1 + {time_tol:g}; {len(a)} vs {len(b)} samples)"
+            )
+        return None
+    spread = (r["time_ms_p80_base"] - r["time_ms_p20_base"]) + (
+        r["time_ms_p80_cand"] - r["time_ms_p20_cand"]
+    )
+    if t1 > t0 * (1 + time_tol) and t1 - t0 > spread:
+        return f"time x{t1 / t0:.2f} beyond the spread {spread:.3g} ms (no samples recorded)"
+    return None
 
 
 def compare_tables(base: pd.DataFrame, cand: pd.DataFrame, time_tol: float, mem_tol: float):
-    """One row per baseline case: the figures side by side and what regressed."""
-    merged = base.merge(cand, on=MATCH, how="left", suffixes=("_base", "_cand"), indicator=True)
+    """One finding per case of either run: the figures side by side, what regressed."""
+    _duplicates(base, "the baseline")
+    _duplicates(cand, "the candidate")
+    merged = base.merge(cand, on=MATCH, how="outer", suffixes=("_base", "_cand"), indicator=True)
+    rng = np.random.default_rng(0)
     findings = []
     for _, r in merged.iterrows():
-        problems = []
+        problems, notes = [], []
         if r["_merge"] == "left_only":
-            problems.append("missing from candidate")
+            problems.append("missing from the candidate")
+        elif r["_merge"] == "right_only":
+            notes.append("new in the candidate")
         else:
             if r["status_base"] == "ok" and r["status_cand"] != "ok":
-                problems.append(f"status ok -> {r['status_cand']}")
-            err, tol = r["err_oracle_cand"], TOLERANCE.get(r["dtype"], 1e-5)
-            if pd.notna(err) and err > tol:
-                problems.append(f"err_oracle {err:.2g} > {tol:g}")
-            t0, t1 = r["time_ms_base"], r["time_ms_cand"]
+                why = f": {r['note_cand']}" if r.get("note_cand") else ""
+                problems.append(f"status ok -> {r['status_cand']}{why}")
+            tol = TOLERANCE.get(r["dtype"], 1e-5)
+            e0, e1 = r["err_oracle_base"], r["err_oracle_cand"]
+            if pd.notna(e1) and e1 > tol and not (pd.notna(e0) and e0 > tol):
+                problems.append(f"err_oracle {e1:.2g} above the {r['dtype']} tolerance {tol:g}")
             timed = not (r["interpreted_base"] or r["interpreted_cand"])
-            if timed and pd.notna(t0) and pd.notna(t1) and t0 > 0:
-                spread = (r["time_ms_p80_base"] - r["time_ms_p20_base"]) + (
-                    r["time_ms_p80_cand"] - r["time_ms_p20_cand"]
-                )
-                if t1 > t0 * (1 + time_tol) and t1 - t0 > spread:
-                    problems.append(f"time +{(t1 / t0 - 1):.0%} (spread {spread:.3g} ms)")
+            both_ok = r["status_base"] == "ok" and r["status_cand"] == "ok"
+            slower = _time_problem(r, time_tol, rng) if timed and both_ok else None
+            if slower:
+                problems.append(slower)
             m0, m1 = r["peak_mem_bytes_base"], r["peak_mem_bytes_cand"]
-            if (
-                timed
-                and pd.notna(m0)
-                and pd.notna(m1)
-                and m1 > m0 * (1 + mem_tol)
-                and m1 - m0 > 4096
-            ):
-                problems.append(f"memory +{(m1 / max(m0, 1) - 1):.0%}")
-        findings.append({**{c: r[c] for c in MATCH}, "row": r, "problems": problems})
+            measured = timed and both_ok and pd.notna(m0) and pd.notna(m1)
+            if measured and m1 > m0 * (1 + mem_tol) and m1 - m0 > 4096:
+                problems.append(f"memory x{m1 / max(m0, 1):.2f} (> 1 + {mem_tol:g})")
+        findings.append({**{c: r[c] for c in MATCH}, "row": r, "problems": problems,
+                         "notes": notes})  # fmt: skip
     return findings
 
 
@@ -67,7 +130,7 @@ def _ratio(a, b) -> str:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    if args.time_tol < 0 or args.mem_tol < 0:
+    if not (args.time_tol >= 0 and args.mem_tol >= 0):
         raise UsageError("--time-tol and --mem-tol must be >= 0 (fractions, e.g. 0.10)")
     base, cand = load_run(args.baseline), load_run(args.candidate)
     devices = (base.meta.get("device_name"), cand.meta.get("device_name"))
@@ -78,26 +141,33 @@ def run_compare(args: argparse.Namespace) -> int:
         )
     findings = compare_tables(base.table, cand.table, args.time_tol, args.mem_tol)
     table = Table(title=f"{base.label} -> {cand.label}")
-    for column in ("case", "status", "time", "memory", "err_oracle", "verdict"):
-        table.add_column(column)
+    for column in ("case", "status", "time", "memory", "verdict"):
+        table.add_column(column, overflow="fold")
     bad = 0
     for f in findings:
         r = f["row"]
         case = f"{f['mechanism']}/{f['impl']} N={f['seq_len']} {f['dtype']} {f['mode']}"
         bad += bool(f["problems"])
-        verdict = "[red]" + "; ".join(f["problems"]) if f["problems"] else "[green]ok"
+        if f["problems"]:
+            verdict = "[red]" + escape("; ".join(f["problems"]))
+        else:
+            verdict = "[green]" + escape("; ".join(f["notes"]) or "ok")
         table.add_row(
             case,
-            f"{r['status_base']} -> {r.get('status_cand', '-')}",
-            _ratio(r["time_ms_base"], r.get("time_ms_cand")),
-            _ratio(r["peak_mem_bytes_base"], r.get("peak_mem_bytes_cand")),
-            f"{r.get('err_oracle_cand', float('nan')):.1e}",
+            f"{r.get('status_base', '-')} -> {r.get('status_cand', '-')}",
+            _ratio(r.get("time_ms_base"), r.get("time_ms_cand")),
+            _ratio(r.get("peak_mem_bytes_base"), r.get("peak_mem_bytes_cand")),
             verdict,
         )
     console = make_console()
     console.print(table)
+    for f in findings:
+        if f["problems"]:
+            case = f"{f['mechanism']}/{f['impl']} N={f['seq_len']} {f['dtype']} {f['mode']}"
+            console.print(f"flagged {escape(case)}: {escape('; '.join(f['problems']))}")
     console.print(
-        f"bench compare: {bad} regression(s) in {len(findings)} case(s) "
-        f"(time tolerance {args.time_tol:.0%} beyond spread, memory {args.mem_tol:.0%})"
+        f"bench compare: {bad} regression(s) in {len(findings)} case(s) (time: 95% lower "
+        f"bound of the median ratio above 1 + {args.time_tol:g}; memory: above 1 + "
+        f"{args.mem_tol:g})"
     )
     return 1 if bad else 0

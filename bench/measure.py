@@ -1,8 +1,14 @@
 """How the harness measures time and peak memory.
 
-Time: ``warmup`` calls, then ``repeats`` timed calls; the median with the 20th
-and 80th percentiles. On CUDA each call is bracketed by device events; on the
-CPU by ``time.perf_counter``.
+Time: ``warmup`` calls, then timed calls until there are at least ``repeats``
+of them and they add up to at least ``min_time`` seconds (as Triton's
+``do_bench`` and tritonbench repeat for a time budget); every sample is kept,
+and the row reports the median with the 20th and 80th percentiles. On CUDA
+each call is bracketed by device events, with the L2 cache flushed before it
+(a 256 MiB buffer zeroed outside the timed region, as ``do_bench`` does), and
+optionally replayed from a captured CUDA graph; on the CPU by
+``time.perf_counter``. A ``setup`` step (the forward of a backward-only case)
+runs before each timed call, untimed.
 
 Peak memory, from a clean baseline taken just before one extra call:
 
@@ -24,6 +30,7 @@ import ctypes
 import ctypes.util
 import re
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +43,11 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
+    samples_ms: list[float]
+
+    def samples_text(self) -> str:
+        """Every sample, space-separated (the results.csv column)."""
+        return " ".join(f"{x:.6g}" for x in self.samples_ms)
 
 
 def _percentile(sorted_xs: list[float], p: float) -> float:
@@ -50,7 +62,8 @@ def _percentile(sorted_xs: list[float], p: float) -> float:
 
 def summarize(samples_ms: list[float]) -> Timing:
     xs = sorted(samples_ms)
-    return Timing(statistics.median(xs), _percentile(xs, 0.2), _percentile(xs, 0.8))
+    return Timing(statistics.median(xs), _percentile(xs, 0.2), _percentile(xs, 0.8),
+                  list(samples_ms))  # fmt: skip
 
 
 def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
@@ -66,26 +79,96 @@ def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[],
     return call
 
 
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
-    """Median and spread of ``fn``'s wall time, synchronized on CUDA."""
+#: What one L2 flush zeroes: larger than any current GPU's L2 (H100: 50 MiB).
+L2_FLUSH_BYTES = 256 * 2**20
+#: A budget never repeats more than this many calls (tiny kernels on a GPU).
+MAX_REPEATS = 10_000
+
+
+def time_call(
+    fn: Callable[[], object],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    min_time: float = 0.0,
+    *,
+    setup: Callable[[], object] | None = None,
+    cuda_graph: bool = False,
+) -> Timing:
+    """Every timed call's wall time (ms): at least ``repeats`` calls and at least
+    ``min_time`` seconds of them; synchronized, L2-flushed on CUDA."""
     for _ in range(warmup):
+        if setup is not None:
+            setup()
         fn()
-    samples = []
     if device.type == "cuda":
-        for _ in range(repeats):
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            samples.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+        return summarize(_cuda_samples(fn, device, repeats, min_time, setup, cuda_graph))
+    samples: list[float] = []
+    while len(samples) < repeats or (sum(samples) < min_time * 1e3 and len(samples) < MAX_REPEATS):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
     return summarize(samples)
+
+
+def _cuda_samples(fn, device, repeats, min_time, setup, cuda_graph) -> list[float]:
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    if cuda_graph:  # capture once (after the warm-up), time the replays
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            fn()  # a side-stream warm-up, as torch's capture recipe asks
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(graph):
+            fn()
+        fn = graph.replay
+    samples: list[float] = []
+    while len(samples) < repeats or (sum(samples) < min_time * 1e3 and len(samples) < MAX_REPEATS):
+        if setup is not None:
+            setup()
+        flush.zero_()
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        samples.append(start.elapsed_time(end))
+    return samples
+
+
+def gpu_state(device: torch.device) -> dict:
+    """The GPU's clocks, power limit and driver (nvidia-smi), and what torch
+    reports of it: the conditions a GPU timing was taken under."""
+    props = torch.cuda.get_device_properties(device)
+    state: dict = {
+        "name": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "multiprocessors": props.multi_processor_count,
+    }
+    fields = ("driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem",
+              "power.limit", "power.draw", "temperature.gpu", "persistence_mode",
+              "clocks_throttle_reasons.active")  # fmt: skip
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--id={index}", f"--query-gpu={','.join(fields)}",
+             "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as e:
+        state["nvidia_smi"] = f"not available ({type(e).__name__})"
+        return state
+    values = [v.strip() for v in out.stdout.strip().split(",")]
+    if out.returncode == 0 and len(values) == len(fields):
+        state.update(zip(fields, values, strict=True))
+    else:
+        state["nvidia_smi"] = (out.stderr or out.stdout).strip()[:200]
+    return state
 
 
 def matmul_tflops(device: torch.device, n: int = 8192) -> float:

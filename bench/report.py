@@ -11,6 +11,7 @@ import pandas as pd
 
 from attn_zoo.bench import plots
 from attn_zoo.bench.errors import UsageError
+from attn_zoo.bench.runner import TOLERANCE
 from attn_zoo.bench.runs import Run, load_run
 from attn_zoo.bench.targets import kernel_targets
 
@@ -68,7 +69,14 @@ def memory_exponents(run: Run) -> pd.DataFrame:
     return pd.DataFrame(out, columns=["mechanism", "impl", "N", "exponent"])
 
 
-def write_report(runs: list[Run], out: Path) -> list[Path]:
+def _tolerance(runs: list[Run]) -> float | None:
+    """The err_oracle tolerance line: one dtype's, when the runs share it."""
+    dtypes = {d for r in runs for d in r.table.dtype}
+    tolerances = {TOLERANCE.get(d) for d in dtypes}
+    return tolerances.pop() if len(tolerances) == 1 else None
+
+
+def write_report(runs: list[Run], out: Path, baseline: str | None = None) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -76,6 +84,8 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
     files = []
     interpreted = sum(int(r.table.interpreted.sum()) for r in runs)
     measured = [r.measured() for r in runs]
+    n_measured = sum(int((r.table.status == "ok").sum()) for r in measured)
+    n_checked = sum(int((r.table.status == "ok").sum()) for r in runs)
 
     def save(fig, name):
         path = out / name
@@ -83,22 +93,19 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
         plt.close(fig)
         files.append(path)
 
-    save(
-        plots.panels(measured, lambda t: t.time_ms, "time (ms, median)", "Time vs sequence length"),
-        "time.png",
-    )
-    save(
-        plots.panels(
-            measured,
-            lambda t: t.peak_mem_bytes / 2**20,
-            "peak memory (MiB)",
-            "Peak memory vs sequence length",
-        ),
-        "memory.png",
-    )
-    fig, time_r, mem_r = plots.speedup_figure(measured)
-    save(fig, "speedup.png")
-    save(plots.errors_figure(runs), "errors.png")
+    time_r = mem_r = pd.DataFrame(columns=["run", "mechanism", "impl", "seq_len", "ratio"])
+    if n_measured:
+        time_fig = plots.panels(measured, lambda t: t.time_ms, "time (ms, median)",
+                                "Time vs sequence length")  # fmt: skip
+        save(time_fig, "time.png")
+        mib = lambda t: t.peak_mem_bytes / 2**20
+        memory_fig = plots.panels(measured, mib, "peak memory (MiB)",
+                                  "Peak memory vs sequence length")  # fmt: skip
+        save(memory_fig, "memory.png")
+        fig, time_r, mem_r = plots.speedup_figure(measured, baseline)
+        save(fig, "speedup.png")
+    if n_checked:
+        save(plots.errors_figure(runs, _tolerance(runs)), "errors.png")
     gpu_runs = [r for r in measured if r.meta.get("device") == "cuda"]
     if gpu_runs:
         peak = max(r.meta.get("matmul_tflops") or 0 for r in gpu_runs) or None
@@ -118,33 +125,38 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
         lines += [f"| {k} | `{run.meta.get(k)}` |" for k in META_KEYS if k in run.meta]
         lines += [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files] + [""]
+    if not n_measured:
+        lines += [
+            "**No measured row to plot**: no case is both ok and timed outside an "
+            "interpreter, so there are no time, memory or speedup plots."
+            + (" The errors plot still shows what was checked." if n_checked else ""),
+            "",
+        ]
     if interpreted:
         lines += [
             f"{interpreted} row(s) ran in Triton's CPU interpreter: they show correctness only "
             "and are left out of the time, memory and speedup plots and crossovers.",
             "",
         ]
+    baselines = ", ".join(sorted(set(time_r.get("baseline", [])))) or "none in the runs"
     lines += [
         "## Crossover lengths",
         "",
-        "First N from which the mechanism stays faster (time) or smaller (memory) than dense.",
+        f"Against the baseline **{baselines}** (by default the fastest dense implementation "
+        "in each run, sdpa where present; `bench report --baseline MECHANISM/IMPL` picks "
+        "another). A crossover is the first N from which the mechanism stays faster (time) "
+        "or smaller (memory), confirmed by at least two points on that side.",
         "",
     ]
     cross = []
     for what, frame in (("time", time_r), ("memory", mem_r)):
         for (run_id, mech, impl), rows in frame.groupby(["run", "mechanism", "impl"]):
             rows = rows.sort_values("seq_len")
-            n0 = plots.crossover(rows.seq_len, rows.ratio)
-            cross.append(
-                {
-                    "run": run_id,
-                    "mechanism": mech,
-                    "impl": impl,
-                    "what": what,
-                    "crossover N": "none in sweep" if n0 is None else int(n0),
-                }
-            )
-    lines += [_markdown(pd.DataFrame(cross)) if cross else "(no efficient mechanism)", ""]
+            cross.append({"run": run_id, "mechanism": mech, "impl": impl, "what": what,
+                          "vs": rows.baseline.iloc[0],
+                          "crossover": plots.describe_crossover(
+                              plots.crossover(rows.seq_len, rows.ratio))})  # fmt: skip
+    lines += [_markdown(pd.DataFrame(cross)) if cross else "(nothing to compare)", ""]
     for run in runs:
         t = run.table
         cols = [
@@ -186,7 +198,11 @@ def write_report(runs: list[Run], out: Path) -> list[Path]:
 
 def run_report(args: argparse.Namespace) -> int:
     runs = [load_run(path) for path in args.runs]
+    if args.baseline is not None and "/" not in args.baseline:
+        raise UsageError(
+            f"--baseline: {args.baseline!r}; accepted: MECHANISM/IMPL, e.g. dense/sdpa"
+        )
     out = Path(args.out) if args.out else Path("reports") / "+".join(r.folder.name for r in runs)
-    for path in write_report(runs, out):
+    for path in write_report(runs, out, args.baseline):
         print(f"bench report: wrote {path}")
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
@@ -14,21 +14,13 @@ import attn_zoo
 from attn_zoo import oracle
 from attn_zoo.bench.cases import Case
 from attn_zoo.bench.measure import peak_memory, time_call
+from attn_zoo.bench.settings import MODE_FLOP_FACTOR, MODES, RunSettings
 from attn_zoo.validation import DTYPES
+
+__all__ = ["MODES", "TOLERANCE", "run_case", "skip_reason"]
 
 #: err_oracle must be under this for the row to be ok (shared/DESIGN.md).
 TOLERANCE = {"float64": 1e-5, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
-#: Backward costs about 2.5x the forward (shared/MECHANISMS.md).
-MODE_FLOP_FACTOR = {"fwd": 1.0, "fwd_bwd": 3.5}
-MODES = tuple(MODE_FLOP_FACTOR)
-
-
-@dataclass(frozen=True)
-class Settings:
-    warmup: int
-    repeats: int
-    seed: int
-    oracle_rows: int
 
 
 def _is_oom(error: BaseException) -> bool:
@@ -41,7 +33,7 @@ def _is_oom(error: BaseException) -> bool:
 def _inputs(case: Case, seed: int):
     g = torch.Generator(device="cpu").manual_seed(seed)
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
-    grad = case.mode == "fwd_bwd"
+    grad = case.mode != "fwd"
     return [
         torch.randn(shape, generator=g, dtype=torch.float32)
         .to(device=case.device, dtype=DTYPES[case.dtype])
@@ -59,17 +51,22 @@ def skip_reason(case: Case) -> str | None:
     if why:
         return why
     if impl.dtypes is not None and DTYPES[case.dtype] not in impl.dtypes:
-        return f"dtype {case.dtype} unsupported"
+        accepted = ", ".join(str(d).removeprefix("torch.") for d in impl.dtypes)
+        return f"dtype {case.dtype} is not supported by {case.impl}; accepted dtypes: {accepted}"
     if impl.head_dims is not None and case.head_dim not in impl.head_dims:
-        return f"head_dim {case.head_dim} unsupported; accepted: {impl.head_dims}"
-    if case.mode == "fwd_bwd" and not impl.differentiable(device):
-        return f"no backward pass on {device.type}"
+        accepted = ", ".join(map(str, impl.head_dims))
+        return (
+            f"head_dim {case.head_dim} is not supported by {case.impl}; "
+            f"accepted head dims: {accepted}"
+        )
+    if case.mode != "fwd" and not impl.differentiable(device):
+        return f"{case.mechanism}/{case.impl} has no backward pass on {device.type}"
     if impl.interpreted(device) and case.dtype == "bfloat16":
         return "the Triton interpreter has no bfloat16"
     return None
 
 
-def run_case(case: Case, settings: Settings) -> dict:
+def run_case(case: Case, settings: RunSettings) -> dict:
     """The measured row for ``case`` (without the key columns)."""
     row: dict = {"status": "ok", "note": "", "repeats": settings.repeats}
     try:
@@ -87,15 +84,40 @@ def run_case(case: Case, settings: Settings) -> dict:
         row["flops"] = 4 * case.head_dim * pairs * MODE_FLOP_FACTOR[case.mode]
         row["density"] = pairs / plan.full_pairs
 
+        def forward():
+            return mech(q, k, v, causal=case.causal, impl=case.impl)
+
         def call():
-            out = mech(q, k, v, causal=case.causal, impl=case.impl)
+            out = forward()
             if case.mode == "fwd_bwd":
                 out.backward(torch.ones_like(out))
             return out
 
-        timing = time_call(call, device, settings.warmup, settings.repeats)
-        row.update(time_ms=timing.median_ms, time_ms_p20=timing.p20_ms, time_ms_p80=timing.p80_ms)
-        peak, out = peak_memory(call, device)
+        setup, timed = None, call
+        if case.mode == "bwd":  # the forward outside the timed region, each time
+            held = {}
+
+            def setup():
+                for x in (q, k, v):
+                    x.grad = None
+                held["out"] = forward()
+
+            def timed():
+                held["out"].backward(torch.ones_like(held["out"]))
+                return held["out"]
+
+        timing = time_call(timed, device, settings.warmup, settings.repeats, settings.min_time,
+                           setup=setup, cuda_graph=settings.cuda_graph)  # fmt: skip
+        row.update(
+            time_ms=timing.median_ms,
+            time_ms_p20=timing.p20_ms,
+            time_ms_p80=timing.p80_ms,
+            repeats=len(timing.samples_ms),
+            time_samples_ms=timing.samples_text(),
+        )
+        if setup is not None:
+            setup()
+        peak, out = peak_memory(timed, device)
         row["peak_mem_bytes"] = peak
         if peak is None:
             row["note"] = "peak memory not measured on this platform"

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from attn_zoo.bench.cases import KEY_COLUMNS
 from attn_zoo.bench.errors import UsageError
+from attn_zoo.bench.store import read_meta, read_results
 
 NUMERIC = (
     "batch", "heads", "head_dim", "seq_len", "time_ms", "time_ms_p20", "time_ms_p80",
-    "peak_mem_bytes", "err_oracle", "err_dense", "oracle_rows", "flops", "density",
+    "peak_mem_bytes", "err_oracle", "err_dense", "oracle_rows", "flops", "density", "repeats",
 )  # fmt: skip
 
 
@@ -33,18 +32,14 @@ class Run:
 
 
 def load_run(path: str | Path) -> Run:
+    """A run folder, validated (a damaged file is a UsageError naming it)."""
     folder = Path(path)
     csv_path, meta_path = folder / "results.csv", folder / "meta.json"
     if not csv_path.is_file() or not meta_path.is_file():
         raise UsageError(f"{folder} is not a run folder (needs results.csv and meta.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-        table = pd.read_csv(csv_path, dtype={"note": str, "config": str})
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read run {folder}: {e}") from None
-    missing = [c for c in KEY_COLUMNS if c not in table.columns]
-    if missing:
-        raise UsageError(f"{csv_path} lacks the columns {', '.join(missing)}")
+    meta = read_meta(meta_path)
+    header, rows, _ = read_results(csv_path, legacy=True)
+    table = pd.DataFrame(rows, columns=header, dtype=object)
     for column in NUMERIC:
         if column in table:
             table[column] = pd.to_numeric(table[column], errors="coerce")
@@ -52,4 +47,6 @@ def load_run(path: str | Path) -> Run:
     interpreted = table["interpreted"] if "interpreted" in table else pd.Series(False, table.index)
     table["interpreted"] = interpreted.astype(str) == "True"
     table["note"] = table["note"].fillna("")
+    if "time_samples_ms" not in table:
+        table["time_samples_ms"] = ""
     return Run(folder, meta, table)

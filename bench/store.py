@@ -1,5 +1,11 @@
 """A run folder ``results/<run-id>/``: ``results.csv`` (one row per case,
-appended and flushed as each case finishes) and ``meta.json``."""
+appended and flushed as each case finishes) and ``meta.json``.
+
+Reading a run folder back validates it: a damaged meta.json or results.csv is
+a :class:`UsageError` naming the file and the problem, and no reader ever
+rewrites or drops a complete row. The one repair is cutting a last line that
+a killed run left half-written (it never was a row).
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ COLUMNS = (
     *KEY_COLUMNS,
     "status", "note", "time_ms", "time_ms_p20", "time_ms_p80", "peak_mem_bytes",
     "err_oracle", "err_dense", "oracle_rows", "flops", "density", "interpreted",
-    "repeats", "config",
+    "repeats", "config", "time_samples_ms",
 )  # fmt: skip
 
 STATUSES = ("ok", "oom", "nan", "failed", "skipped")
@@ -58,7 +64,7 @@ def environment(device: torch.device) -> dict:
     except ImportError:
         triton_version = None
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain")
+    status = _git("status", "--porcelain", "--untracked-files=no")  # run folders are untracked
     env = {
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device)
@@ -78,9 +84,10 @@ def environment(device: torch.device) -> dict:
         "git_dirty": bool(status) if status is not None else None,
     }
     if device.type == "cuda":
-        from attn_zoo.bench.measure import matmul_tflops
+        from attn_zoo.bench.measure import gpu_state, matmul_tflops
 
         env["matmul_tflops"] = round(matmul_tflops(device), 1)
+        env["gpu"] = gpu_state(device)
     return env
 
 
@@ -119,11 +126,14 @@ class RunStore:
             )
         if not os.access(folder, os.W_OK):
             raise UsageError(f"--resume: cannot write to {folder}")
-        store._drop_partial_rows()
+        meta = store.read_meta()
+        if not isinstance(meta.get("args"), dict):
+            raise UsageError(f"--resume: {store.meta_path} has no sweep settings ('args')")
+        store._cut_half_written_row()
         return store
 
     def read_meta(self) -> dict:
-        return json.loads(self.meta_path.read_text())
+        return read_meta(self.meta_path)
 
     def write_meta(self, meta: dict) -> None:
         tmp = self.meta_path.with_suffix(".tmp")
@@ -131,19 +141,19 @@ class RunStore:
         tmp.replace(self.meta_path)
 
     def rows(self) -> list[dict]:
-        with open(self.csv_path, newline="") as f:
-            return list(csv.DictReader(f))
+        header, rows, _ = read_results(self.csv_path)
+        return [dict(zip(header, row, strict=True)) for row in rows]
 
     def done_keys(self) -> set[tuple[str, ...]]:
         return {tuple(row[c] for c in KEY_COLUMNS) for row in self.rows()}
 
-    def _drop_partial_rows(self) -> None:
-        """A run killed mid-write may leave a truncated last line: keep whole rows only."""
-        rows = [r for r in self.rows() if None not in r.values() and r.get("status") in STATUSES]
-        with open(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+    def _cut_half_written_row(self) -> None:
+        """A run killed mid-write may leave a last line without its newline: cut
+        it off (the bytes of every complete row stay as they are)."""
+        _, _, complete = read_results(self.csv_path, allow_partial_tail=True)
+        if complete < self.csv_path.stat().st_size:
+            with open(self.csv_path, "r+b") as f:
+                f.truncate(complete)
 
     def append(self, case: Case, row: dict) -> None:
         full = {**{c: getattr(case, c) for c in KEY_COLUMNS}, **row}
@@ -153,6 +163,64 @@ class RunStore:
             )
             f.flush()
             os.fsync(f.fileno())
+
+
+def read_meta(path: Path) -> dict:
+    """meta.json as a dict, or a UsageError naming the file and the damage."""
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text (damaged meta.json)") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    return meta
+
+
+#: The columns of the first results.csv format (no timing samples); readers accept it.
+LEGACY_COLUMNS = COLUMNS[: COLUMNS.index("config") + 1]
+
+
+def read_results(path: Path, allow_partial_tail: bool = False, legacy: bool = False):
+    """(header, rows, bytes of complete lines) of a results.csv, checked: UTF-8, a
+    bench header (``legacy``: or the first format's), every row as wide as the
+    header and with a known status. With ``allow_partial_tail`` a last line
+    without its newline is left out."""
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{path}: not UTF-8 text at byte {e.start} (damaged results.csv)"
+        ) from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    complete = len(data)
+    if allow_partial_tail and text and not text.endswith("\n"):
+        cut = text.rfind("\n") + 1
+        complete = len(text[:cut].encode("utf-8"))
+        text = text[:cut]
+    lines = list(csv.reader(text.splitlines()))
+    headers = [list(COLUMNS), list(LEGACY_COLUMNS)] if legacy else [list(COLUMNS)]
+    if not lines or lines[0] not in headers:
+        first = ",".join(lines[0])[:60] if lines else "(empty)"
+        raise UsageError(
+            f"{path}: not a results table of this attn-zoo (header {first!r}); "
+            f"its columns are {', '.join(COLUMNS[:3])}, ..."
+        )
+    rows = lines[1:]
+    width = len(lines[0])
+    for number, row in enumerate(rows, start=2):
+        if len(row) != width or row[COLUMNS.index("status")] not in STATUSES:
+            raise UsageError(
+                f"{path}: line {number} is not a complete row ({len(row)} of {width} "
+                f"fields, status {row[COLUMNS.index('status')] if len(row) > 10 else '?'!r}); "
+                f"the file is damaged"
+            )
+    return lines[0], rows, complete
 
 
 def _fmt(value) -> str:

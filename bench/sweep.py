@@ -6,105 +6,102 @@ import argparse
 import datetime as dt
 from pathlib import Path
 
-import torch
-
 import attn_zoo
 from attn_zoo.bench.cases import Case, expand
-from attn_zoo.bench.cli import choices, positive_ints
 from attn_zoo.bench.console import Reporter, summary_table
-from attn_zoo.bench.devices import device_dtypes, resolve_device
 from attn_zoo.bench.errors import UsageError
-from attn_zoo.bench.runner import MODES, Settings, run_case
+from attn_zoo.bench.runner import run_case
+from attn_zoo.bench.settings import SWEEP_ARGS, RunSettings
 from attn_zoo.bench.store import RunStore, command_line, environment, new_run_id
 
-#: The settings a run folder keeps in meta.json, so that --resume repeats them.
-SWEEP_ARGS = (
-    "seq_lens", "mechanisms", "impls", "device", "dtype", "batch", "heads", "head_dim",
-    "causal", "mode", "repeats", "warmup", "seed", "oracle_rows", "interpret",
-)  # fmt: skip
+#: Flags that say where a run goes, not what it measures: --resume ignores none of
+#: the others silently.
+PLACEMENT = ("out", "run_id", "resume", "command")
 
 
-def _all_impls() -> list[str]:
-    seen: dict[str, None] = {}
-    for name in attn_zoo.names():
-        seen.update(dict.fromkeys(attn_zoo.get(name).impls))
-    return list(seen)
-
-
-def plan_cases(args: argparse.Namespace) -> tuple[torch.device, list[Case]]:
-    """Validate the sweep arguments and expand them into cases."""
-    device = resolve_device(args.device)
-    seq_lens = positive_ints("--seq-lens", args.seq_lens)
-    mechanisms = (
-        attn_zoo.names()
-        if args.mechanisms == "all"
-        else choices("--mechanisms", args.mechanisms, attn_zoo.names())
-    )
-    dtypes = choices("--dtype", args.dtype, device_dtypes(device))
-    modes = choices("--mode", args.mode, list(MODES))
-    if args.repeats < 1 or args.warmup < 0 or args.oracle_rows < 2:
-        raise UsageError("--repeats must be >= 1, --warmup >= 0 and --oracle-rows >= 2")
-    wanted = None if args.impls is None else choices("--impls", args.impls, _all_impls())
+def plan_cases(settings: RunSettings) -> list[Case]:
+    """The sweep's cases, each mechanism with the implementations asked for."""
     per_mechanism = []
-    for name in mechanisms:
+    for name in settings.mechanisms:
         impls = attn_zoo.get(name).impls
-        if wanted is None:
-            picked = [i for i, impl in impls.items() if impl.default_on(device)]
+        if settings.impls is None:
+            picked = [i for i, impl in impls.items() if impl.default_on(settings.device)]
         else:
-            picked = [i for i in wanted if i in impls]
+            picked = [i for i in settings.impls if i in impls]
         if picked:
             per_mechanism.append((name, picked))
     cases = expand(
         per_mechanism,
-        device=device.type,
-        dtypes=dtypes,
-        batches=positive_ints("--batch", args.batch),
-        heads=positive_ints("--heads", args.heads),
-        head_dims=positive_ints("--head-dim", args.head_dim),
-        seq_lens=seq_lens,
-        causal=args.causal,
-        modes=modes,
+        device=settings.device.type,
+        dtypes=list(settings.dtypes),
+        batches=list(settings.batches),
+        heads=list(settings.heads),
+        head_dims=list(settings.head_dims),
+        seq_lens=list(settings.seq_lens),
+        causal=settings.causal,
+        modes=list(settings.modes),
     )
     if not cases:
         raise UsageError(
-            f"no case to run: none of --mechanisms {args.mechanisms} has --impls {args.impls}"
+            f"no case to run: none of --mechanisms {','.join(settings.mechanisms)} has "
+            f"--impls {','.join(settings.impls or ())}"
         )
-    return device, cases
+    return cases
 
 
-def _open_store(args: argparse.Namespace) -> RunStore:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _resumed(args: argparse.Namespace, given: dict) -> tuple[RunStore, argparse.Namespace]:
+    """Reopen a run folder with its own settings; a flag given with another value
+    than the run's is refused, naming it."""
+    store = RunStore.open_existing(Path(args.resume))
+    meta = store.read_meta()
+    stored = meta["args"]
+    changed = [
+        f"{_flag(name)} {given[name]} (the run has {stored.get(name)})"
+        for name in given
+        if name not in PLACEMENT and str(given[name]) != str(stored.get(name))
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume: {store.folder} keeps its own settings; refusing {'; '.join(changed)}. "
+            f"Start a new run for other settings"
+        )
+    for name in SWEEP_ARGS:
+        if name in stored:
+            setattr(args, name, stored[name])
+    meta.setdefault("resumed", []).append(
+        {"at": dt.datetime.now().isoformat(timespec="seconds"), "command": command_line()}
+    )
+    store.write_meta(meta)
+    return store, args
+
+
+def run_sweep(args: argparse.Namespace, given: dict | None = None) -> int:
+    given = given or {}
     if args.resume:
-        store = RunStore.open_existing(Path(args.resume))
-        meta = store.read_meta()
-        for name, value in meta["args"].items():
-            setattr(args, name, value)
-        meta.setdefault("resumed", []).append(
-            {"at": dt.datetime.now().isoformat(timespec="seconds"), "command": command_line()}
-        )
-        store.write_meta(meta)
-        return store
-    device = resolve_device(args.device)
-    run_id = args.run_id or new_run_id(device.type)
-    meta = {
-        "run_id": run_id,
-        "command": command_line(),
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
-        "args": {name: getattr(args, name) for name in SWEEP_ARGS},
-        **environment(device),
-    }
-    return RunStore.create(Path(args.out).expanduser(), run_id, meta)
-
-
-def run_sweep(args: argparse.Namespace) -> int:
-    if args.resume is None:
-        plan_cases(args)  # reject bad arguments before creating the run folder
-    store = _open_store(args)
-    device, cases = plan_cases(args)
+        store, args = _resumed(args, given)
+        settings = RunSettings.from_args(args)
+    else:
+        settings = RunSettings.from_args(args)  # bad arguments: no run folder
+        plan_cases(settings)
+        environment_now = environment(settings.device)  # the tree before the run
+        run_id = args.run_id or new_run_id(settings.device.type)
+        meta = {
+            "run_id": run_id,
+            "command": command_line(),
+            "started": dt.datetime.now().isoformat(timespec="seconds"),
+            "args": {name: getattr(args, name) for name in SWEEP_ARGS},
+            **environment_now,
+        }
+        store = RunStore.create(Path(args.out).expanduser(), run_id, meta)
+    cases = plan_cases(settings)
     done = store.done_keys()
     todo = [c for c in cases if c.key() not in done]
-    settings = Settings(args.warmup, args.repeats, args.seed, args.oracle_rows)
     print(
-        f"bench: {len(todo)} case(s) to run on {device.type} "
+        f"bench: {len(todo)} case(s) to run on {settings.device.type} "
         f"({len(cases) - len(todo)} already in {store.csv_path})",
         flush=True,
     )
@@ -117,5 +114,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     rows = store.rows()
     reporter.console.print(summary_table(rows, title=f"{store.folder}"))
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
-    print(f"bench: wrote {store.csv_path} ({len(rows)} rows, {len(bad)} not ok)", flush=True)
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    print(f"bench: wrote {store.csv_path} ({len(rows)} rows, {len(bad)} not ok, "
+          f"{len(skipped)} skipped)", flush=True)  # fmt: skip
+    if rows and len(skipped) == len(rows):
+        reasons = sorted({r["note"] for r in skipped})
+        print(f"bench: every case was skipped, nothing was measured: {'; '.join(reasons)}",
+              flush=True)  # fmt: skip
+        return 1
     return 0

@@ -36,36 +36,55 @@ def test_identical_runs_pass(base_run, tmp_path):
     assert compare(base_run, planted(base_run, tmp_path, lambda t: None)) == 0
 
 
-def tighten(t):
-    """Shrink the measured spread so a planted change stands out of the noise."""
-    t["time_ms_p20"] = t["time_ms"] * 0.99
-    t["time_ms_p80"] = t["time_ms"] * 1.01
+def scale_times(t, rows, factor):
+    """Every timing figure of ``rows``, samples included, times ``factor``."""
+    for c in ("time_ms", "time_ms_p20", "time_ms_p80"):
+        t.loc[rows, c] *= factor
+    t.loc[rows, "time_samples_ms"] = t.loc[rows, "time_samples_ms"].map(
+        lambda text: " ".join(f"{float(x) * factor:.6g}" for x in text.split())
+    )
 
 
 def test_planted_slowdown_is_caught(base_run, tmp_path, capsys):
-    def slow(t):
-        tighten(t)
-        row = t.mechanism == "lsh"
-        for c in ("time_ms", "time_ms_p20", "time_ms_p80"):
-            t.loc[row, c] *= 1.2
-
-    tight_base = planted(base_run, tmp_path / "b", tighten)
-    assert compare(tight_base, planted(base_run, tmp_path, slow)) == 1
-    assert "time +20%" in capsys.readouterr().out
-
-
-def test_change_within_the_spread_is_ignored(base_run, tmp_path):
-    def noisy(t):
-        t["time_ms_p20"] = t["time_ms"] * 0.7
-        t["time_ms_p80"] = t["time_ms"] * 1.3
-        t["time_ms"] *= 1.2
-
-    wide_base = planted(
-        base_run,
-        tmp_path / "b",
-        lambda t: t.update({"time_ms_p20": t.time_ms * 0.7, "time_ms_p80": t.time_ms * 1.3}),
+    assert (
+        compare(
+            base_run,
+            planted(base_run, tmp_path, lambda t: scale_times(t, t.mechanism == "lsh", 1.2)),
+        )
+        == 1
     )
-    assert compare(wide_base, planted(base_run, tmp_path, noisy)) == 0
+    out = capsys.readouterr().out
+    assert "time x1.20 (95% interval" in out and "flagged lsh/reference N=64" in out
+
+
+def test_change_within_the_noise_is_ignored(base_run, tmp_path):
+    """Medians 10 -> 12 ms, but five samples each that overlap: not proven slower."""
+
+    def samples(text):
+        return lambda t: t.update({"time_samples_ms": [text] * len(t)})
+
+    base = planted(base_run, tmp_path / "b", samples("10 14 7 12 9"))
+    assert compare(base, planted(base_run, tmp_path, samples("12 8 15 11 13"))) == 0
+
+
+def test_compare_a_run_with_itself_is_clean_whatever_its_statuses(base_run, tmp_path):
+    def failing(t):
+        t.loc[t.mechanism == "lsh", ["status", "note", "err_oracle"]] = ["failed", "x", 0.5]
+
+    run = planted(base_run, tmp_path, failing)
+    assert compare(run, run) == 0
+
+
+def test_duplicated_and_missing_cases(base_run, tmp_path, capsys):
+    folder = planted(base_run, tmp_path / "dup", lambda t: None)
+    lines = (folder / "results.csv").read_text().splitlines()
+    (folder / "results.csv").write_text("\n".join([*lines, lines[1]]) + "\n")
+    assert compare(base_run, folder) == 2
+    assert "repeated cases" in capsys.readouterr().err
+    folder = planted(base_run, tmp_path / "gone", lambda t: None)
+    (folder / "results.csv").write_text("\n".join(lines[:-1]) + "\n")
+    assert compare(base_run, folder) == 1
+    assert "missing from the candidate" in capsys.readouterr().out
 
 
 def test_equivalence_failure_is_caught(base_run, tmp_path, capsys):
@@ -124,14 +143,13 @@ def test_report_writes_every_promised_file(base_run, tmp_path):
 
 
 def interpreted_lsh(t):
-    tighten(t)
     t["interpreted"] = t.mechanism == "lsh"
 
 
 def test_interpreter_rows_never_gate_on_time_or_memory(base_run, tmp_path):
     def slow(t):
         interpreted_lsh(t)
-        t.loc[t.mechanism == "lsh", ["time_ms", "time_ms_p20", "time_ms_p80"]] *= 50
+        scale_times(t, t.mechanism == "lsh", 50)
         t.loc[t.mechanism == "lsh", "peak_mem_bytes"] *= 50
 
     base = planted(base_run, tmp_path / "b", interpreted_lsh)
