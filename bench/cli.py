@@ -20,6 +20,7 @@ COMMANDS = {
     "list": "registered mechanisms, configs, implementations",
     "report": "plots and report.md from run folders",
     "compare": "gate a candidate run against a baseline",
+    "quality": "what each mechanism loses: a pretrained model and trained long-range tasks",
 }
 
 
@@ -67,12 +68,19 @@ def build_parser(explicit: bool = False) -> argparse.ArgumentParser:
         default=default("fwd"),
         help="fwd | fwd_bwd | bwd (backward alone), comma-separated (default fwd)",
     )
-    add("--repeats", type=int, default=default(5), help="at least this many timed calls (5)")
+    add("--repeats", type=int, default=default(8), help="at least this many timed calls (8)")
     add(
         "--min-time",
         type=float,
         default=default(0.5),
         help="and at least this many seconds of timed calls per case (default 0.5)",
+    )
+    add(
+        "--rounds",
+        type=int,
+        default=default(4),
+        help="passes over the sweep that share each case's timing budget, so that its "
+        "samples span the run's changing machine load (default 4)",
     )
     add("--warmup", type=int, default=default(1), help="untimed calls first (default 1)")
     add("--seed", type=int, default=default(0), help="inputs and oracle row sample (default 0)")
@@ -118,10 +126,14 @@ def build_parser(explicit: bool = False) -> argparse.ArgumentParser:
     compare.add_argument("baseline")
     compare.add_argument("candidate")
     compare.add_argument("--time-tol", type=float, default=0.10,
-                         help="flag a case when its time ratio's 95%% lower bound exceeds "
-                              "1 + this (default 0.10)")  # fmt: skip
+                         help="flag a case when its 10th-percentile time ratio exceeds 1 + this "
+                              "and its 95%% lower bound exceeds 1 (default 0.10)")  # fmt: skip
     compare.add_argument("--mem-tol", type=float, default=0.05, help="default 0.05 (5%%)")
     compare.add_argument("--force", action="store_true", help="compare runs from different devices")
+
+    from attn_zoo.bench.quality import add_arguments
+
+    add_arguments(sub.add_parser("quality", help=COMMANDS["quality"]))
     return parser
 
 
@@ -148,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             from attn_zoo.bench.report import run_report
 
             return run_report(args)
+        if args.command == "quality":
+            from attn_zoo.bench.quality import run_quality
+
+            return run_quality(args)
         from attn_zoo.bench.compare import run_compare
 
         return run_compare(args)

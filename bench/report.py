@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from attn_zoo.bench import plots
+from attn_zoo.bench import plots, quality_report
 from attn_zoo.bench.errors import UsageError
 from attn_zoo.bench.runner import TOLERANCE
 from attn_zoo.bench.runs import Run, load_run
@@ -76,7 +76,9 @@ def _tolerance(runs: list[Run]) -> float | None:
     return tolerances.pop() if len(tolerances) == 1 else None
 
 
-def write_report(runs: list[Run], out: Path, baseline: str | None = None) -> list[Path]:
+def write_report(
+    runs: list[Run], out: Path, baseline: str | None = None, quality: list | None = None
+) -> list[Path]:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -106,6 +108,25 @@ def write_report(runs: list[Run], out: Path, baseline: str | None = None) -> lis
         save(fig, "speedup.png")
     if n_checked:
         save(plots.errors_figure(runs, _tolerance(runs)), "errors.png")
+    quality_lines = []
+    for q in quality or []:
+        summary = quality_report.real_model_summary(q, measured)
+        if len(summary):
+            save(
+                quality_report.pareto_figure(
+                    summary, "Quality against cost at the same N: all-MiniLM-L6-v2 embedding cosine"
+                ),
+                "quality.png",
+            )
+            save(quality_report.layers_figure(q), "layers.png")
+            quality_lines += [f"## Quality: {q.label}", "",
+                              "Real attention, no training (all-MiniLM-L6-v2 on installed text; "
+                              "time and memory: the sweep's reference rows at the same N):", "",
+                              _markdown(summary), ""]  # fmt: skip
+        tasks = quality_report.task_summary(q)
+        if len(tasks):
+            quality_lines += ["Long-range tasks, trained (held-out accuracy, mean over seeds):",
+                              "", _markdown(tasks), ""]  # fmt: skip
     gpu_runs = [r for r in measured if r.meta.get("device") == "cuda"]
     if gpu_runs:
         peak = max(r.meta.get("matmul_tflops") or 0 for r in gpu_runs) or None
@@ -125,6 +146,7 @@ def write_report(runs: list[Run], out: Path, baseline: str | None = None) -> lis
         lines += [f"| {k} | `{run.meta.get(k)}` |" for k in META_KEYS if k in run.meta]
         lines += [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files] + [""]
+    lines += quality_lines
     if not n_measured:
         lines += [
             "**No measured row to plot**: no case is both ok and timed outside an "
@@ -197,12 +219,15 @@ def write_report(runs: list[Run], out: Path, baseline: str | None = None) -> lis
 
 
 def run_report(args: argparse.Namespace) -> int:
-    runs = [load_run(path) for path in args.runs]
+    quality = [quality_report.load_quality(p) for p in args.runs
+               if quality_report.is_quality_run(p)]  # fmt: skip
+    runs = [load_run(p) for p in args.runs if not quality_report.is_quality_run(p)]
     if args.baseline is not None and "/" not in args.baseline:
         raise UsageError(
             f"--baseline: {args.baseline!r}; accepted: MECHANISM/IMPL, e.g. dense/sdpa"
         )
-    out = Path(args.out) if args.out else Path("reports") / "+".join(r.folder.name for r in runs)
-    for path in write_report(runs, out, args.baseline):
+    named = "+".join(Path(p).resolve().name for p in args.runs)
+    out = Path(args.out) if args.out else Path("reports") / named
+    for path in write_report(runs, out, args.baseline, quality):
         print(f"bench report: wrote {path}")
     return 0

@@ -13,11 +13,11 @@ import torch
 import attn_zoo
 from attn_zoo import oracle
 from attn_zoo.bench.cases import Case
-from attn_zoo.bench.measure import peak_memory, time_call
+from attn_zoo.bench.measure import peak_memory, summarize, time_call
 from attn_zoo.bench.settings import MODE_FLOP_FACTOR, MODES, RunSettings
 from attn_zoo.validation import DTYPES
 
-__all__ = ["MODES", "TOLERANCE", "run_case", "skip_reason"]
+__all__ = ["MODES", "TOLERANCE", "more_samples", "run_case", "skip_reason", "timing_columns"]
 
 #: err_oracle must be under this for the row to be ok (shared/DESIGN.md).
 TOLERANCE = {"float64": 1e-5, "float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-2}
@@ -66,8 +66,55 @@ def skip_reason(case: Case) -> str | None:
     return None
 
 
+def _calls(case: Case, mech, q, k, v):
+    """(setup, timed): what one timed call runs, and what runs untimed before it."""
+
+    def forward():
+        return mech(q, k, v, causal=case.causal, impl=case.impl)
+
+    def call():
+        out = forward()
+        if case.mode == "fwd_bwd":
+            out.backward(torch.ones_like(out))
+        return out
+
+    if case.mode != "bwd":
+        return None, call
+    held = {}
+
+    def setup():  # the forward outside the timed region, each time
+        for x in (q, k, v):
+            x.grad = None
+        held["out"] = forward()
+
+    def timed():
+        held["out"].backward(torch.ones_like(held["out"]))
+        return held["out"]
+
+    return setup, timed
+
+
+def _share(settings: RunSettings, warmup: int) -> dict:
+    """One round's part of the timing budget (the sweep spreads it over rounds)."""
+    rounds = settings.rounds
+    return dict(warmup=warmup, repeats=-(-settings.repeats // rounds),
+                min_time=settings.min_time / rounds, cuda_graph=settings.cuda_graph)  # fmt: skip
+
+
+def more_samples(case: Case, settings: RunSettings) -> list[float]:
+    """A later round's timing samples of a case that measured ok in round 0."""
+    mech = attn_zoo.get(case.mechanism)
+    q, k, v = _inputs(case, settings.seed)
+    setup, timed = _calls(case, mech, q, k, v)
+    share = _share(settings, warmup=0)
+    timing = time_call(timed, torch.device(case.device), share["warmup"], share["repeats"],
+                       share["min_time"], setup=setup, cuda_graph=share["cuda_graph"])  # fmt: skip
+    return timing.samples_ms
+
+
 def run_case(case: Case, settings: RunSettings) -> dict:
-    """The measured row for ``case`` (without the key columns)."""
+    """The measured row for ``case`` (without the key columns): round 0's timing
+    samples (``time_samples_ms``), peak memory, equivalence and work."""
     row: dict = {"status": "ok", "note": "", "repeats": settings.repeats}
     try:
         mech = attn_zoo.get(case.mechanism)
@@ -83,38 +130,11 @@ def run_case(case: Case, settings: RunSettings) -> dict:
         pairs = mech.pairs(q.detach(), k.detach(), v.detach(), plan)
         row["flops"] = 4 * case.head_dim * pairs * MODE_FLOP_FACTOR[case.mode]
         row["density"] = pairs / plan.full_pairs
-
-        def forward():
-            return mech(q, k, v, causal=case.causal, impl=case.impl)
-
-        def call():
-            out = forward()
-            if case.mode == "fwd_bwd":
-                out.backward(torch.ones_like(out))
-            return out
-
-        setup, timed = None, call
-        if case.mode == "bwd":  # the forward outside the timed region, each time
-            held = {}
-
-            def setup():
-                for x in (q, k, v):
-                    x.grad = None
-                held["out"] = forward()
-
-            def timed():
-                held["out"].backward(torch.ones_like(held["out"]))
-                return held["out"]
-
-        timing = time_call(timed, device, settings.warmup, settings.repeats, settings.min_time,
-                           setup=setup, cuda_graph=settings.cuda_graph)  # fmt: skip
-        row.update(
-            time_ms=timing.median_ms,
-            time_ms_p20=timing.p20_ms,
-            time_ms_p80=timing.p80_ms,
-            repeats=len(timing.samples_ms),
-            time_samples_ms=timing.samples_text(),
-        )
+        setup, timed = _calls(case, mech, q, k, v)
+        share = _share(settings, warmup=settings.warmup)
+        timing = time_call(timed, device, share["warmup"], share["repeats"], share["min_time"],
+                           setup=setup, cuda_graph=share["cuda_graph"])  # fmt: skip
+        row.update(timing_columns(timing.samples_ms))
         if setup is not None:
             setup()
         peak, out = peak_memory(timed, device)
@@ -135,6 +155,14 @@ def run_case(case: Case, settings: RunSettings) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return row
+
+
+def timing_columns(samples_ms: list[float]) -> dict:
+    """The row's timing columns from every sample of every round."""
+    timing = summarize(samples_ms)
+    return {"time_ms": timing.median_ms, "time_ms_p20": timing.p20_ms,
+            "time_ms_p80": timing.p80_ms, "repeats": len(samples_ms),
+            "time_samples_ms": timing.samples_text()}  # fmt: skip
 
 
 def _equivalence(row, mech, case, qkv, plan, out, settings) -> None:

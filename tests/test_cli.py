@@ -15,7 +15,8 @@ from attn_zoo.bench.store import COLUMNS
 
 
 def run(tmp_path, *args, run_id="r"):
-    return main(["run", "--out", str(tmp_path), "--run-id", run_id, "--repeats", "2", *args])
+    return main(["run", "--out", str(tmp_path), "--run-id", run_id, "--repeats", "2",
+                 "--rounds", "1", "--min-time", "0.05", *args])  # fmt: skip
 
 
 def rows(tmp_path, run_id="r"):

@@ -24,8 +24,8 @@ from attn_zoo.bench.store import environment
 def small_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     code = main(["run", "--out", str(root), "--run-id", "small", "--seq-lens", "64,128",
-                 "--mechanisms", "dense,sparse_fixed", "--repeats", "3",
-                 "--min-time", "0.05"])  # fmt: skip
+                 "--mechanisms", "dense,sparse_fixed", "--repeats", "16",
+                 "--min-time", "0.4"])  # fmt: skip
     assert code == 0
     return root / "small"
 
@@ -288,4 +288,39 @@ def test_a_default_run_folder_leaves_the_tree_clean():
 
 def test_meta_records_the_settings_a_resume_needs(small_run):
     meta = json.loads((small_run / "meta.json").read_text())
-    assert meta["args"]["min_time"] == 0.05 and meta["args"]["cuda_graph"] is False
+    assert meta["args"]["min_time"] == 0.4 and meta["args"]["cuda_graph"] is False
+
+
+# -- timing rounds --------------------------------------------------------------------------
+
+
+def test_rounds_spread_each_case_over_the_sweep_and_resume_midway(tmp_path, monkeypatch):
+    """Four rounds of two samples each: every row holds eight samples; a sweep killed
+    in round 2 resumes from pending.jsonl without repeating round 0's rows."""
+    import attn_zoo.bench.sweep as sweep
+
+    real = sweep.more_samples
+    calls = []
+
+    def flaky(case, settings):
+        calls.append(case)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(case, settings)
+
+    monkeypatch.setattr(sweep, "more_samples", flaky)
+    argv = ["run", "--out", str(tmp_path), "--run-id", "r", "--seq-lens", "32,48",
+            "--mechanisms", "dense", "--impls", "reference", "--repeats", "8", "--rounds", "4",
+            "--min-time", "0"]  # fmt: skip
+    assert main(argv) == 130
+    assert load_run(tmp_path / "r").table.empty  # no case finished its rounds
+    pending = (tmp_path / "r" / "pending.jsonl").read_text().splitlines()
+    assert len(pending) == 4  # two cases' round 0, then round 1 of the first
+    monkeypatch.setattr(sweep, "more_samples", real)
+    zeroes = []
+    monkeypatch.setattr(sweep, "run_case", lambda *a: zeroes.append(a) or {})
+    assert main(["run", "--resume", str(tmp_path / "r")]) == 0
+    assert not zeroes, "round 0 is not measured again"
+    table = load_run(tmp_path / "r").table
+    assert len(table) == 2 and (table.repeats == 8).all()
+    assert all(len(s.split()) == 8 for s in table.time_samples_ms)

@@ -25,9 +25,12 @@ from attn_zoo.functional import attend
 from attn_zoo.registry import get
 
 
-def register(mechanism: str, *, impl: str = "auto", **config: Any) -> str:
+def register(
+    mechanism: str, *, impl: str = "auto", params: dict | None = None, **config: Any
+) -> str:
     """Register ``mechanism`` (with its config) in transformers' attention
-    interface as ``"attn_zoo_<mechanism>"`` and return that name."""
+    interface as ``"attn_zoo_<mechanism>"`` and return that name. ``params``: the
+    mechanism's learnable tensors (:meth:`Mechanism.learnable`), else seeded ones."""
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -55,7 +58,7 @@ def register(mechanism: str, *, impl: str = "auto", **config: Any) -> str:
         alignment, keep = read_mask(attention_mask, bool(causal), query, key, who=name)
         out = attend(mech, query, key, value, causal=alignment, keep=keep, dropout_p=dropout,
                      scale=scaling, enable_gqa=key.shape[1] != query.shape[1],
-                     impl=impl)  # fmt: skip
+                     impl=impl, params=params)  # fmt: skip
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register(name, attn_zoo_attention)
