@@ -70,6 +70,13 @@ class Reporter:
         if self.progress:
             self.progress.update(self.task, description=case.label())
 
+    def note(self, text: str) -> None:
+        """A line between rows (the end of a timing round)."""
+        if self.progress:
+            self.progress.console.print(text, style="dim", markup=False)
+        else:
+            print(text, flush=True)
+
     def finished(self, case: Case, row: dict) -> None:
         self.done += 1
         line = f"[{self.done}/{self.total}] {case.label()}: {describe_row(row)}"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from attn_zoo.bench.errors import UsageError
 from attn_zoo.bench.plots import _finish
@@ -106,6 +107,8 @@ def pareto_figure(summary: pd.DataFrame, title: str):
                         textcoords="offset points")  # fmt: skip
         if len(shown):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # no crowded minor labels
+            ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("embedding cosine vs dense (1 = no loss)")
         ax.grid(True, which="both", alpha=0.3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import time
 from pathlib import Path
 
 import attn_zoo
@@ -87,7 +88,11 @@ def _measure(todo: list[Case], settings: RunSettings, store: RunStore, reporter)
     round is recorded on the way (``pending.jsonl``), so an interrupted sweep
     resumes where it stopped."""
     state = store.pending()
+    start = time.perf_counter()
     for number in range(settings.rounds):
+        if number:
+            reporter.note(f"bench: timing round {number} of {settings.rounds} done "
+                          f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
         for case in todo:
             entry = state.setdefault(case.key(), {"row": None, "rounds": {}})
             if number not in entry["rounds"]:  # else: measured before an interruption
