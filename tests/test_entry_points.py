@@ -117,6 +117,7 @@ def test_decode_step_equals_the_last_rows_of_the_full_sequence(name):
 # -- every mechanism honors scale and padding ----------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:attn_zoo.*shared QK")
 @pytest.mark.parametrize("name", attn_zoo.names())
 def test_scale_multiplies_every_score(name):
     """scale s equals the default 1/sqrt(d) on inputs whose scores are s sqrt(d)
