@@ -52,6 +52,20 @@ def check_impl(mech, impl, n, dim, dtype, causal, *, batch=1, heads=2, device="c
     assert oracle.rel_error(out, reference) < tol, f"{impl} vs reference"
 
 
+def interrupting(real, at: int):
+    """``real``, except that its ``at``-th call raises KeyboardInterrupt (a Ctrl-C
+    in the middle of a sweep)."""
+    calls = []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    return flaky
+
+
 @pytest.fixture
 def no_gpu():
     if torch.cuda.is_available():

@@ -12,6 +12,7 @@ import attn_zoo
 import attn_zoo.bench.runner
 from attn_zoo.bench.cli import main
 from attn_zoo.bench.store import COLUMNS
+from conftest import interrupting
 
 
 def run(tmp_path, *args, run_id="r"):
@@ -99,15 +100,7 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 
 def test_resume_finishes_an_interrupted_run(tmp_path, monkeypatch):
     real = attn_zoo.bench.runner.run_case
-    calls = []
-
-    def flaky(case, settings):
-        calls.append(case)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(case, settings)
-
-    monkeypatch.setattr("attn_zoo.bench.sweep.run_case", flaky)
+    monkeypatch.setattr("attn_zoo.bench.sweep.run_case", interrupting(real, at=3))
     args = ["--seq-lens", "32,48", "--mechanisms", "dense,sparse_fixed"]
     assert run(tmp_path, *args) == 130
     first = rows(tmp_path)

@@ -18,6 +18,7 @@ from attn_zoo.bench.cli import main
 from attn_zoo.bench.measure import time_call
 from attn_zoo.bench.runs import load_run
 from attn_zoo.bench.store import environment
+from conftest import interrupting
 
 
 @pytest.fixture(scope="module")
@@ -300,15 +301,7 @@ def test_rounds_spread_each_case_over_the_sweep_and_resume_midway(tmp_path, monk
     import attn_zoo.bench.sweep as sweep
 
     real = sweep.more_samples
-    calls = []
-
-    def flaky(case, settings):
-        calls.append(case)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(case, settings)
-
-    monkeypatch.setattr(sweep, "more_samples", flaky)
+    monkeypatch.setattr(sweep, "more_samples", interrupting(real, at=3))
     argv = ["run", "--out", str(tmp_path), "--run-id", "r", "--seq-lens", "32,48",
             "--mechanisms", "dense", "--impls", "reference", "--repeats", "8", "--rounds", "4",
             "--min-time", "0"]  # fmt: skip
