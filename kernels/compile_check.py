@@ -1,20 +1,31 @@
-"""Compile the flash core ahead of time for an NVIDIA target, without a GPU.
+"""Compile the flash core ahead of time for an NVIDIA target, without a GPU,
+and report what the compiled code looks like.
 
 ``python -m attn_zoo.kernels.compile_check [--arch 90] [--dtypes fp16,bf16,fp32]
-[--dims 32,64,128]`` runs Triton's whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the
-bundled ptxas) for every combination of compile-time flags a mechanism
-launches, and checks each kernel's shared memory against the sm_90 limit (a
-launch would fail above it), so a kernel that only works in the interpreter
-fails here. It needs no driver; it cannot replace running on the GPU.
-TRITON_INTERPRET must be unset.
+[--dims 32,64,128] [--out reports/kernels-sm90]`` runs Triton's whole pipeline
+(TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for every
+combination of compile-time flags a mechanism launches, with the divisibility
+specialization the JIT gives a launch on aligned shapes (every pointer, stride
+and length a multiple of 16: contiguous [B, H, N, D] tensors with N and D
+multiples of 16). For each variant it reports the tile, warps, stages,
+registers and spill bytes (ptxas -v), shared memory, and the HGMMA (warpgroup)
+and HMMA (warp) matrix instructions in the SASS (cuobjdump), as JSON and
+markdown under ``--out``. It fails on a compile error or on shared memory above
+the sm_90 limit (a launch would fail); it needs no driver and cannot replace
+running on the GPU. TRITON_INTERPRET must be unset.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 #: The flag sets the mechanisms launch (kernels/<family>.py), by name.
 VARIANTS: dict[str, dict[str, bool | int]] = {
@@ -43,13 +54,18 @@ VARIANTS: dict[str, dict[str, bool | int]] = {
     | {"DUP": 3},
     "routing causal clusters": dict.fromkeys(("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS"), True),
     "routing member lists": dict.fromkeys(("GATHER_Q", "GATHER_K", "WINDOW"), True),
+    "dense, key padding": {"PADDED": True},
 }
 FLAGS = ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "RAMP", "SYMMETRIC",
-         "REL_TERM", "DUP", "ACCUMULATE")  # fmt: skip
+         "REL_TERM", "DUP", "PADDED", "ACCUMULATE")  # fmt: skip
 POINTERS = {"LSE": "fp32", "U": "fp32", "VB": "fp32", "SPANS": "fp32"} | dict.fromkeys(
     ("QIDX", "KIDX", "QGRP", "KGRP", "RGRP", "RRANK", "FULL", "FULL_COUNT", "PARTIAL",
      "PARTIAL_COUNT"), "i32"
-)  # fmt: skip
+) | {"KEEP": "i8"}  # fmt: skip
+#: Integer arguments that are multiples of 16 in a launch on aligned shapes: strides and
+#: lengths. The JIT marks such arguments (and every 16-byte aligned pointer) divisible.
+ALIGNED_INTS = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh",
+                "som", "srh", "srn", "n_q", "n_k", "n_out", "n_pos", "keep_stride"}  # fmt: skip
 SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 INT64 = {"lo", "hi", "offset", "seg_len", "seg_step", "win_lo", "win_hi"}
 FLOAT = {"self_bias", "ramp", "qk_scale"}
@@ -67,11 +83,87 @@ def signature(kernel, dtype: str) -> dict[str, str]:
     return sig
 
 
+def aligned_attrs(kernel) -> dict:
+    """tt.divisibility 16 on every pointer and aligned integer, as the JIT specializes
+    a launch on aligned shapes."""
+    attrs = {}
+    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params, strict=True)):
+        pointer = name in POINTERS or name in ("Q", "K", "V", "O", "REL")
+        if not param.is_constexpr and (pointer or name in ALIGNED_INTS):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def _tool(name: str, arch: int = 90) -> str:
+    """A binary bundled with Triton's NVIDIA backend: for ptxas the one Triton itself
+    compiles with (it picks a newer ptxas for newer PTX), else the bundled file."""
+    import triton
+
+    if name == "ptxas":
+        try:
+            from triton.backends.nvidia.compiler import get_ptxas
+
+            return get_ptxas(arch).path
+        except (ImportError, TypeError, AttributeError):
+            pass
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(path) if path.exists() else name
+
+
+def analyze(compiled, arch: int) -> dict:
+    """Registers and spills (ptxas -v on the PTX) and matrix instructions (SASS)."""
+    found = {"registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
+             "hgmma": None, "hmma": None}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
+        ptx.write_text(compiled.asm["ptx"])
+        cubin.write_bytes(compiled.asm["cubin"])
+        suffix = "a" if arch >= 90 else ""
+        command = [_tool("ptxas", arch), "-v", f"--gpu-name=sm_{arch}{suffix}", str(ptx),
+                   "-o", str(Path(tmp) / "v.cubin")]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        log = done.stdout + done.stderr
+        if m := re.search(r"Used (\d+) registers", log):
+            found["registers"] = int(m.group(1))
+        if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log):
+            found["spill_store_bytes"], found["spill_load_bytes"] = map(int, m.groups())
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True,
+                              text=True, timeout=600).stdout  # fmt: skip
+        if sass:
+            found["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
+            found["hmma"] = len(re.findall(r"\bHMMA\b", sass))
+    return found
+
+
+def write_report(rows: list[dict], out: Path, triton_version: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compile.json").write_text(json.dumps(rows, indent=1) + "\n")
+    columns = ["variant", "dtype", "head_dim", "tile", "warps", "stages", "registers",
+               "spill_store_bytes", "shared_kib", "hgmma", "hmma", "status"]  # fmt: skip
+    arch = rows[0]["arch"] if rows else 90
+    lines = [
+        f"# Flash core compiled for sm_{arch} (Triton {triton_version})",
+        "",
+        "Each flag set the mechanisms launch, compiled as a launch on aligned shapes compiles "
+        "it (`python -m attn_zoo.kernels.compile_check`). Registers and spills from "
+        "`ptxas -v`; HGMMA (warpgroup MMA) and HMMA (warp MMA) counted in the SASS. No GPU "
+        "was used: this is the evidence between GPU runs, not a timing.",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        cells = ("" if row.get(c) is None else str(row.get(c)) for c in columns)
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "compile.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attn_zoo.kernels.compile_check")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
     parser.add_argument("--dims", default="32,64,128")
+    parser.add_argument("--out", default="reports/kernels-sm90", help="report folder")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
@@ -84,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
+    rows = []
     for dtype in args.dtypes.split(","):
         for dim in (int(d) for d in args.dims.split(",")):
             for name, flags in VARIANTS.items():
@@ -93,10 +186,17 @@ def main(argv: list[str] | None = None) -> int:
                 constants |= dict(HEAD_DIM=dim, BLOCK_M=block, BLOCK_N=block,
                                   PRECISION="ieee" if dtype == "fp32" else None)  # fmt: skip
                 start = time.perf_counter()
+                row = {"variant": name, "dtype": dtype, "head_dim": dim, "arch": args.arch,
+                       "tile": f"{block}x{block}"}  # fmt: skip
                 try:
-                    source = ASTSource(_flash_fwd, signature(_flash_fwd, dtype), constants)
+                    source = ASTSource(_flash_fwd, signature(_flash_fwd, dtype), constants,
+                                       aligned_attrs(_flash_fwd))  # fmt: skip
                     compiled = triton.compile(source, target=target)
                     shared = compiled.metadata.shared
+                    row |= {"warps": compiled.metadata.num_warps,
+                            "stages": compiled.metadata.num_stages,
+                            "shared_kib": round(shared / 1024, 1)}  # fmt: skip
+                    row |= analyze(compiled, args.arch)
                     status = f"ok, shared memory {shared / 1024:.0f} KiB"
                     if shared > SHARED_LIMIT:
                         failures += 1
@@ -104,9 +204,13 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as error:  # report every variant, then fail
                     failures += 1
                     status = f"FAILED: {type(error).__name__}: {str(error)[:400]}"
+                row["status"] = status
+                rows.append(row)
                 took = time.perf_counter() - start
                 print(f"sm_{args.arch} {dtype} d={dim} {name}: {status} ({took:.1f} s)", flush=True)
-    print(f"compile_check: triton {triton.__version__}, {failures} failure(s)")
+    write_report(rows, Path(args.out), triton.__version__)
+    print(f"compile_check: triton {triton.__version__}, {failures} failure(s); "
+          f"report in {args.out}/compile.md")  # fmt: skip
     return 1 if failures else 0
 
 

@@ -83,7 +83,7 @@ def test_dense_kernel_on_gpu(dtype, causal):
 
 
 @pytest.mark.parametrize("dtypes,dims", [("fp16,bf16", "32,64,128"), ("fp32", "32")])
-def test_core_compiles_for_h100_without_a_gpu(dtypes, dims):
+def test_core_compiles_for_h100_without_a_gpu(dtypes, dims, tmp_path):
     """Triton's whole pipeline down to a cubin for sm_90, for every flag set the
     mechanisms launch: a kernel that only works in the interpreter fails here."""
     import os
@@ -92,7 +92,17 @@ def test_core_compiles_for_h100_without_a_gpu(dtypes, dims):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-W", "ignore", "-m", "attn_zoo.kernels.compile_check",
-               "--arch", "90", "--dtypes", dtypes, "--dims", dims]  # fmt: skip
+               "--arch", "90", "--dtypes", dtypes, "--dims", dims,
+               "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0 failure(s)" in done.stdout
+    import json
+
+    rows = json.loads((tmp_path / "compile.json").read_text())
+    assert len(rows) == len(dtypes.split(",")) * len(dims.split(",")) * 15
+    for row in rows:  # the analysis read every compiled variant
+        assert row["registers"] > 0 and row["spill_store_bytes"] is not None, row
+        if row["dtype"] != "fp32":  # fp32 (IEEE) dots run on FMA units, not MMA
+            assert row["hgmma"] + row["hmma"] > 0, row
+    assert (tmp_path / "compile.md").read_text().count("\n| ") == len(rows) + 1
