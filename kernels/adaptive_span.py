@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import torch
 
-from attn_zoo.kernels.flash import Ramp, block_size, flash_attention
+from attn_zoo.kernels.flash import Ramp, flash_attention, tile_for
 from attn_zoo.kernels.layout import Band, BlockLayout, build_layout
 
 
@@ -29,7 +29,7 @@ def _layout(n: int, reach: tuple, flat: tuple, causal: bool, block: int, device)
 
 
 def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
-    block = block_size(q.shape[-1])
+    block = tile_for(q)
     heads = range(plan.heads)
     reach = tuple(plan.reach(h) for h in heads)
     flat = tuple(plan.flat(h) for h in heads)

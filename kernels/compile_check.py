@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from attn_zoo.kernels.flash import _flash_fwd, block_size
+    from attn_zoo.kernels.flash import _flash_fwd, block_size, warps_for
 
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in args.dtypes.split(","):
         for dim in (int(d) for d in args.dims.split(",")):
             for name, flags in VARIANTS.items():
-                block = block_size(dim)
+                block = block_size(dim, bool(flags.get("REL_TERM")), dtype == "fp32")
+                warps = warps_for(dim, block)
                 constants = {flag: flags.get(flag, 0 if flag == "DUP" else False)
                              for flag in FLAGS}  # fmt: skip
                 constants |= dict(HEAD_DIM=dim, BLOCK_M=block, BLOCK_N=block,
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     source = ASTSource(_flash_fwd, signature(_flash_fwd, dtype), constants,
                                        aligned_attrs(_flash_fwd))  # fmt: skip
-                    compiled = triton.compile(source, target=target)
+                    compiled = triton.compile(source, target=target,
+                                              options={"num_warps": warps})  # fmt: skip
                     shared = compiled.metadata.shared
                     row |= {"warps": compiled.metadata.num_warps,
                             "stages": compiled.metadata.num_stages,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_zoo.kernels.flash import block_size, flash_attention
+from attn_zoo.kernels.flash import flash_attention, tile_for
 from attn_zoo.kernels.layout import Band, cached_layout
 
 
@@ -17,7 +17,7 @@ def dense_band(n_q: int, n_k: int, causal: bool) -> Band:
 def band_attention(q, k, v, band: Band, out: torch.Tensor | None = None, keep=None):
     """One launch over the key blocks a band touches (dense, local windows)."""
     n_q, n_k = q.shape[2], k.shape[2]
-    layout = cached_layout(n_q, n_k, band, None, block_size(q.shape[-1]), q.device)
+    layout = cached_layout(n_q, n_k, band, None, tile_for(q), q.device)
     return flash_attention(q, k, v, layout, band, out=out, keep=keep)[0]
 
 

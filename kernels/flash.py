@@ -265,10 +265,23 @@ def new_output(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> t
     return torch.empty(shape, device=q.device, dtype=dtype)
 
 
-def block_size(head_dim: int) -> int:
-    """Tile edge: 64 up to head_dim 64, 32 above (registers); BLOCK_M == BLOCK_N
-    because the relative term's tile of distances must be a power of two."""
-    return 64 if head_dim <= 64 else 32
+def block_size(head_dim: int, relative: bool = False, fp32: bool = False) -> int:
+    """Tile edge: 64, the smallest tile warpgroup MMA (HGMMA) takes on sm_90; 32 at
+    head_dim 128 for the Transformer-XL relative term, whose (BM + BN) x D distance
+    tile would not fit in registers, and for float32 (IEEE dots on FMA units, no
+    MMA to feed). BLOCK_M == BLOCK_N because the distance tile must be a power of two."""
+    return 32 if head_dim > 64 and (relative or fp32) else 64
+
+
+def tile_for(q: torch.Tensor, relative: bool = False) -> int:
+    """:func:`block_size` for a launch on ``q``."""
+    return block_size(q.shape[-1], relative, q.dtype == torch.float32)
+
+
+def warps_for(head_dim: int, block: int) -> int:
+    """Warps per program: 8 for 64-row tiles at head_dim 128 (the 64 x 128 float32
+    accumulator needs two warpgroups' registers), else 4."""
+    return 8 if head_dim > 64 and block >= 64 else 4
 
 
 def flash_attention(
@@ -350,5 +363,6 @@ def flash_attention(
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
         DUP=DUP_MODES[duplicates.mode] if duplicates is not None else 0, PADDED=keep is not None,
         ACCUMULATE=accumulate, PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=warps_for(dim, layout.block_m),
     )  # fmt: skip
     return out, lse

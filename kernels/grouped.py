@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_zoo.kernels.flash import Duplicates, block_size, flash_attention
+from attn_zoo.kernels.flash import Duplicates, flash_attention, tile_for
 from attn_zoo.kernels.layout import Band, Window, build_layout, cached_layout
 from attn_zoo.kernels.sorting import sort_by_group
 
@@ -37,7 +37,7 @@ def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
     """One round for groups [B, H, N]: (out, lse) in original order; with
     ``rounds`` [B|1, H|1, R, N], every round's groups, the duplicate correction."""
     b, h, n, _ = q.shape
-    block = block_size(q.shape[-1])
+    block = tile_for(q)
     groups = groups.expand(b, h, n).reshape(b * h, n)
     perm, _ = sort_by_group(groups)
     perm = perm.to(torch.int32).contiguous()
@@ -70,6 +70,6 @@ def clustered_flash(q, k, v, members: torch.Tensor, keep=None) -> torch.Tensor:
     index = members.reshape(b * h, clusters * width).to(torch.int32).contiguous()
     window = Window(seg_len=width, step=width, lo=0, hi=width - 1)
     n = index.shape[1]
-    layout = cached_layout(n, n, Band(), window, block_size(q.shape[-1]), q.device)
+    layout = cached_layout(n, n, Band(), window, tile_for(q), q.device)
     return flash_attention(q, k, v, layout, Band(), window, q_index=index, k_index=index,
                            scatter=False, keep=keep)[0]  # fmt: skip

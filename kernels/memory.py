@@ -10,7 +10,7 @@ window ``plan.slot_window(s)``, n slots further on per segment.
 
 from __future__ import annotations
 
-from attn_zoo.kernels.flash import Relative, block_size, flash_attention
+from attn_zoo.kernels.flash import Relative, flash_attention, tile_for
 from attn_zoo.kernels.layout import BIG, Band, Window, cached_layout
 
 
@@ -23,7 +23,8 @@ def _raw_part(q, k, v, plan, same_length=False, relative=None):
     seg, mem = plan.segment_len, plan.mem_len
     window = Window(seg_len=seg, step=seg, lo=-mem, hi=seg - 1)
     band = _band(plan.causal, same_length, mem)
-    layout = cached_layout(plan.n_q, plan.n_k, band, window, block_size(q.shape[-1]), q.device)
+    block = tile_for(q, relative=relative is not None)
+    layout = cached_layout(plan.n_q, plan.n_k, band, window, block, q.device)
     return flash_attention(q, k, v, layout, band, window, relative=relative, keep=plan.keep)
 
 
@@ -41,7 +42,7 @@ def compressive_attention(q, k, v, ck, cv, plan, slot_keep=None):
     first = -plan.cmem_len - plan.first_slot  # slot_window(s) = s n + first, Mc wide
     window = Window(seg_len=plan.segment_len, step=plan.per_segment, lo=first,
                     hi=first + plan.cmem_len - 1)  # fmt: skip
-    layout = cached_layout(plan.n_q, plan.slots, Band(), window, block_size(q.shape[-1]), q.device)
+    layout = cached_layout(plan.n_q, plan.slots, Band(), window, tile_for(q), q.device)
     flash_attention(q, ck, cv, layout, Band(), window, keep=slot_keep, out=out, lse=lse,
                     accumulate=True)  # fmt: skip
     return out, lse

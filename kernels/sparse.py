@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from attn_zoo.kernels.flash import block_size, flash_attention
+from attn_zoo.kernels.flash import flash_attention, tile_for
 from attn_zoo.kernels.layout import BIG, Band, Window, build_layout, cached_layout
 
 
@@ -33,7 +33,7 @@ def _columns(n: int, stride: int, causal: bool, block: int, device):
 
 
 def strided_attention(q, k, v, plan) -> torch.Tensor:
-    n, l, block = plan.n_q, plan.stride, block_size(q.shape[-1])
+    n, l, block = plan.n_q, plan.stride, tile_for(q)
     near = Band(lo=1, hi=l - 1) if plan.causal else Band(lo=-(l - 1), hi=l - 1)
     layout = cached_layout(n, n, near, None, block, q.device, self_pairs=not plan.causal)
     self_bias = None if plan.causal else float("-inf")  # i == j is in the column part
@@ -54,7 +54,7 @@ def _summary(n: int, stride: int, summary: int, device) -> torch.Tensor:
 
 def fixed_attention(q, k, v, plan) -> torch.Tensor:
     n, l, c = plan.n_q, plan.stride, plan.summary
-    block = block_size(q.shape[-1])
+    block = tile_for(q)
     band = Band(lo=0) if plan.causal else Band()
     own = Window(seg_len=l, step=l, lo=0, hi=l - 1)
     layout = cached_layout(n, n, band, own, block, q.device)
