@@ -191,7 +191,9 @@ def _flash_fwd(
     ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # 64-bit: batch/head offsets (b * stride, pid_bh * length) pass 2^31 elements on
+    # large inputs; offsets within one head stay 32-bit.
+    pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
