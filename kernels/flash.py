@@ -280,10 +280,13 @@ def tile_for(q: torch.Tensor, relative: bool = False) -> int:
     return block_size(q.shape[-1], relative, q.dtype == torch.float32)
 
 
-def warps_for(head_dim: int, block: int) -> int:
+def warps_for(head_dim: int, block: int, heavy: bool = False) -> int:
     """Warps per program: 8 for 64-row tiles at head_dim 128 (the 64 x 128 float32
-    accumulator needs two warpgroups' registers), else 4."""
-    return 8 if head_dim > 64 and block >= 64 else 4
+    accumulator needs two warpgroups' registers) and for the register-heavy
+    modifiers (xl's distance tile, lsh's round count), which spill with 4 (the
+    compile report: 255 registers and up to 1 KiB of spills with 4, none with 8);
+    else 4."""
+    return 8 if (head_dim > 64 and block >= 64) or heavy else 4
 
 
 def flash_attention(
@@ -365,6 +368,6 @@ def flash_attention(
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
         DUP=DUP_MODES[duplicates.mode] if duplicates is not None else 0, PADDED=keep is not None,
         ACCUMULATE=accumulate, PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=warps_for(dim, layout.block_m),
+        num_warps=warps_for(dim, layout.block_m, relative is not None or duplicates is not None),
     )  # fmt: skip
     return out, lse

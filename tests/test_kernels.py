@@ -85,7 +85,8 @@ def test_dense_kernel_on_gpu(dtype, causal):
 @pytest.mark.parametrize("dtypes,dims", [("fp16,bf16", "32,64,128"), ("fp32", "32")])
 def test_core_compiles_for_h100_without_a_gpu(dtypes, dims, tmp_path):
     """Triton's whole pipeline down to a cubin for sm_90, for every flag set the
-    mechanisms launch: a kernel that only works in the interpreter fails here."""
+    mechanisms launch: a kernel that only works in the interpreter fails here, and
+    (--strict) so does a new spill or a missing HGMMA at head_dim >= 64."""
     import os
     import subprocess
     import sys
@@ -93,7 +94,7 @@ def test_core_compiles_for_h100_without_a_gpu(dtypes, dims, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-W", "ignore", "-m", "attn_zoo.kernels.compile_check",
                "--arch", "90", "--dtypes", dtypes, "--dims", dims,
-               "--out", str(tmp_path)]  # fmt: skip
+               "--out", str(tmp_path), "--strict"]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "0 failure(s)" in done.stdout
