@@ -104,6 +104,7 @@ class AdaptiveSpan(Mechanism):
     summary = "the previous z_h + R positions of head h (not itself, at most S), ramp m_z"
     complexity = "O(N * sum_h (z_h + R)) time and memory"
     oracle_summary = "dense softmax with bias log m_z(i - j), per head"
+    decodes = True
 
     def learnable(self, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
         """z_h [H] (Sec. 3.2: learned per head, in [0, S]), at the configured spans."""

@@ -113,7 +113,7 @@ def slot_layout(n: int, segment_len: int, mem_len: int, rate: int, per_segment: 
     t L - M + r c. Slots whose positions are negative (g < g0) hold zero memories."""
     segments = -(-n // segment_len)
     g = torch.arange(max(segments - 1, 0) * per_segment)
-    t, r = (g // per_segment, g % per_segment) if per_segment else (g, g)
+    t, r = g // max(per_segment, 1), g % max(per_segment, 1)
     starts = t * segment_len - mem_len + r * rate
     real = starts >= 0
     positions = starts[real][:, None] + torch.arange(rate)

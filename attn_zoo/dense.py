@@ -34,6 +34,7 @@ class Dense(Mechanism):
     complexity = "O(N^2) time and memory"
     oracle_summary = "softmax(QK^T/sqrt(d) + causal 0/-inf mask) V in float64"
     self_attention = False
+    decodes = True
 
     def plan(self, q, k, v, causal: bool) -> Plan:
         if causal and q.shape[2] > k.shape[2]:

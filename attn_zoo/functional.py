@@ -36,11 +36,8 @@ from typing import Any
 import torch
 
 from attn_zoo.interface import Mechanism
-from attn_zoo.registry import get
+from attn_zoo.registry import get, names
 
-#: Mechanisms whose queries may be fewer than the keys (a KV cache): position-based
-#: patterns, where the queries are the last positions of the sequence.
-CACHE_READY = ("dense", "sparse_fixed", "sparse_strided", "adaptive_span")
 _warned_shared_qk: set[str] = set()
 
 
@@ -111,19 +108,20 @@ def attend(
         k, v = k[:, :, :n_q], v[:, :, :n_q]
         keep = keep[:, :n_q] if keep is not None else None
         n_k = n_q
-    if n_q < n_k and mech.name not in CACHE_READY:
+    if n_q < n_k and not mech.decodes:
+        decoders = [name for name in names() if get(name).decodes]
         raise ValueError(
             f"{who}: q_len {n_q} < k_len {n_k} (a KV cache) is defined for "
-            f"{', '.join(CACHE_READY)}; {mech.name} attends within one sequence"
+            f"{', '.join(decoders)}; {mech.name} attends within one sequence"
         )
-    if n_q < n_k and mech.name != "dense" and causal == "none":
+    if n_q < n_k and mech.self_attention and causal == "none":
         raise ValueError(
             f"{who}: bidirectional attention with q_len {n_q} < k_len {n_k} is defined for "
             f"dense only; pass attn_mask=causal_lower_right(q_len, k_len) for a decode step"
         )
     chosen = _choose_impl(mech, impl, q, k, v)
     queries, skipped = q, 0
-    if n_q < n_k and mech.name != "dense":  # the last positions: run the whole length
+    if n_q < n_k and mech.self_attention:  # the last positions: run the whole length
         skipped = n_k - n_q
         queries = torch.cat([q.new_zeros(*q.shape[:2], skipped, q.shape[3]), q], dim=2)
     plan = mech.make_plan(queries, k, v, causal != "none", params)

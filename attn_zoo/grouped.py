@@ -59,15 +59,11 @@ def sorted_attention(
     qp, kp = sorted_tiles(n, chunk, q.device)
     at = lambda places: torch.where(places >= 0, perm[..., places.clamp_min(0)], -1)
     qi, ki = at(qp), at(kp)  # original positions [B|1, H|1, T, chunk | 2 chunk]
+    sorted_groups = groups.gather(-1, perm)
+    gq = sorted_groups[..., qp.clamp_min(0)][..., :, None]
+    gk = sorted_groups[..., kp.clamp_min(0)][..., None, :]
     vis = (qi[..., :, None] >= 0) & (ki[..., None, :] >= 0)
-    if mode != "chunks":
-        sorted_groups = groups.gather(-1, perm)
-        gq = sorted_groups[..., qp.clamp_min(0)][..., :, None]
-        gk = sorted_groups[..., kp.clamp_min(0)][..., None, :]
-        vis &= gq == gk
-    if mode == "window":
-        back = qp[:, :, None] - kp[:, None, :]
-        vis &= (back >= 0) & (back <= chunk)
+    vis &= visible_sorted(qp[:, :, None], kp[:, None, :], gq, gk, chunk, mode)
     is_self = qi[..., :, None] == ki[..., None, :]
     bias = is_self.float() * self_penalty
     if rounds is not None:
@@ -112,13 +108,8 @@ def sorted_flex(
         rounds = rounds.expand(b, h, -1, n)
         _, ranks = sort_by_group(rounds)
 
-    def visible(b, h, i, j):
-        if mode == "chunks":
-            return (j // chunk == i // chunk) | (j // chunk == i // chunk - 1)
-        same = ordered[b, h, i] == ordered[b, h, j]
-        if mode == "buckets":
-            return same & ((j // chunk == i // chunk) | (j // chunk == i // chunk - 1))
-        return same & (i - j >= 0) & (i - j <= chunk)
+    def visible(b, h, i, j):  # i, j are sorted places here
+        return visible_sorted(i, j, ordered[b, h, i], ordered[b, h, j], chunk, mode)
 
     def duplicates(b, h, i, j):  # N_ij over the rounds, from original positions
         pi, pj = perm[b, h, i], perm[b, h, j]

@@ -97,6 +97,9 @@ class Mechanism:
     self_attention: ClassVar[bool] = True
     #: Shared QK (Reformer, Routing): the keys are the normalized queries, ``k`` is not read.
     shared_qk: ClassVar[bool] = False
+    #: Whether fewer queries than keys (a KV cache's decode step, the queries being the
+    #: last positions) is defined: position-based patterns.
+    decodes: ClassVar[bool] = False
     impls: ClassVar[dict[str, Impl]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -165,6 +168,15 @@ class Mechanism:
         values ``plan`` draws when given none; :class:`attn_zoo.Attention` holds
         them as ``nn.Parameter``s. Mechanisms with parameters accept them as
         ``plan(..., params=)``."""
+        return {}
+
+    def buffers(self, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+        """State a model keeps but does not train (routing's centroids), passed to
+        ``plan(..., params=)`` with the learnable tensors."""
+        return {}
+
+    def updated_buffers(self, buffers: dict[str, torch.Tensor], q: torch.Tensor) -> dict:
+        """The buffers after one training-mode forward on queries ``q`` (no gradient)."""
         return {}
 
     def make_plan(self, q, k, v, causal: bool, params: dict | None = None) -> Plan:

@@ -49,7 +49,7 @@ class Attention(nn.Module):
         self.impl = impl
         self.num_heads, self.head_dim = num_heads, head_dim
         if num_heads is None or head_dim is None:
-            if self.mech.learnable(1, 2) or self._routing_clusters():
+            if self.mech.learnable(1, 2) or self.mech.buffers(1, 2):
                 raise ValueError(
                     f"attn_zoo.Attention({mechanism!r}) holds per-head tensors: pass "
                     f"num_heads= and head_dim="
@@ -57,22 +57,14 @@ class Attention(nn.Module):
             return
         for name, value in self.mech.learnable(num_heads, head_dim).items():
             self.register_parameter(name, nn.Parameter(value))
-        clusters = self._routing_clusters()
-        if clusters:
-            self.register_buffer("centroids", self.mech.centroids(num_heads, head_dim, clusters))
-
-    def _routing_clusters(self) -> int | None:
-        return (
-            getattr(self.mech.config, "n_clusters", None) if self.mech.name == "routing" else None
-        )
+        for name, value in self.mech.buffers(num_heads, head_dim).items():
+            self.register_buffer(name, value)
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
-        """What ``plan`` receives: the parameters, and routing's centroids."""
-        found = dict(self.named_parameters(recurse=False))
-        if hasattr(self, "centroids"):
-            found["centroids"] = self.centroids
-        return found
+        """What ``plan`` receives: the parameters and the buffers."""
+        return {**dict(self.named_parameters(recurse=False)),
+                **dict(self.named_buffers(recurse=False))}  # fmt: skip
 
     def forward(
         self,
@@ -94,17 +86,12 @@ class Attention(nn.Module):
         out = attend(self.mech, q, k, v, causal=causal, keep=keep, dropout_p=dropout_p,
                      scale=scale, enable_gqa=enable_gqa, impl=self.impl,
                      params=self.params)  # fmt: skip
-        if self.training and hasattr(self, "centroids"):
-            self._move_centroids(q)
+        if self.training:
+            with torch.no_grad():
+                buffers = dict(self.named_buffers(recurse=False))
+                for name, value in self.mech.updated_buffers(buffers, q).items():
+                    buffers[name].copy_(value)
         return out
-
-    @torch.no_grad()
-    def _move_centroids(self, q: torch.Tensor) -> None:
-        from attn_zoo.lsh import shared_keys
-        from attn_zoo.routing import ema_step
-
-        x = shared_keys(q).float()
-        self.centroids.copy_(ema_step(self.centroids, x, self.mech.config.ema_decay))
 
     def span_loss(self) -> torch.Tensor:
         """Sukhbaatar et al. 2019, Sec. 3.2: the L1 penalty (1 / H) sum_h z_h; the

@@ -119,6 +119,19 @@ class Routing(Mechanism):
         mu = torch.randn(heads, n_clusters, head_dim, generator=g, dtype=torch.float32)
         return torch.nn.functional.normalize(mu, dim=-1)
 
+    def buffers(self, heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+        """The centroids [H, C, D] a model keeps, when ``n_clusters`` fixes C (the
+        default follows N, so it leaves the seeded ones to ``plan``)."""
+        clusters = self.config.n_clusters
+        return {"centroids": self.centroids(heads, head_dim, clusters)} if clusters else {}
+
+    def updated_buffers(self, buffers: dict[str, torch.Tensor], q: torch.Tensor) -> dict:
+        """One online k-means step toward the tokens routed to each centroid (Sec. 4.1)."""
+        if "centroids" not in buffers:
+            return {}
+        x = shared_keys(q).float()
+        return {"centroids": ema_step(buffers["centroids"], x, self.config.ema_decay)}
+
     def plan(self, q, k, v, causal: bool, params: dict | None = None) -> RoutingPlan:
         """``params={"centroids": [H, C, D]}`` routes with given centroids (a model's
         buffer, :class:`attn_zoo.Attention`) instead of the seeded ones."""

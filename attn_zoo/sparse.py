@@ -67,6 +67,7 @@ def _check_config(name: str, stride: int | None, block: int, summary: int = 0) -
 
 class _Sparse(Mechanism):
     complexity = "O(N sqrt N) time and memory (l ~ sqrt N)"
+    decodes = True
 
     def plan(self, q, k, v, causal: bool) -> SparsePlan:
         cfg = self.config

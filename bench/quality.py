@@ -41,6 +41,8 @@ COLUMNS = ("mechanism", "config", "impl", "task", "seq_len", "seed", "metric", "
            "status", "note")  # fmt: skip
 UNIT = ("mechanism", "task", "seq_len", "seed")  # what --resume skips when present
 REAL = "minilm"
+#: The defaults argparse fills in itself (the others default to None: DEFAULTS or QUICK).
+GIVEN_DEFAULTS = {"tasks": "minilm,recall,passkey,copy", "mechanisms": "all", "seeds": "0"}
 QUALITY_ARGS = ("tasks", "mechanisms", "seq_lens", "real_len", "real_sequences", "seeds",
                 "steps", "batch")  # fmt: skip
 DEFAULTS = {"seq_lens": "64,128", "real_len": "512", "real_sequences": "2", "steps": "250",
@@ -102,8 +104,9 @@ def _units(args) -> list[tuple[str, str, int, int]]:
     if not 32 <= real_len <= 512:
         raise UsageError(f"--real-len: {real_len}; accepted: 32 to 512 (the model's positions)")
     seeds = [int(s) for s in str(args.seeds).split(",")]
-    positive_ints("--steps", args.steps), positive_ints("--batch", args.batch)
-    positive_ints("--real-sequences", args.real_sequences)
+    for flag, value in (("--steps", args.steps), ("--batch", args.batch),
+                        ("--real-sequences", args.real_sequences)):  # fmt: skip
+        positive_ints(flag, value)
     units = []
     for mech in mechanisms:
         for task in tasks:
@@ -157,8 +160,15 @@ def _open(args) -> tuple[QualityStore, argparse.Namespace]:
         store = QualityStore(Path(args.resume))
         if not store.meta_path.is_file() or not store.csv_path.is_file():
             raise UsageError(f"--resume: {args.resume} is not a quality run folder")
-        meta = read_meta(store.meta_path)
-        for name, value in meta.get("args", {}).items():
+        stored = read_meta(store.meta_path).get("args", {})
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run has {stored.get(k)})"
+                   for k in QUALITY_ARGS
+                   if getattr(args, k) not in (None, GIVEN_DEFAULTS.get(k))
+                   and str(getattr(args, k)) != str(stored.get(k))]  # fmt: skip
+        if changed:
+            raise UsageError(f"--resume: {args.resume} keeps its own settings; refusing "
+                             f"{'; '.join(changed)}")  # fmt: skip
+        for name, value in stored.items():
             setattr(args, name, value)
         store.rows()  # validated before anything is appended
         return store, args
@@ -234,15 +244,18 @@ def run_unit(unit, args, encoder_cache: dict) -> list[dict]:
 
 
 def run_quality(args: argparse.Namespace) -> int:
-    for name, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, name) is None:  # a flag given wins over --quick
-            setattr(args, name, value)
-    units = _units(args)  # bad arguments: no run folder
-    if REAL in args.tasks and not args.resume:
-        from attn_zoo.bench.real_model import load_encoder
+    if args.resume and args.quick:
+        raise UsageError("--resume: a run keeps its own settings; --quick cannot change them")
+    if not args.resume:
+        for name, value in (QUICK if args.quick else DEFAULTS).items():
+            if getattr(args, name) is None:  # a flag given wins over --quick
+                setattr(args, name, value)
+        _units(args)  # bad arguments: no run folder
+        if REAL in args.tasks:
+            from attn_zoo.bench.real_model import load_encoder
 
-        load_encoder()  # a missing model package is an error before anything runs
-    store, args = _open(args)
+            load_encoder()  # a missing model package is an error before anything runs
+    store, args = _open(args)  # on --resume: the flags given against the run's
     units = _units(args)
     done = store.done()
     todo = [u for u in units if tuple(str(x) for x in u) not in done]

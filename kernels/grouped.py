@@ -45,22 +45,17 @@ def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
     common = dict(q_index=perm, k_index=perm, self_bias=self_bias, duplicates=duplicates,
                   keep=keep, out=out, lse=lse, accumulate=accumulate)  # fmt: skip
     ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()
-    if mode == "chunks":
-        window = Window(seg_len=chunk, step=chunk, lo=-chunk, hi=chunk - 1)
-        layout = cached_layout(n, n, Band(), window, block, q.device, self_pairs=True)
-        return flash_attention(q, k, v, layout, Band(), window, **common)
-    if mode == "buckets":
-        window = Window(seg_len=chunk, step=chunk, lo=-chunk, hi=chunk - 1)
-        layout = build_layout(n, n, Band(), window, q_groups=ordered, k_groups=ordered,
-                              self_pairs=True, block_m=block, block_n=block,
-                              device=q.device)  # fmt: skip
-        return flash_attention(q, k, v, layout, Band(), window, groups=(ordered, ordered),
-                               **common)  # fmt: skip
-    band = Band(lo=0, hi=chunk)
-    layout = build_layout(n, n, band, q_groups=ordered, k_groups=ordered,
-                          self_pairs=self_bias is not None, block_m=block, block_n=block,
+    # chunks c - 1 and c of sorted places (a segment window), or a sorted-place band
+    window = None if mode == "window" else Window(chunk, chunk, lo=-chunk, hi=chunk - 1)
+    band = Band(lo=0, hi=chunk) if mode == "window" else Band()
+    self_pairs = self_bias is not None
+    if mode == "chunks":  # whatever the groups: a layout of positions only
+        layout = cached_layout(n, n, band, window, block, q.device, self_pairs=self_pairs)
+        return flash_attention(q, k, v, layout, band, window, **common)
+    layout = build_layout(n, n, band, window, q_groups=ordered, k_groups=ordered,
+                          self_pairs=self_pairs, block_m=block, block_n=block,
                           device=q.device)  # fmt: skip
-    return flash_attention(q, k, v, layout, band, groups=(ordered, ordered), **common)
+    return flash_attention(q, k, v, layout, band, window, groups=(ordered, ordered), **common)
 
 
 def clustered_flash(q, k, v, members: torch.Tensor, keep=None) -> torch.Tensor:

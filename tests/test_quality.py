@@ -97,6 +97,8 @@ def test_quality_command_writes_resumes_and_reports(tmp_path, capsys):
     assert cosine["dense"] == pytest.approx(1.0, abs=1e-5) and cosine["sparse_strided"] < 1
     assert main(["quality", "--resume", str(tmp_path / "q")]) == 0
     assert "0 unit(s) to run" in capsys.readouterr().out
+    assert main(["quality", "--resume", str(tmp_path / "q"), "--steps", "99"]) == 2
+    assert "refusing --steps 99 (the run has 20)" in capsys.readouterr().err
     with open(tmp_path / "q" / "quality.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     sweep = ["run", "--out", str(tmp_path), "--run-id", "s", "--seq-lens", "128",
