@@ -89,7 +89,8 @@ def test_bad_arguments_are_one_clear_error(kwargs, message):
 
 def test_shapes_the_mechanism_cannot_honor_are_errors():
     q, kv = randn(1, 4, 4, 32), randn(1, 4, 20, 32)
-    with pytest.raises(ValueError, match="defined for dense, sparse_strided, sparse_fixed, adaptive_span"):
+    decoders = "defined for dense, sparse_strided, sparse_fixed, adaptive_span"
+    with pytest.raises(ValueError, match=decoders):
         attn_zoo.attention(q, kv, kv, attn_mask=causal_lower_right(4, 20), mechanism="xl")
     with pytest.raises(ValueError, match="bidirectional attention with q_len 4 < k_len 20"):
         attn_zoo.attention(q, kv, kv, mechanism="sparse_strided")
