@@ -165,16 +165,17 @@ def lsh_reference(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
 
 @LSH.implementation("triton", **triton_options())
 def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
-    """One sorted launch per round, each accumulating into the last (kernels/grouped.py)."""
-    from attn_zoo.kernels.grouped import sorted_flash
+    """One sorted part per round, merged by log-sum-exp (kernels/grouped.py)."""
+    from attn_zoo.kernels.autograd import attend
+    from attn_zoo.kernels.grouped import sorted_part
 
-    keys, out, lse = shared_keys(q), None, None
-    for r in range(plan.buckets.shape[2]):
-        out, lse = sorted_flash(
-            q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode, plan.self_penalty,
-            rounds=plan.rounds, keep=plan.keep, out=out, lse=lse, accumulate=r > 0,
-        )  # fmt: skip
-    return out
+    keys = shared_keys(q)
+    parts = [
+        sorted_part(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
+                    plan.self_penalty, rounds=plan.rounds, keep=plan.keep)
+        for r in range(plan.buckets.shape[2])
+    ]  # fmt: skip
+    return attend(q, parts)[0]
 
 
 @LSH.implementation("flex", **flex_options())

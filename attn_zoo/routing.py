@@ -239,16 +239,17 @@ def routing_reference(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
 def routing_triton(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     """A banded launch for the local window, then a sorted (causal) or member-list
     (bidirectional) launch for the clusters (kernels/grouped.py)."""
+    from attn_zoo.kernels.autograd import attend
     from attn_zoo.kernels.dense import band_attention
-    from attn_zoo.kernels.grouped import clustered_flash, sorted_flash
+    from attn_zoo.kernels.grouped import clustered_flash, sorted_part
     from attn_zoo.kernels.layout import Band
 
     keys, half = shared_keys(q), plan.window // 2
     band = Band(lo=0, hi=plan.window - 1) if plan.causal else Band(lo=-half, hi=half)
     local = band_attention(q, keys, v, band, keep=plan.keep)
     if plan.causal:
-        routed = sorted_flash(q, keys, v, plan.clusters, plan.width, "window", None,
-                              keep=plan.keep)[0]  # fmt: skip
+        part = sorted_part(q, keys, v, plan.clusters, plan.width, "window", None, keep=plan.keep)
+        routed = attend(q, [part])[0]
         return ((local.float() + routed.float()) / 2).to(q.dtype)
     routed = clustered_flash(q, keys, v, plan.members, keep=plan.keep).float()
     return _mean_over_parts(local.float(), routed, plan.members).to(q.dtype)

@@ -13,7 +13,8 @@ from functools import lru_cache
 
 import torch
 
-from attn_zoo.kernels.flash import Ramp, flash_attention, tile_for
+from attn_zoo.kernels.autograd import attend
+from attn_zoo.kernels.flash import Part, Ramp, tile_for
 from attn_zoo.kernels.layout import Band, BlockLayout, build_layout
 
 
@@ -34,7 +35,10 @@ def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
     reach = tuple(plan.reach(h) for h in heads)
     flat = tuple(plan.flat(h) for h in heads)
     layout = _layout(plan.n_q, reach, flat, plan.causal, block, q.device)
-    spans = torch.tensor(plan.ramp_spans(), dtype=torch.float32, device=q.device)
+    if plan.z is not None:  # learnable z_h: the backward gives their gradient
+        spans = plan.z.to(q.device, torch.float32) + plan.shift
+    else:
+        spans = torch.tensor(plan.ramp_spans(), dtype=torch.float32, device=q.device)
     ramp = Ramp(spans, plan.ramp, symmetric=not plan.causal)
     far = torch.tensor(reach)  # per head; the layout never visits blocks past it
     band = (
@@ -43,5 +47,5 @@ def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
         else Band(lo=-int(far.max()), hi=int(far.max()))
     )
     self_bias = None if plan.causal else float("-inf")
-    return flash_attention(q, k, v, layout, band, ramp=ramp, self_bias=self_bias,
-                           keep=plan.keep)[0]  # fmt: skip
+    part = Part(k, v, layout, band, ramp=ramp, self_bias=self_bias, keep=plan.keep)
+    return attend(q, [part])[0]

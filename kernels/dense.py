@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from attn_zoo.kernels.flash import flash_attention, tile_for
+from attn_zoo.kernels.autograd import attend
+from attn_zoo.kernels.flash import Part, tile_for
 from attn_zoo.kernels.layout import Band, cached_layout
 
 
@@ -14,12 +15,12 @@ def dense_band(n_q: int, n_k: int, causal: bool) -> Band:
     return Band(lo=0, offset=n_k - n_q) if causal else Band()
 
 
-def band_attention(q, k, v, band: Band, out: torch.Tensor | None = None, keep=None):
+def band_attention(q, k, v, band: Band, keep=None) -> torch.Tensor:
     """One launch over the key blocks a band touches (dense, local windows)."""
     n_q, n_k = q.shape[2], k.shape[2]
     layout = cached_layout(n_q, n_k, band, None, tile_for(q), q.device)
-    return flash_attention(q, k, v, layout, band, out=out, keep=keep)[0]
+    return attend(q, [Part(k, v, layout, band, keep=keep)])[0]
 
 
-def dense_attention(q, k, v, causal: bool, out: torch.Tensor | None = None, keep=None):
-    return band_attention(q, k, v, dense_band(q.shape[2], k.shape[2], causal), out=out, keep=keep)
+def dense_attention(q, k, v, causal: bool, keep=None) -> torch.Tensor:
+    return band_attention(q, k, v, dense_band(q.shape[2], k.shape[2], causal), keep=keep)

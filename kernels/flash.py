@@ -23,13 +23,18 @@ What a launch may add to plain attention (all decided at compile time):
 * accumulation into a partial (out, lse) already in the output, merged by
   log-sum-exp, so a mechanism's parts need no extra N x D buffers.
 
-Structure after Liger-Kernel: kernel -> launcher (:func:`flash_attention`) ->
-one function per mechanism family (``kernels/<family>.py``) -> registered impl.
+A launch is described by a :class:`Part`; a mechanism is a list of parts merged
+by log-sum-exp. Structure after Liger-Kernel: kernels (here, and the backward in
+:mod:`attn_zoo.kernels.flash_backward`) -> launchers (:func:`forward`,
+:func:`~attn_zoo.kernels.flash_backward.backward`) -> ``torch.autograd.Function``
+(:func:`attn_zoo.kernels.autograd.attend`) -> one function per mechanism family
+(``kernels/<family>.py``) -> registered impl.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -78,6 +83,50 @@ class Duplicates:
 DUP_MODES = {"buckets": 1, "chunks": 2, "window": 3}
 
 
+@dataclass(frozen=True, eq=False)
+class Part:
+    """One launch of the core: the queries q (given at launch) against keys ``k``,
+    values ``v`` [B, H, Nk, D] through ``layout``, with the modifiers a mechanism
+    needs. A mechanism's parts see disjoint key sets and are merged by
+    log-sum-exp (:func:`forward`).
+
+    ``q_index`` [G|1, n_q] and ``k_index`` [G|1, n_k] (int32) read rows through a
+    gather: the kernel runs over n_q = q_index.shape[-1] queries and writes row i
+    at ``q_index[i]`` when ``scatter`` (else at i). ``groups`` = (q groups [G, n_q],
+    k groups [G, n_k]) sorted along the kernel order. ``keep`` [B, positions of k]
+    (bool, True = attend) hides padded keys. ``frozen_memory``: keys before the
+    query's window segment (``window.step * s``) are stop-gradient memories
+    (Transformer-XL, Sec. 3.2; Compressive Transformer): they take part in the
+    softmax and in dQ, and receive no dK/dV.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: BlockLayout
+    band: Band = field(default_factory=Band)
+    window: Window | None = None
+    q_index: torch.Tensor | None = None
+    k_index: torch.Tensor | None = None
+    scatter: bool = True
+    groups: tuple[torch.Tensor, torch.Tensor] | None = None
+    self_bias: float | None = None
+    ramp: Ramp | None = None
+    relative: Relative | None = None
+    duplicates: Duplicates | None = None
+    keep: torch.Tensor | None = None
+    frozen_memory: bool = False
+
+    def differentiable(self) -> list[torch.Tensor]:
+        """The tensors a gradient can reach besides q: k, v, xl's u, v and table, the
+        ramp's spans."""
+        found = [self.k, self.v]
+        if self.relative is not None:
+            found += [self.relative.u, self.relative.v, self.relative.table]
+        if self.ramp is not None:
+            found.append(self.ramp.spans)
+        return found
+
+
 @triton.jit
 def _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, chunk, DUP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
@@ -103,20 +152,70 @@ def _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, chunk, DUP: tl.cons
 
 
 @triton.jit
-def _attend_block(
-    acc, m_i, l_i, q, qv, q_pos, m_start, offs_m, start,
-    K, V, KIDX, KGRP, REL, SPANS, RGRP, RRANK, KEEP,
-    skn, svn, srn, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi,
-    q_grp, self_bias, ramp, h, max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, GATHER_K: tl.constexpr, WINDOW: tl.constexpr,
-    GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr, SYMMETRIC: tl.constexpr,
-    REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """One key block of the online softmax, in the exp2 domain."""
-    offs_n = start + tl.arange(0, BLOCK_N)
+def _rel_rows(m_start, start, offset, max_dist, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows of xl's distance table for the BLOCK_M + BLOCK_N distances of a tile:
+    column c holds d = d0 + c, and pair (a, b) reads column a - b + BLOCK_N - 1."""
+    dist = (m_start + offset) - start - (BLOCK_N - 1) + tl.arange(0, BLOCK_M + BLOCK_N)
+    return tl.minimum(tl.maximum(dist, -max_dist), max_dist) + max_dist
+
+
+@triton.jit
+def _ramp_distance(offs_m, offs_n, offset, SYMMETRIC: tl.constexpr):
+    """x of the adaptive-span ramp: i - j, or |i - j| bidirectionally."""
+    x = ((offs_m[:, None] + offset) - offs_n[None, :]).to(tl.float32)
+    if SYMMETRIC:
+        x = tl.abs(x)
+    return x
+
+
+@triton.jit
+def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
+          sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds,
+          n_pos, keep_stride):  # fmt: skip
+    """Every input pointer moved to batch/head ``pid_bh`` (int64: b * stride passes
+    2^31 elements on large inputs; offsets within one head stay 32-bit)."""
+    b = pid_bh // H
+    h = pid_bh % H
+    Q += b * sqb + h * sqh
+    K += b * skb + h * skh
+    V += b * svb + h * svh
+    QIDX += (pid_bh % n_indexed) * n_q
+    KIDX += (pid_bh % n_indexed) * n_k
+    QGRP += (pid_bh % n_grouped) * n_q
+    KGRP += (pid_bh % n_grouped) * n_k
+    REL += h * srh
+    RGRP += pid_bh * n_rounds * n_pos
+    RRANK += pid_bh * n_rounds * n_pos
+    KEEP += b * keep_stride
+    return Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h
+
+
+@triton.jit
+def _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm, HEAD_DIM: tl.constexpr,
+                  GATHER_Q: tl.constexpr, GROUPS: tl.constexpr, REL_TERM: tl.constexpr):  # fmt: skip
+    """A query block: (q, q for the relative term, positions, groups). For xl, q
+    is q + u and the second q + v (Dai et al. 2019, Sec. 3.3)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    in_range = offs_n < n_k
+    if GATHER_Q:
+        q_pos = tl.load(QIDX + offs_m, mask=rows_in, other=0)
+    else:
+        q_pos = offs_m
+    q = tl.load(Q + q_pos[:, None] * sqm + offs_d[None, :], mask=rows_in[:, None], other=0.0)
+    qv = q
+    if REL_TERM:
+        qv = (q.to(tl.float32) + tl.load(VB + h * HEAD_DIM + offs_d)[None, :]).to(q.dtype)
+        q = (q.to(tl.float32) + tl.load(U + h * HEAD_DIM + offs_d)[None, :]).to(q.dtype)
+    q_grp = offs_m
+    if GROUPS:
+        q_grp = tl.load(QGRP + offs_m, mask=rows_in, other=-2)
+    return q, qv, q_pos, q_grp
+
+
+@triton.jit
+def _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM: tl.constexpr,
+               MASKED: tl.constexpr, GATHER_K: tl.constexpr):  # fmt: skip
+    """A key block: (positions, k^T [HEAD_DIM, BLOCK_N], v [BLOCK_N, HEAD_DIM])."""
+    offs_d = tl.arange(0, HEAD_DIM)
     if GATHER_K:
         k_pos = tl.load(KIDX + offs_n, mask=in_range, other=0)
     else:
@@ -129,14 +228,38 @@ def _attend_block(
     else:
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
+    return k_pos, k, v
+
+
+@triton.jit
+def _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full, max_partial,
+                masked: tl.constexpr):  # fmt: skip
+    """The blocks row ``lay`` of the layout visits: full ones, or those needing the mask."""
+    if masked == 0:
+        return FULL + lay * max_full, tl.load(FULL_COUNT + lay)
+    return PARTIAL + lay * max_partial, tl.load(PARTIAL_COUNT + lay)
+
+
+@triton.jit
+def _scores(
+    q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
+    KGRP, REL, SPANS, RGRP, RRANK, KEEP,
+    srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h, max_dist,
+    qk_scale, n_rounds, n_pos, dup_chunk,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr,
+    RAMP: tl.constexpr, SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr,
+    PADDED: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The scores of one tile in log2 units (the softmax scale folded in), -inf
+    where a pair is not visible; ``k`` is k^T [HEAD_DIM, BLOCK_N]. The forward and
+    both backward passes score tiles here, so they cannot disagree."""
     qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
     if REL_TERM:
-        # (q + v) . R_d for the BLOCK_M + BLOCK_N - 1 distances of the tile, then
-        # each row picks its own diagonal: d(a, b) = d0 + a - b + BLOCK_N - 1.
-        d0 = (m_start + offset) - start - (BLOCK_N - 1)
-        dist = d0 + tl.arange(0, BLOCK_M + BLOCK_N)
-        row = tl.minimum(tl.maximum(dist, -max_dist), max_dist) + max_dist
-        r = tl.load(REL + row[None, :] * srn + offs_d[:, None])
+        # (q + v) . R_d for the BLOCK_M + BLOCK_N distances of the tile, then each
+        # row picks its own diagonal
+        row = _rel_rows(m_start, start, offset, max_dist, BLOCK_M, BLOCK_N)
+        r = tl.load(REL + row[None, :] * srn + tl.arange(0, HEAD_DIM)[:, None])
         s = tl.dot(qv, r, input_precision=PRECISION)
         diag = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + BLOCK_N - 1
         qk += tl.gather(s, diag, 1) * qk_scale
@@ -161,24 +284,16 @@ def _attend_block(
         if SELF:
             qk = tl.where(q_pos[:, None] == k_pos[None, :], qk + self_bias, qk)
         if RAMP:
-            x = diff.to(tl.float32)
-            if SYMMETRIC:
-                x = tl.abs(x)
-            z = tl.load(SPANS + h)
-            m = tl.minimum(tl.maximum((ramp + z - x) / ramp, 0.0), 1.0)
+            x = _ramp_distance(offs_m, offs_n, offset, SYMMETRIC)
+            m = tl.minimum(tl.maximum((ramp + tl.load(SPANS + h) - x) / ramp, 0.0), 1.0)
             qk = tl.where(m > 0.0, qk + tl.math.log2(tl.maximum(m, 1e-30)), float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return acc, m_new, l_i
+    return qk
 
 
 @triton.jit
 def _flash_fwd(
-    Q, K, V, O, LSE, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
+    O, LSE,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
@@ -188,58 +303,48 @@ def _flash_fwd(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    # 64-bit: batch/head offsets (b * stride, pid_bh * length) pass 2^31 elements on
-    # large inputs; offsets within one head stay 32-bit.
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
+        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
+        keep_stride)  # fmt: skip
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_in = offs_m < n_q
-    QIDX += (pid_bh % n_indexed) * n_q
-    KIDX += (pid_bh % n_indexed) * n_k
-    if GATHER_Q:
-        q_pos = tl.load(QIDX + offs_m, mask=rows_in, other=0)
-    else:
-        q_pos = offs_m
-    q = tl.load(Q + b * sqb + h * sqh + q_pos[:, None] * sqm + offs_d[None, :],
-                mask=rows_in[:, None], other=0.0)  # fmt: skip
-    qv = q
-    if REL_TERM:
-        qv = (q.to(tl.float32) + tl.load(VB + h * HEAD_DIM + offs_d)[None, :]).to(q.dtype)
-        q = (q.to(tl.float32) + tl.load(U + h * HEAD_DIM + offs_d)[None, :]).to(q.dtype)
-    q_grp = offs_m
-    if GROUPS:
-        KGRP += (pid_bh % n_grouped) * n_k
-        q_grp = tl.load(QGRP + (pid_bh % n_grouped) * n_q + offs_m, mask=rows_in, other=-2)
+    q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
+                                        HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    K += b * skb + h * skh
-    V += b * svb + h * svh
-    REL += h * srh
-    RGRP += pid_bh * n_rounds * n_pos
-    RRANK += pid_bh * n_rounds * n_pos
-    KEEP += b * keep_stride
     lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + pid_m
     for masked in tl.static_range(2):  # the full blocks, then those needing the mask
-        if masked == 0:
-            blocks, count = FULL + lay * max_full, tl.load(FULL_COUNT + lay)
-        else:
-            blocks, count = PARTIAL + lay * max_partial, tl.load(PARTIAL_COUNT + lay)
+        blocks, count = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full,
+                                    max_partial, masked)  # fmt: skip
         for t in range(0, count):
             start = tl.load(blocks + t) * BLOCK_N
-            acc, m_i, l_i = _attend_block(
-                acc, m_i, l_i, q, qv, q_pos, pid_m * BLOCK_M, offs_m, start,
-                K, V, KIDX, KGRP, REL, SPANS, RGRP, RRANK, KEEP,
-                skn, svn, srn, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi,
-                q_grp, self_bias, ramp, h, max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
-                HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, GATHER_K, WINDOW, GROUPS, SELF, RAMP,
-                SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
+            offs_n = start + tl.arange(0, BLOCK_N)
+            in_range = offs_n < n_k
+            k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
+                                     masked == 1, GATHER_K)  # fmt: skip
+            qk = _scores(
+                q, qv, k, q_pos, offs_m, q_grp, pid_m * BLOCK_M, k_pos, offs_n, in_range, start,
+                KGRP, REL, SPANS, RGRP, RRANK, KEEP,
+                srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
+                max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
+                HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
+                REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
+            # the online softmax, in the exp2 domain
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -262,8 +367,8 @@ def _flash_fwd(
 
 
 def new_output(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Allocates the kernel's outputs (tests swap in NaN-filled ones, so a row the
-    kernel forgets to write cannot pass)."""
+    """Allocates the kernels' outputs and gradient buffers (tests swap in NaN-filled
+    ones, so a row a kernel forgets to write cannot pass)."""
     return torch.empty(shape, device=q.device, dtype=dtype)
 
 
@@ -289,85 +394,107 @@ def warps_for(head_dim: int, block: int, heavy: bool = False) -> int:
     return 8 if (head_dim > 64 and block >= 64) or heavy else 4
 
 
-def flash_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    layout: BlockLayout,
-    band: Band | None = None,
-    window: Window | None = None,
-    *,
-    q_index: torch.Tensor | None = None,
-    k_index: torch.Tensor | None = None,
-    scatter: bool = True,
-    groups: tuple[torch.Tensor, torch.Tensor] | None = None,
-    self_bias: float | None = None,
-    ramp: Ramp | None = None,
-    relative: Relative | None = None,
-    duplicates: Duplicates | None = None,
-    keep: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-    accumulate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the core.
+@dataclass
+class Launch:
+    """The arguments every kernel of the core shares, for one part: ``args`` from Q
+    to keep_stride in the kernels' order, ``flags`` the compile-time ones."""
 
-    q [B, H, Nq, D], k / v [B, H, Nk, D]. ``q_index`` [G|1, n_q] and ``k_index``
-    [G|1, n_k] (int32) read rows through a gather; the kernel then runs over
-    n_q = q_index.shape[-1] queries and writes row i at ``q_index[i]`` when
-    ``scatter`` (else at i). ``groups`` = (q groups [G, n_q], k groups [G, n_k])
-    sorted along the kernel order. ``keep`` [B, positions of k] (bool, True =
-    attend) hides padded keys, read at each key's position. With ``accumulate``, ``out`` and ``lse``
-    already hold a partial result over other keys and receive the merged one.
-    Returns (out in q's dtype, lse [B, H, n_out] float32).
-    """
-    batch, heads, _, dim = q.shape
-    band = band if band is not None else Band()
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    n_q = q.shape[2] if q_index is None else q_index.shape[-1]
-    n_k = k.shape[2] if k_index is None else k_index.shape[-1]
-    n_out = q.shape[2] if scatter else n_q
-    if out is None:
-        out = new_output(q, (batch, heads, n_out, dim), q.dtype)
-    if lse is None:
-        lse = new_output(q, (batch, heads, n_out), torch.float32)
-    if accumulate and out.stride(-1) != 1:
-        raise ValueError("flash_attention: accumulate needs an output with contiguous rows")
+    args: list
+    flags: dict
+    n_q: int
+    n_k: int
+    n_out: int
+    warps: int
+
+
+def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout | None = None):
+    """:class:`Launch` for ``part`` with output rows shaped like ``out``; ``layout``
+    replaces the part's (the backward's key-major lists)."""
+    heads, dim = q.shape[1], q.shape[3]
+    layout = layout if layout is not None else part.layout
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, part.k, part.v))
+    n_q = q.shape[2] if part.q_index is None else part.q_index.shape[-1]
+    n_k = k.shape[2] if part.k_index is None else part.k_index.shape[-1]
     dummy = torch.empty(1, device=q.device, dtype=torch.int32)
-    keep_rows = keep.to(torch.int8).contiguous() if keep is not None else dummy
-    n_indexed = next((x.shape[0] for x in (q_index, k_index) if x is not None), 1)
+    keep = part.keep.to(torch.int8).contiguous() if part.keep is not None else dummy
+    relative, ramp, dup, groups = part.relative, part.ramp, part.duplicates, part.groups
     rel_table = relative.table.to(q.dtype).contiguous() if relative is not None else q
-    grid = (triton.cdiv(n_q, layout.block_m), batch * heads)
-    win = window if window is not None else Window(1, 0, -BIG, BIG)
-    _flash_fwd[grid](
-        q, k, v, out, lse,
-        q_index if q_index is not None else dummy, k_index if k_index is not None else dummy,
+    win = part.window if part.window is not None else Window(1, 0, -BIG, BIG)
+    band = part.band
+    args = [
+        q, k, v,
+        part.q_index if part.q_index is not None else dummy,
+        part.k_index if part.k_index is not None else dummy,
         *(groups if groups is not None else (dummy, dummy)),
-        *((relative.u.contiguous(), relative.v.contiguous()) if relative else (q, q)), rel_table,
-        ramp.spans if ramp is not None else q,
-        *((duplicates.groups, duplicates.ranks) if duplicates is not None else (dummy, dummy)),
-        keep_rows,
+        *((relative.u.float().contiguous(), relative.v.float().contiguous()) if relative
+          else (q, q)), rel_table,
+        ramp.spans.float().contiguous() if ramp is not None else q,
+        *((dup.groups, dup.ranks) if dup is not None else (dummy, dummy)),
+        keep,
         layout.full, layout.full_count, layout.partial, layout.partial_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         rel_table.stride(0), rel_table.stride(1),
-        heads, n_q, n_k, n_out, layout.full.shape[0], n_indexed,
+        heads, n_q, n_k, out.shape[2], layout.full.shape[0],
+        next((x.shape[0] for x in (part.q_index, part.k_index) if x is not None), 1),
         groups[0].shape[0] if groups is not None else 1,
         layout.full.shape[2], layout.partial.shape[2],
         band.lo, band.hi, band.offset, win.seg_len, win.step, win.lo, win.hi,
-        (self_bias if self_bias is not None else 0.0) * LOG2E,
+        (part.self_bias if part.self_bias is not None else 0.0) * LOG2E,
         ramp.ramp if ramp is not None else 1.0,
         relative.max_dist if relative is not None else 0, dim**-0.5 * LOG2E,
-        *((duplicates.groups.shape[1], duplicates.groups.shape[2], duplicates.chunk)
-          if duplicates is not None else (0, 0, 1)),
-        keep_rows.stride(0) if keep is not None else 0,
+        *((dup.groups.shape[1], dup.groups.shape[2], dup.chunk) if dup is not None
+          else (0, 0, 1)),
+        keep.stride(0) if part.keep is not None else 0,
+    ]  # fmt: skip
+    flags = dict(
         HEAD_DIM=dim, BLOCK_M=layout.block_m, BLOCK_N=layout.block_n,
-        GATHER_Q=q_index is not None, GATHER_K=k_index is not None,
-        SCATTER_O=scatter and q_index is not None, WINDOW=window is not None,
-        GROUPS=groups is not None, SELF=self_bias is not None, RAMP=ramp is not None,
+        GATHER_Q=part.q_index is not None, GATHER_K=part.k_index is not None,
+        SCATTER_O=part.scatter and part.q_index is not None, WINDOW=part.window is not None,
+        GROUPS=groups is not None, SELF=part.self_bias is not None, RAMP=ramp is not None,
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
-        DUP=DUP_MODES[duplicates.mode] if duplicates is not None else 0, PADDED=keep is not None,
-        ACCUMULATE=accumulate, PRECISION="ieee" if q.dtype == torch.float32 else None,
-        num_warps=warps_for(dim, layout.block_m, relative is not None or duplicates is not None),
+        DUP=DUP_MODES[dup.mode] if dup is not None else 0, PADDED=part.keep is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else None,
     )  # fmt: skip
+    heavy = relative is not None or dup is not None
+    return Launch(args, flags, n_q, n_k, out.shape[2], warps_for(dim, layout.block_m, heavy))
+
+
+def output_rows(q: torch.Tensor, part: Part) -> int:
+    """Rows of the output: q's positions, or the kernel order when not scattered."""
+    return q.shape[2] if part.scatter or part.q_index is None else part.q_index.shape[-1]
+
+
+def forward(
+    q: torch.Tensor,
+    parts: Sequence[Part],
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the parts, each merged into the last by log-sum-exp. q [B, H, Nq, D].
+    With ``accumulate``, ``out`` and ``lse`` already hold a partial result over
+    other keys and receive the merged one. Returns (out in q's dtype, lse
+    [B, H, n_out] float32, natural log)."""
+    batch, heads, _, dim = q.shape
+    n_out = output_rows(q, parts[0])
+    if out is None:
+        out = new_output(q, (batch, heads, n_out, dim), q.dtype)
+    if lse is None:
+        lse = new_output(q, (batch, heads, n_out), torch.float32)
+    if (accumulate or len(parts) > 1) and out.stride(-1) != 1:
+        raise ValueError("flash: accumulating parts needs an output with contiguous rows")
+    for i, part in enumerate(parts):
+        run = launch(q, part, out)
+        grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
+        _flash_fwd[grid](out, lse, *run.args, **run.flags, ACCUMULATE=accumulate or i > 0,
+                         num_warps=run.warps)  # fmt: skip
     return out, lse
+
+
+def flash_attention(q, k, v, layout: BlockLayout, band: Band | None = None,
+                    window: Window | None = None, *, out=None, lse=None, accumulate=False,
+                    **modifiers) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One forward launch (no autograd): :func:`forward` of one :class:`Part`."""
+    part = Part(k, v, layout, band if band is not None else Band(), window, **modifiers)
+    return forward(q, [part], out, lse, accumulate)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from attn_zoo.kernels.flash import Duplicates, flash_attention, tile_for
+from attn_zoo.kernels.autograd import attend
+from attn_zoo.kernels.flash import Duplicates, Part, tile_for
 from attn_zoo.kernels.layout import Band, Window, build_layout, cached_layout
 from attn_zoo.kernels.sorting import sort_by_group
 
@@ -32,10 +33,10 @@ def round_places(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) ->
     return Duplicates(flat(rounds), flat(rank), chunk, mode)
 
 
-def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None, keep=None,
-                 out=None, lse=None, accumulate=False):  # fmt: skip
-    """One round for groups [B, H, N]: (out, lse) in original order; with
-    ``rounds`` [B|1, H|1, R, N], every round's groups, the duplicate correction."""
+def sorted_part(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
+                keep=None) -> Part:  # fmt: skip
+    """One round for groups [B, H, N], output in original order; with ``rounds``
+    [B|1, H|1, R, N], every round's groups, the duplicate correction."""
     b, h, n, _ = q.shape
     block = tile_for(q)
     groups = groups.expand(b, h, n).reshape(b * h, n)
@@ -43,7 +44,7 @@ def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
     perm = perm.to(torch.int32).contiguous()
     duplicates = round_places(rounds, b, h, chunk, mode) if rounds is not None else None
     common = dict(q_index=perm, k_index=perm, self_bias=self_bias, duplicates=duplicates,
-                  keep=keep, out=out, lse=lse, accumulate=accumulate)  # fmt: skip
+                  keep=keep)  # fmt: skip
     ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()
     # chunks c - 1 and c of sorted places (a segment window), or a sorted-place band
     window = None if mode == "window" else Window(chunk, chunk, lo=-chunk, hi=chunk - 1)
@@ -51,11 +52,11 @@ def sorted_flash(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
     self_pairs = self_bias is not None
     if mode == "chunks":  # whatever the groups: a layout of positions only
         layout = cached_layout(n, n, band, window, block, q.device, self_pairs=self_pairs)
-        return flash_attention(q, k, v, layout, band, window, **common)
+        return Part(k, v, layout, band, window, **common)
     layout = build_layout(n, n, band, window, q_groups=ordered, k_groups=ordered,
                           self_pairs=self_pairs, block_m=block, block_n=block,
                           device=q.device)  # fmt: skip
-    return flash_attention(q, k, v, layout, band, window, groups=(ordered, ordered), **common)
+    return Part(k, v, layout, band, window, groups=(ordered, ordered), **common)
 
 
 def clustered_flash(q, k, v, members: torch.Tensor, keep=None) -> torch.Tensor:
@@ -66,5 +67,6 @@ def clustered_flash(q, k, v, members: torch.Tensor, keep=None) -> torch.Tensor:
     window = Window(seg_len=width, step=width, lo=0, hi=width - 1)
     n = index.shape[1]
     layout = cached_layout(n, n, Band(), window, tile_for(q), q.device)
-    return flash_attention(q, k, v, layout, Band(), window, q_index=index, k_index=index,
-                           scatter=False, keep=keep)[0]  # fmt: skip
+    part = Part(k, v, layout, Band(), window, q_index=index, k_index=index, scatter=False,
+                keep=keep)  # fmt: skip
+    return attend(q, [part])[0]

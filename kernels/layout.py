@@ -22,7 +22,7 @@ key block) in O(1): untouched, *full* (every pair visible, no element mask), or
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import torch
 
@@ -53,7 +53,8 @@ class Window:
 class BlockLayout:
     """Per layout row g (shared by the (batch, head) pairs with bh % G == g) and
     query block: the key blocks to visit. ``full`` [G, n_qb, max] need no element
-    mask, ``partial`` [G, n_qb, max] do; -1 pads; counts [G, n_qb]."""
+    mask, ``partial`` [G, n_qb, max] do; -1 pads; counts [G, n_qb]. ``n_kb`` key
+    blocks in all."""
 
     block_m: int
     block_n: int
@@ -61,10 +62,21 @@ class BlockLayout:
     full_count: torch.Tensor
     partial: torch.Tensor
     partial_count: torch.Tensor
+    n_kb: int
 
     @property
     def blocks_visited(self) -> int:
         return int(self.full_count.sum() + self.partial_count.sum())
+
+    @cached_property
+    def by_key(self) -> BlockLayout:
+        """The same pairs of blocks key-major, for the dK/dV pass of the backward:
+        row r lists the query blocks that visit key block r (full / partial as
+        here); block sizes keep their meaning. O(1) per pair of blocks, computed
+        once per layout."""
+        n_qb = self.full.shape[1]
+        full, partial = (_unpack(x, self.n_kb).transpose(1, 2) for x in (self.full, self.partial))
+        return BlockLayout(self.block_m, self.block_n, *_pack(full), *_pack(partial), n_qb)
 
 
 def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +86,13 @@ def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :width]
     keep = torch.arange(width, device=mask.device) < counts[..., None]
     return torch.where(keep, order, -1).to(torch.int32).contiguous(), counts.contiguous()
+
+
+def _unpack(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """The inverse of :func:`_pack`: [G, rows, max] (-1 padded) -> [G, rows, width] bool."""
+    dense = torch.zeros(*packed.shape[:2], width + 1, dtype=torch.bool, device=packed.device)
+    dense.scatter_(2, torch.where(packed < 0, width, packed).long(), True)
+    return dense[..., :width]
 
 
 def _ends(n: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +156,7 @@ def build_layout(
         full = full & (a_ + band.offset - d_ >= rows(full_band.lo))
         full = full & (b_ + band.offset - c_ <= rows(full_band.hi))
     full = full & touched
-    return BlockLayout(block_m, block_n, *_pack(full), *_pack(touched & ~full))
+    return BlockLayout(block_m, block_n, *_pack(full), *_pack(touched & ~full), len(c))
 
 
 @lru_cache(maxsize=128)

@@ -10,7 +10,8 @@ window ``plan.slot_window(s)``, n slots further on per segment.
 
 from __future__ import annotations
 
-from attn_zoo.kernels.flash import Relative, flash_attention, tile_for
+from attn_zoo.kernels.autograd import attend
+from attn_zoo.kernels.flash import Part, Relative, tile_for
 from attn_zoo.kernels.layout import BIG, Band, Window, cached_layout
 
 
@@ -19,30 +20,29 @@ def _band(causal: bool, same_length: bool, mem_len: int) -> Band:
     return Band(lo=0 if causal else -BIG, hi=mem_len - 1 if same_length else BIG)
 
 
-def _raw_part(q, k, v, plan, same_length=False, relative=None):
+def _raw_part(q, k, v, plan, same_length=False, relative=None) -> Part:
+    """Memory and own segment; the memory keys are stop-gradient (XL Sec. 3.2)."""
     seg, mem = plan.segment_len, plan.mem_len
     window = Window(seg_len=seg, step=seg, lo=-mem, hi=seg - 1)
     band = _band(plan.causal, same_length, mem)
     block = tile_for(q, relative=relative is not None)
     layout = cached_layout(plan.n_q, plan.n_k, band, window, block, q.device)
-    return flash_attention(q, k, v, layout, band, window, relative=relative, keep=plan.keep)
+    return Part(k, v, layout, band, window, relative=relative, keep=plan.keep, frozen_memory=True)
 
 
 def xl_attention(q, k, v, plan):
     relative = Relative(plan.u, plan.v, plan.rel, plan.max_dist)
-    return _raw_part(q, k, v, plan, plan.same_length, relative)[0]
+    return attend(q, [_raw_part(q, k, v, plan, plan.same_length, relative)])[0]
 
 
 def compressive_attention(q, k, v, ck, cv, plan, slot_keep=None):
     """(out, lse) over [compressed slots ck, cv [B, H, G, D]; memory; segment];
     ``slot_keep`` [B, G] hides slots that hold a padded position."""
-    out, lse = _raw_part(q, k, v, plan)
-    if plan.slots == 0 or plan.cmem_len == 0 or plan.per_segment == 0:
-        return out, lse
-    first = -plan.cmem_len - plan.first_slot  # slot_window(s) = s n + first, Mc wide
-    window = Window(seg_len=plan.segment_len, step=plan.per_segment, lo=first,
-                    hi=first + plan.cmem_len - 1)  # fmt: skip
-    layout = cached_layout(plan.n_q, plan.slots, Band(), window, tile_for(q), q.device)
-    flash_attention(q, ck, cv, layout, Band(), window, keep=slot_keep, out=out, lse=lse,
-                    accumulate=True)  # fmt: skip
-    return out, lse
+    parts = [_raw_part(q, k, v, plan)]
+    if plan.slots > 0 and plan.cmem_len > 0 and plan.per_segment > 0:
+        first = -plan.cmem_len - plan.first_slot  # slot_window(s) = s n + first, Mc wide
+        window = Window(seg_len=plan.segment_len, step=plan.per_segment, lo=first,
+                        hi=first + plan.cmem_len - 1)  # fmt: skip
+        layout = cached_layout(plan.n_q, plan.slots, Band(), window, tile_for(q), q.device)
+        parts.append(Part(ck, cv, layout, Band(), window, keep=slot_keep))
+    return attend(q, parts)

@@ -41,6 +41,6 @@ def triton_options() -> dict:
         default_on=triton_default_on,
         head_dims=HEAD_DIMS,
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        differentiable=False,
+        differentiable=True,
         interpreted=triton_interpreted,
     )

@@ -16,7 +16,8 @@ from functools import lru_cache
 
 import torch
 
-from attn_zoo.kernels.flash import flash_attention, tile_for
+from attn_zoo.kernels.autograd import attend
+from attn_zoo.kernels.flash import Part, tile_for
 from attn_zoo.kernels.layout import BIG, Band, Window, build_layout, cached_layout
 
 
@@ -37,12 +38,14 @@ def strided_attention(q, k, v, plan) -> torch.Tensor:
     near = Band(lo=1, hi=l - 1) if plan.causal else Band(lo=-(l - 1), hi=l - 1)
     layout = cached_layout(n, n, near, None, block, q.device, self_pairs=not plan.causal)
     self_bias = None if plan.causal else float("-inf")  # i == j is in the column part
-    out, lse = flash_attention(q, k, v, layout, near, self_bias=self_bias, keep=plan.keep)
-    order, column, layout = _columns(n, l, plan.causal, block, q.device)
+    order, column, columns = _columns(n, l, plan.causal, block, q.device)
     far = Band(lo=0) if plan.causal else Band()
-    flash_attention(q, k, v, layout, far, q_index=order, k_index=order, groups=(column, column),
-                    keep=plan.keep, out=out, lse=lse, accumulate=True)  # fmt: skip
-    return out
+    parts = [
+        Part(k, v, layout, near, self_bias=self_bias, keep=plan.keep),
+        Part(k, v, columns, far, q_index=order, k_index=order, groups=(column, column),
+             keep=plan.keep),
+    ]  # fmt: skip
+    return attend(q, parts)[0]
 
 
 @lru_cache(maxsize=16)
@@ -57,17 +60,14 @@ def fixed_attention(q, k, v, plan) -> torch.Tensor:
     block = tile_for(q)
     band = Band(lo=0) if plan.causal else Band()
     own = Window(seg_len=l, step=l, lo=0, hi=l - 1)
-    layout = cached_layout(n, n, band, own, block, q.device)
-    out, lse = flash_attention(q, k, v, layout, band, own, keep=plan.keep)
-    if c == 0 or n <= l - c:
-        return out
-    index = _summary(n, l, c, q.device)
-    # summaries of earlier blocks: s < (i // l) c; bidirectional adds the later ones
-    windows = [Window(seg_len=l, step=c, lo=-BIG, hi=-1)]
-    if not plan.causal:
-        windows.append(Window(seg_len=l, step=c, lo=c, hi=BIG))
-    for window in windows:
-        layout = cached_layout(n, index.shape[1], Band(), window, block, q.device)
-        flash_attention(q, k, v, layout, Band(), window, k_index=index, keep=plan.keep, out=out,
-                        lse=lse, accumulate=True)  # fmt: skip
-    return out
+    parts = [Part(k, v, cached_layout(n, n, band, own, block, q.device), band, own, keep=plan.keep)]
+    if c > 0 and n > l - c:
+        index = _summary(n, l, c, q.device)
+        # summaries of earlier blocks: s < (i // l) c; bidirectional adds the later ones
+        windows = [Window(seg_len=l, step=c, lo=-BIG, hi=-1)]
+        if not plan.causal:
+            windows.append(Window(seg_len=l, step=c, lo=c, hi=BIG))
+        for window in windows:
+            layout = cached_layout(n, index.shape[1], Band(), window, block, q.device)
+            parts.append(Part(k, v, layout, Band(), window, k_index=index, keep=plan.keep))
+    return attend(q, parts)[0]

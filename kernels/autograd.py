@@ -1,0 +1,49 @@
+"""The flash core as a ``torch.autograd.Function``: the forward kernel, then the
+FlashAttention-2 backward of :mod:`attn_zoo.kernels.flash_backward`.
+
+:func:`attend` is what the mechanism families call. It returns (out, lse) for
+the parts merged by log-sum-exp, differentiable in q and in every tensor a part
+reads (:meth:`~attn_zoo.kernels.flash.Part.differentiable`: keys, values,
+Transformer-XL's u, v and distance table, the adaptive-span spans z_h). Without
+a tensor that needs a gradient it is the forward alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from attn_zoo.kernels.flash import Part, forward
+from attn_zoo.kernels.flash_backward import backward
+
+
+class FlashFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, parts: Sequence[Part], q: torch.Tensor, *leaves: torch.Tensor):
+        out, lse = forward(q, parts)
+        ctx.save_for_backward(out, lse)
+        ctx.parts, ctx.q, ctx.leaves = parts, q, leaves
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
+        out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        grads = backward(ctx.q, ctx.parts, out, lse, dout, dlse)
+        found = [grads.get(id(t)) for t in (ctx.q, *ctx.leaves)]
+        found = [None if g is None else g.to(t.dtype) for g, t in zip(found, (ctx.q, *ctx.leaves))]
+        return None, *found
+
+
+def attend(q: torch.Tensor, parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, n_out, D] in q's dtype, lse [B, H, n_out] float32) of ``parts``."""
+    leaves: list[torch.Tensor] = []
+    for part in parts:
+        for tensor in part.differentiable():
+            if tensor is not q and all(tensor is not seen for seen in leaves):
+                leaves.append(tensor)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *leaves)):
+        return FlashFunction.apply(parts, q, *leaves)
+    return forward(q, parts)

@@ -1,0 +1,291 @@
+"""The backward pass of the flash core, after FlashAttention-2 (Dao 2023, Sec. 3.1
+and Algorithm 2).
+
+With O and the log-sum-exp L saved by the forward, D_i = rowsum(dO_i * O_i) once
+per row, and every tile recomputes P = exp(S - L) from the same
+:func:`~attn_zoo.kernels.flash._scores` as the forward (every modifier included):
+
+* ``_flash_bwd_dq``, one program per query block over the key blocks its layout
+  lists: dS = P * (dO V^T - D) and dQ = scale * dS K. For Transformer-XL the
+  same dS also gives q's gradient through (q + v) . R and, by atomic adds, the
+  distance table's; for adaptive span the gradient of the ramp's spans z_h
+  (d log m / dz = 1 / (R + z - x) on the ramp, Eq. 4).
+* ``_flash_bwd_dkdv``, one program per key block over the query blocks that see
+  it (:attr:`~attn_zoo.kernels.layout.BlockLayout.by_key`): dV = P^T dO and
+  dK = scale * dS^T Q.
+
+A mechanism of several parts merged by log-sum-exp needs nothing more: with the
+final O and L, each part's P is already its share of the merged softmax, so
+each part runs these two kernels unchanged. A gradient reaching L itself (a
+caller that merges more keys later) enters as D - dL. Every kernel writes
+its rows in kernel order into buffers of its own; gathered parts are added back
+at their positions with ``scatter_add`` (a position may sit in several clusters).
+Nothing N x N is stored; beyond q, k, v, o and the gradients the extra memory
+is D (one float per row) and the per-part row buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from attn_zoo.kernels import flash
+from attn_zoo.kernels.flash import (
+    LOG2E,
+    Part,
+    _block_list,
+    _head,
+    _load_keys,
+    _load_queries,
+    _ramp_distance,
+    _rel_rows,
+    _scores,
+    launch,
+)
+from attn_zoo.kernels.layout import Window, cached_layout
+
+
+@triton.jit
+def _row_grads(DO, LSE, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, som, n_out,
+               HEAD_DIM: tl.constexpr):  # fmt: skip
+    """dO, L (log2 units; +inf for rows outside or with no key, so P = 0) and D of
+    a query block, read at its output rows."""
+    do = tl.load(DO + b * sob + h * soh + o_rows[:, None] * som + tl.arange(0, HEAD_DIM)[None, :],
+                 mask=rows_in[:, None], other=0.0)  # fmt: skip
+    lse = tl.load(LSE + pid_bh * n_out + o_rows, mask=rows_in, other=float("-inf")) * LOG2E
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(DELTA + pid_bh * n_out + o_rows, mask=rows_in, other=0.0)
+    return do, lse, delta
+
+
+@triton.jit
+def _flash_bwd_dq(
+    DO, LSE, DELTA, DQ, DQV, DTABLE, DSPANS,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
+    FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
+    H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, max_dist, qk_scale,
+    n_rounds, n_pos, dup_chunk, keep_stride,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
+    WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query block (kernel order); with REL_TERM dQ through (q + v) in
+    DQV and the table's gradient added into DTABLE; with RAMP dz_h into DSPANS."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
+        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
+        keep_stride)  # fmt: skip
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows_in = offs_m < n_q
+    q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
+                                        HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
+    o_rows = q_pos if SCATTER_O else offs_m
+    do, lse, delta = _row_grads(DO, LSE, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, som,
+                                n_out, HEAD_DIM)  # fmt: skip
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dqv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dz = tl.zeros([BLOCK_M], tl.float32)
+    lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + pid_m
+    for masked in tl.static_range(2):
+        blocks, count = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full,
+                                    max_partial, masked)  # fmt: skip
+        for t in range(0, count):
+            start = tl.load(blocks + t) * BLOCK_N
+            offs_n = start + tl.arange(0, BLOCK_N)
+            in_range = offs_n < n_k
+            k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
+                                     masked == 1, GATHER_K)  # fmt: skip
+            qk = _scores(
+                q, qv, k, q_pos, offs_m, q_grp, pid_m * BLOCK_M, k_pos, offs_n, in_range, start,
+                KGRP, REL, SPANS, RGRP, RRANK, KEEP,
+                srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
+                max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
+                HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
+                REL_TERM, DUP, PADDED, PRECISION,
+            )  # fmt: skip
+            p = tl.math.exp2(qk - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])  # dS, the gradient of the natural-log scores
+            dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)
+            if REL_TERM:
+                # dS spread back over the tile's distances: wide[a, c] = dS[a, b] where
+                # c = a - b + BLOCK_N - 1 (the forward's diagonal pick, transposed)
+                a = tl.arange(0, BLOCK_M)[:, None]
+                back = a + BLOCK_N - 1 - tl.arange(0, BLOCK_M + BLOCK_N)[None, :]
+                inside = (back >= 0) & (back < BLOCK_N)
+                wide = tl.gather(ds, tl.minimum(tl.maximum(back, 0), BLOCK_N - 1), 1)
+                wide = tl.where(inside, wide, 0.0)
+                row = _rel_rows(pid_m * BLOCK_M, start, offset, max_dist, BLOCK_M, BLOCK_N)
+                r = tl.load(REL + row[:, None] * srn + offs_d[None, :])  # [BM + BN, D]
+                dqv += tl.dot(wide.to(r.dtype), r, input_precision=PRECISION)
+                d_rows = tl.dot(tl.trans(wide.to(qv.dtype)), qv, input_precision=PRECISION)
+                d_ptrs = DTABLE + h * srh + row[:, None] * srn + offs_d[None, :]
+                tl.atomic_add(d_ptrs, d_rows * (qk_scale / LOG2E))
+            if RAMP and masked == 1:  # d log m / dz = 1 / (R + z - x) where 0 < m < 1
+                x = _ramp_distance(offs_m, offs_n, offset, SYMMETRIC)
+                edge = ramp + tl.load(SPANS + h) - x
+                on_ramp = (edge > 0.0) & (edge < ramp)
+                dz += tl.sum(tl.where(on_ramp, ds / tl.where(on_ramp, edge, 1.0), 0.0), 1)
+    scale = qk_scale / LOG2E
+    rows = DQ + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(rows, dq * scale, mask=rows_in[:, None])
+    if REL_TERM:
+        rows = DQV + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(rows, dqv * scale, mask=rows_in[:, None])
+    if RAMP:
+        tl.atomic_add(DSPANS + h, tl.sum(dz, 0))
+
+
+@triton.jit
+def _flash_bwd_dkdv(
+    DO, LSE, DELTA, DK, DV,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
+    FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
+    H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, max_dist, qk_scale,
+    n_rounds, n_pos, dup_chunk, keep_stride,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
+    WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """dK and dV of one key block (kernel order); FULL.. are the key-major lists."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
+        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
+        keep_stride)  # fmt: skip
+    start = pid_n * BLOCK_N
+    offs_n = start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_range = offs_n < n_k
+    k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM, True, GATHER_K)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    lay = (pid_bh % n_layouts) * tl.cdiv(n_k, BLOCK_N) + pid_n
+    for masked in tl.static_range(2):
+        blocks, count = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full,
+                                    max_partial, masked)  # fmt: skip
+        for t in range(0, count):
+            m_start = tl.load(blocks + t) * BLOCK_M
+            offs_m = m_start + tl.arange(0, BLOCK_M)
+            rows_in = offs_m < n_q
+            q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
+                                                HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
+            o_rows = q_pos if SCATTER_O else offs_m
+            do, lse, delta = _row_grads(DO, LSE, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh,
+                                        som, n_out, HEAD_DIM)  # fmt: skip
+            qk = _scores(
+                q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
+                KGRP, REL, SPANS, RGRP, RRANK, KEEP,
+                srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
+                max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
+                HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
+                REL_TERM, DUP, PADDED, PRECISION,
+            )  # fmt: skip
+            p = tl.math.exp2(qk - lse[:, None])
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+    rows = pid_bh * n_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(DK + rows, dk * (qk_scale / LOG2E), mask=in_range[:, None])
+    tl.store(DV + rows, dv, mask=in_range[:, None])
+
+
+def _add_rows(total: torch.Tensor | None, rows: torch.Tensor, index: torch.Tensor | None,
+              n: int) -> torch.Tensor:  # fmt: skip
+    """``total`` + a kernel-order buffer [B, H, n_rows, D] added at positions
+    ``index`` [G|1, n_rows] of a [B, H, n, D] total (a new one when None)."""
+    if index is None:
+        return rows if total is None else total.add_(rows)
+    if total is None:
+        total = torch.zeros(*rows.shape[:2], n, rows.shape[3], device=rows.device, dtype=rows.dtype)
+    heads = rows.shape[:2] if index.shape[0] > 1 else (1, 1)  # per (batch, head) or shared
+    total.scatter_add_(2, index.long().view(*heads, -1, 1).expand_as(rows), rows)
+    return total
+
+
+def _key_gradient_part(part: Part, q: torch.Tensor) -> Part:
+    """The pairs whose key and value receive a gradient: with ``frozen_memory`` the
+    window starts at the query's own segment (memories are stop-gradient)."""
+    if not part.frozen_memory:
+        return part
+    win = part.window
+    if win is None or part.groups is not None or part.q_index is not None:
+        raise ValueError("flash: frozen_memory needs a position window and no gather")
+    own = Window(win.seg_len, win.step, max(win.lo, 0), win.hi)
+    n_q, n_k = q.shape[2], part.k.shape[2]
+    layout = cached_layout(n_q, n_k, part.band, own, part.layout.block_m, q.device)
+    return dataclasses.replace(part, layout=layout, window=own)
+
+
+def _add(grads: dict, tensor: torch.Tensor, value: torch.Tensor) -> None:
+    key = id(tensor)
+    grads[key] = value if key not in grads else grads[key] + value
+
+
+def backward(
+    q: torch.Tensor,
+    parts: Sequence[Part],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    dlse: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
+    """Gradients of (out, lse) = :func:`~attn_zoo.kernels.flash.forward` (q, parts),
+    float32, keyed by ``id`` of q and of each part's differentiable tensors
+    (:meth:`Part.differentiable`); tensors no pair reaches are missing."""
+    batch, heads, n, dim = q.shape
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    grads: dict[int, torch.Tensor] = {}
+    dq = None
+    for part in parts:
+        run = launch(q, part, dout)
+        rel, ramp = part.relative, part.ramp
+        dq_rows = flash.new_output(q, (batch, heads, run.n_q, dim), torch.float32)
+        dqv_rows = flash.new_output(q, (batch, heads, run.n_q, dim), torch.float32) if rel else dq_rows
+        dtable = torch.zeros(rel.table.shape, device=q.device) if rel else dq_rows
+        dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
+        grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
+        _flash_bwd_dq[grid](dout, lse, delta, dq_rows, dqv_rows, dtable, dspans, *run.args,
+                            **run.flags, num_warps=run.warps)  # fmt: skip
+        if rel is not None:
+            _add(grads, rel.u, dq_rows.sum((0, 2)))
+            _add(grads, rel.v, dqv_rows.sum((0, 2)))
+            _add(grads, rel.table, dtable)
+            dq_rows = dq_rows + dqv_rows
+        if ramp is not None:
+            _add(grads, ramp.spans, dspans)
+        dq = _add_rows(dq, dq_rows, part.q_index, n)
+
+        keyed = _key_gradient_part(part, q)
+        run = launch(q, keyed, dout, keyed.layout.by_key)
+        dk_rows, dv_rows = (flash.new_output(q, (batch, heads, run.n_k, dim), torch.float32)
+                            for _ in range(2))  # fmt: skip
+        grid = (triton.cdiv(run.n_k, part.layout.block_n), batch * heads)
+        _flash_bwd_dkdv[grid](dout, lse, delta, dk_rows, dv_rows, *run.args, **run.flags,
+                              num_warps=run.warps)  # fmt: skip
+        for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
+            grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
+                                          tensor.shape[2])  # fmt: skip
+    grads[id(q)] = dq if id(q) not in grads else grads[id(q)] + dq
+    return grads
