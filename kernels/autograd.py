@@ -32,9 +32,9 @@ class FlashFunction(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         grads = backward(ctx.q, ctx.parts, out, lse, dout, dlse)
-        found = [grads.get(id(t)) for t in (ctx.q, *ctx.leaves)]
-        found = [None if g is None else g.to(t.dtype) for g, t in zip(found, (ctx.q, *ctx.leaves))]
-        return None, *found
+        inputs = (ctx.q, *ctx.leaves)
+        cast = [None if id(t) not in grads else grads[id(t)].to(t.dtype) for t in inputs]
+        return None, *cast
 
 
 def attend(q: torch.Tensor, parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:

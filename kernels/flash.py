@@ -192,7 +192,8 @@ def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
 
 @triton.jit
 def _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm, HEAD_DIM: tl.constexpr,
-                  GATHER_Q: tl.constexpr, GROUPS: tl.constexpr, REL_TERM: tl.constexpr):  # fmt: skip
+                  GATHER_Q: tl.constexpr, GROUPS: tl.constexpr,
+                  REL_TERM: tl.constexpr):  # fmt: skip
     """A query block: (q, q for the relative term, positions, groups). For xl, q
     is q + u and the second q + v (Dai et al. 2019, Sec. 3.3)."""
     offs_d = tl.arange(0, HEAD_DIM)

@@ -261,8 +261,9 @@ def backward(
     for part in parts:
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
-        dq_rows = flash.new_output(q, (batch, heads, run.n_q, dim), torch.float32)
-        dqv_rows = flash.new_output(q, (batch, heads, run.n_q, dim), torch.float32) if rel else dq_rows
+        rows = (batch, heads, run.n_q, dim)
+        dq_rows = flash.new_output(q, rows, torch.float32)
+        dqv_rows = flash.new_output(q, rows, torch.float32) if rel else dq_rows
         dtable = torch.zeros(rel.table.shape, device=q.device) if rel else dq_rows
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
