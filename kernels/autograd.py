@@ -14,24 +14,24 @@ from collections.abc import Sequence
 
 import torch
 
-from attn_zoo.kernels.flash import Part, forward
+from attn_zoo.kernels.flash import Part, forward, forward_with_stats, row_lse
 from attn_zoo.kernels.flash_backward import backward
 
 
 class FlashFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, parts: Sequence[Part], q: torch.Tensor, *leaves: torch.Tensor):
-        out, lse = forward(q, parts)
-        ctx.save_for_backward(out, lse)
+        out, row_max, row_logsum = forward_with_stats(q, parts)
+        ctx.save_for_backward(out, row_max, row_logsum)
         ctx.parts, ctx.q, ctx.leaves = parts, q, leaves
-        return out, lse
+        return out, row_lse(row_max, row_logsum)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
-        out, lse = ctx.saved_tensors
+        out, row_max, row_logsum = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        grads = backward(ctx.q, ctx.parts, out, lse, dout, dlse)
+        grads = backward(ctx.q, ctx.parts, out, (row_max, row_logsum), dout, dlse)
         inputs = (ctx.q, *ctx.leaves)
         cast = [None if id(t) not in grads else grads[id(t)].to(t.dtype) for t in inputs]
         return None, *cast

@@ -2,9 +2,11 @@
 and report what the compiled code looks like.
 
 ``python -m attn_zoo.kernels.compile_check [--arch 90] [--dtypes fp16,bf16,fp32]
-[--dims 32,64,128] [--out reports/kernels-sm90]`` runs Triton's whole pipeline
+[--dims 32,64,128] [--kernels fwd,bwd_dq,bwd_dkdv] [--out reports/kernels-sm90]``
+runs Triton's whole pipeline
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas) for every
-combination of compile-time flags a mechanism launches, with the divisibility
+combination of compile-time flags a mechanism launches, for the forward kernel
+and the backward's two (dQ, dK/dV), with the divisibility
 specialization the JIT gives a launch on aligned shapes (every pointer, stride
 and length a multiple of 16: contiguous [B, H, N, D] tensors with N and D
 multiples of 16). For each variant it reports the tile, warps, stages,
@@ -18,6 +20,8 @@ running on the GPU. TRITON_INTERPRET must be unset.
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
 import json
 import os
 import re
@@ -58,7 +62,14 @@ VARIANTS: dict[str, dict[str, bool | int]] = {
 }
 FLAGS = ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "RAMP", "SYMMETRIC",
          "REL_TERM", "DUP", "PADDED", "ACCUMULATE")  # fmt: skip
-POINTERS = {"LSE": "fp32", "U": "fp32", "VB": "fp32", "SPANS": "fp32"} | dict.fromkeys(
+#: The kernels, by report name (module attn_zoo.kernels.<module>, function).
+KERNELS = {"fwd": ("flash", "_flash_fwd"), "bwd_dq": ("flash_backward", "_flash_bwd_dq"),
+           "bwd_dkdv": ("flash_backward", "_flash_bwd_dkdv")}  # fmt: skip
+TENSORS = ("Q", "K", "V", "O", "REL", "DO")  # in the inputs' dtype
+POINTERS = dict.fromkeys(
+    ("MAX", "LOGSUM", "DELTA", "DQ", "DQV", "DTABLE", "DSPANS", "DK", "DV", "U", "VB", "SPANS"),
+    "fp32",
+) | dict.fromkeys(
     ("QIDX", "KIDX", "QGRP", "KGRP", "RGRP", "RRANK", "FULL", "FULL_COUNT", "PARTIAL",
      "PARTIAL_COUNT"), "i32"
 ) | {"KEEP": "i8"}  # fmt: skip
@@ -68,10 +79,10 @@ ALIGNED_INTS = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "
                 "som", "srh", "srn", "n_q", "n_k", "n_out", "n_pos", "keep_stride"}  # fmt: skip
 SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 #: Known gaps of the fp16/bf16 kernels at head_dim >= 64 that --strict tolerates until
-#: they are fixed (variant, head_dim, what): anything else is a regression.
+#: they are fixed (kernel, variant, head_dim, what): anything else is a regression.
 KNOWN_GAPS = {
-    ("xl", 128, "no HGMMA"),  # 32x32 tiles: the (BM + BN) x D distance tile at 64 spills
-    ("lsh buckets", 128, "spills"),  # 8 bytes at 255 registers: the round count's loop
+    ("fwd", "xl", 128, "no HGMMA"),  # 32x32 tiles: the (BM + BN) x D distance tile at 64 spills
+    ("fwd", "lsh buckets", 128, "spills"),  # 8 bytes at 255 registers: the round count's loop
 }
 INT64 = {"lo", "hi", "offset", "seg_len", "seg_step", "win_lo", "win_hi"}
 FLOAT = {"self_bias", "ramp", "qk_scale"}
@@ -82,7 +93,7 @@ def signature(kernel, dtype: str) -> dict[str, str]:
     for name, param in zip(kernel.arg_names, kernel.params, strict=True):
         if param.is_constexpr:
             sig[name] = "constexpr"
-        elif name in POINTERS or name in ("Q", "K", "V", "O", "REL"):
+        elif name in POINTERS or name in TENSORS:
             sig[name] = "*" + POINTERS.get(name, dtype)
         else:
             sig[name] = "i64" if name in INT64 else "fp32" if name in FLOAT else "i32"
@@ -94,7 +105,7 @@ def aligned_attrs(kernel) -> dict:
     a launch on aligned shapes."""
     attrs = {}
     for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params, strict=True)):
-        pointer = name in POINTERS or name in ("Q", "K", "V", "O", "REL")
+        pointer = name in POINTERS or name in TENSORS
         if not param.is_constexpr and (pointer or name in ALIGNED_INTS):
             attrs[(index,)] = [["tt.divisibility", 16]]
     return attrs
@@ -144,14 +155,15 @@ def analyze(compiled, arch: int) -> dict:
 def write_report(rows: list[dict], out: Path, triton_version: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compile.json").write_text(json.dumps(rows, indent=1) + "\n")
-    columns = ["variant", "dtype", "head_dim", "tile", "warps", "stages", "registers",
+    columns = ["kernel", "variant", "dtype", "head_dim", "tile", "warps", "stages", "registers",
                "spill_store_bytes", "shared_kib", "hgmma", "hmma", "status"]  # fmt: skip
     arch = rows[0]["arch"] if rows else 90
     lines = [
         f"# Flash core compiled for sm_{arch} (Triton {triton_version})",
         "",
         "Each flag set the mechanisms launch, compiled as a launch on aligned shapes compiles "
-        "it (`python -m attn_zoo.kernels.compile_check`). Registers and spills from "
+        "it (`python -m attn_zoo.kernels.compile_check`): the forward (`fwd`) and the "
+        "backward's dQ (`bwd_dq`) and dK/dV (`bwd_dkdv`) passes. Registers and spills from "
         "`ptxas -v`; HGMMA (warpgroup MMA) and HMMA (warp MMA) counted in the SASS. No GPU "
         "was used: this is the evidence between GPU runs, not a timing.",
         "",
@@ -173,7 +185,8 @@ def _gaps(row: dict) -> list[str]:
         found.append("spills")
     if not row.get("hgmma"):
         found.append("no HGMMA")
-    return [g for g in found if (row["variant"], row["head_dim"], g) not in KNOWN_GAPS]
+    where = (row["kernel"], row["variant"], row["head_dim"])
+    return [g for g in found if (*where, g) not in KNOWN_GAPS]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
     parser.add_argument("--dims", default="32,64,128")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="of " + ", ".join(KERNELS))
     parser.add_argument("--out", default="reports/kernels-sm90", help="report folder")
     strict = ("also fail on spills or missing HGMMA in fp16/bf16 variants at head_dim >= 64 "
               "(beyond the known gaps listed in the module)")  # fmt: skip
@@ -193,48 +207,53 @@ def main(argv: list[str] | None = None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from attn_zoo.kernels.flash import _flash_fwd, block_size, warps_for
+    from attn_zoo.kernels.flash import block_size, warps_for
 
+    kernels = args.kernels.split(",")
+    if unknown := sorted(set(kernels) - set(KERNELS)):
+        print(f"compile_check: unknown kernel {unknown[0]!r}; accepted: {', '.join(KERNELS)}")
+        return 2
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     rows = []
-    for dtype in args.dtypes.split(","):
-        for dim in (int(d) for d in args.dims.split(",")):
-            for name, flags in VARIANTS.items():
-                block = block_size(dim, bool(flags.get("REL_TERM")), dtype == "fp32")
-                warps = warps_for(dim, block, bool(flags.get("REL_TERM") or flags.get("DUP")))
-                constants = {flag: flags.get(flag, 0 if flag == "DUP" else False)
-                             for flag in FLAGS}  # fmt: skip
-                constants |= dict(HEAD_DIM=dim, BLOCK_M=block, BLOCK_N=block,
-                                  PRECISION="ieee" if dtype == "fp32" else None)  # fmt: skip
-                start = time.perf_counter()
-                row = {"variant": name, "dtype": dtype, "head_dim": dim, "arch": args.arch,
-                       "tile": f"{block}x{block}"}  # fmt: skip
-                try:
-                    source = ASTSource(_flash_fwd, signature(_flash_fwd, dtype), constants,
-                                       aligned_attrs(_flash_fwd))  # fmt: skip
-                    compiled = triton.compile(source, target=target,
-                                              options={"num_warps": warps})  # fmt: skip
-                    shared = compiled.metadata.shared
-                    row |= {"warps": compiled.metadata.num_warps,
-                            "stages": compiled.metadata.num_stages,
-                            "shared_kib": round(shared / 1024, 1)}  # fmt: skip
-                    row |= analyze(compiled, args.arch)
-                    status = f"ok, shared memory {shared / 1024:.0f} KiB"
-                    gaps = _gaps(row) if args.strict else []
-                    if gaps:
-                        failures += 1
-                        status = f"FAILED: {', '.join(gaps)}"
-                    if shared > SHARED_LIMIT:
-                        failures += 1
-                        status = f"FAILED: needs {shared / 1024:.0f} KiB of shared memory"
-                except Exception as error:  # report every variant, then fail
-                    failures += 1
-                    status = f"FAILED: {type(error).__name__}: {str(error)[:400]}"
-                row["status"] = status
-                rows.append(row)
-                took = time.perf_counter() - start
-                print(f"sm_{args.arch} {dtype} d={dim} {name}: {status} ({took:.1f} s)", flush=True)
+    dims = [int(d) for d in args.dims.split(",")]
+    for kernel_name, dtype, dim, (name, flags) in itertools.product(
+        kernels, args.dtypes.split(","), dims, VARIANTS.items()
+    ):
+        module, function = KERNELS[kernel_name]
+        kernel = getattr(importlib.import_module(f"attn_zoo.kernels.{module}"), function)
+        block = block_size(dim, bool(flags.get("REL_TERM")), dtype == "fp32")
+        warps = warps_for(dim, block, bool(flags.get("REL_TERM") or flags.get("DUP")))
+        constants = {flag: flags.get(flag, 0 if flag == "DUP" else False)
+                     for flag in FLAGS if flag in kernel.arg_names}  # fmt: skip
+        constants |= dict(HEAD_DIM=dim, BLOCK_M=block, BLOCK_N=block,
+                          PRECISION="ieee" if dtype == "fp32" else None)  # fmt: skip
+        start = time.perf_counter()
+        row = {"kernel": kernel_name, "variant": name, "dtype": dtype, "head_dim": dim,
+               "arch": args.arch, "tile": f"{block}x{block}"}  # fmt: skip
+        try:
+            source = ASTSource(kernel, signature(kernel, dtype), constants, aligned_attrs(kernel))
+            compiled = triton.compile(source, target=target, options={"num_warps": warps})
+            shared = compiled.metadata.shared
+            row |= {"warps": compiled.metadata.num_warps, "stages": compiled.metadata.num_stages,
+                    "shared_kib": round(shared / 1024, 1)}  # fmt: skip
+            row |= analyze(compiled, args.arch)
+            status = f"ok, shared memory {shared / 1024:.0f} KiB"
+            gaps = _gaps(row) if args.strict else []
+            if gaps:
+                failures += 1
+                status = f"FAILED: {', '.join(gaps)}"
+            if shared > SHARED_LIMIT:
+                failures += 1
+                status = f"FAILED: needs {shared / 1024:.0f} KiB of shared memory"
+        except Exception as error:  # report every variant, then fail
+            failures += 1
+            status = f"FAILED: {type(error).__name__}: {str(error)[:400]}"
+        row["status"] = status
+        rows.append(row)
+        took = time.perf_counter() - start
+        print(f"sm_{args.arch} {kernel_name} {dtype} d={dim} {name}: {status} ({took:.1f} s)",
+              flush=True)  # fmt: skip
     write_report(rows, Path(args.out), triton.__version__)
     print(f"compile_check: triton {triton.__version__}, {failures} failure(s); "
           f"report in {args.out}/compile.md")  # fmt: skip

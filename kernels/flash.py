@@ -3,8 +3,12 @@
 For each query block the kernel walks the key blocks its :class:`BlockLayout`
 lists, first those that need no element mask, then those that do, in float32
 with the exp2 online softmax of the Triton tutorial 06-fused-attention. It
-returns the output and the per-row log-sum-exp (natural log; -inf and output 0
-for a row that sees no key). Nothing N x N is ever stored.
+writes the output and each row's softmax statistics: the largest score m and
+log2 of the sum of exp2(score - m), kept apart so that the backward recomputes
+exp2(score - m) as exactly as the forward did, even beside a large bias such as
+Reformer's self penalty (m + log2 l rounded to one float32 would lose ~1e-2 at
+|m| ~ 1e5). A row that sees no key has m = -inf and output 0. Nothing N x N is
+ever stored.
 
 What a launch may add to plain attention (all decided at compile time):
 
@@ -293,7 +297,7 @@ def _scores(
 
 @triton.jit
 def _flash_fwd(
-    O, LSE,
+    O, MAX, LOGSUM,
     Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
@@ -348,23 +352,25 @@ def _flash_fwd(
             m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     o_rows = q_pos if SCATTER_O else offs_m
     o_ptrs = O + b * sob + h * soh + o_rows[:, None] * som + offs_d[None, :]
-    lse_ptrs = LSE + pid_bh * n_out + o_rows
+    stats = pid_bh * n_out + o_rows
     if ACCUMULATE:  # merge with the partial result already there, by log-sum-exp
         prev = tl.load(o_ptrs, mask=rows_in[:, None], other=0.0).to(tl.float32)
-        prev_lse = tl.load(lse_ptrs, mask=rows_in, other=float("-inf")) * 1.4426950408889634
-        top = tl.maximum(prev_lse, lse)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w_prev = tl.math.exp2(prev_lse - top)
-        w_new = tl.math.exp2(lse - top)
-        total = w_prev + w_new
-        none = total == 0.0
-        out = (prev * w_prev[:, None] + out * w_new[:, None]) / tl.where(none, 1.0, total)[:, None]
-        lse = tl.where(none, float("-inf"), top + tl.math.log2(tl.where(none, 1.0, total)))
+        prev_m = tl.load(MAX + stats, mask=rows_in, other=float("-inf"))
+        prev_l = tl.math.exp2(tl.load(LOGSUM + stats, mask=rows_in, other=0.0))
+        top = tl.maximum(prev_m, m_i)
+        top_safe = tl.where(top == float("-inf"), 0.0, top)
+        w_prev = tl.math.exp2(prev_m - top_safe) * prev_l
+        w_new = tl.math.exp2(m_i - top_safe) * l_i
+        l_i = w_prev + w_new
+        empty = l_i == 0.0
+        total = tl.where(empty, 1.0, l_i)
+        out = (prev * (w_prev / total)[:, None]) + out * (w_new / total)[:, None]
+        m_i = top
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows_in[:, None])
-    tl.store(lse_ptrs, lse / 1.4426950408889634, mask=rows_in)
+    tl.store(MAX + stats, m_i, mask=rows_in)
+    tl.store(LOGSUM + stats, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=rows_in)
 
 
 def new_output(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -466,36 +472,36 @@ def output_rows(q: torch.Tensor, part: Part) -> int:
     return q.shape[2] if part.scatter or part.q_index is None else part.q_index.shape[-1]
 
 
-def forward(
-    q: torch.Tensor,
-    parts: Sequence[Part],
-    out: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-    accumulate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_with_stats(q: torch.Tensor, parts: Sequence[Part]):
     """Run the parts, each merged into the last by log-sum-exp. q [B, H, Nq, D].
-    With ``accumulate``, ``out`` and ``lse`` already hold a partial result over
-    other keys and receive the merged one. Returns (out in q's dtype, lse
-    [B, H, n_out] float32, natural log)."""
+    Returns (out in q's dtype, row max m and log2 l [B, H, n_out] float32)."""
     batch, heads, _, dim = q.shape
     n_out = output_rows(q, parts[0])
-    if out is None:
-        out = new_output(q, (batch, heads, n_out, dim), q.dtype)
-    if lse is None:
-        lse = new_output(q, (batch, heads, n_out), torch.float32)
-    if (accumulate or len(parts) > 1) and out.stride(-1) != 1:
-        raise ValueError("flash: accumulating parts needs an output with contiguous rows")
+    out = new_output(q, (batch, heads, n_out, dim), q.dtype)
+    row_max, row_logsum = (new_output(q, (batch, heads, n_out), torch.float32) for _ in range(2))
     for i, part in enumerate(parts):
         run = launch(q, part, out)
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
-        _flash_fwd[grid](out, lse, *run.args, **run.flags, ACCUMULATE=accumulate or i > 0,
+        _flash_fwd[grid](out, row_max, row_logsum, *run.args, **run.flags, ACCUMULATE=i > 0,
                          num_warps=run.warps)  # fmt: skip
-    return out, lse
+    return out, row_max, row_logsum
+
+
+def row_lse(row_max: torch.Tensor, row_logsum: torch.Tensor) -> torch.Tensor:
+    """The natural log-sum-exp of each row from its statistics (-inf: no key)."""
+    return (row_max + row_logsum) / LOG2E
+
+
+def forward(q: torch.Tensor, parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse [B, H, n_out] float32, natural log) of the parts, no autograd."""
+    out, row_max, row_logsum = forward_with_stats(q, parts)
+    return out, row_lse(row_max, row_logsum)
 
 
 def flash_attention(q, k, v, layout: BlockLayout, band: Band | None = None,
-                    window: Window | None = None, *, out=None, lse=None, accumulate=False,
+                    window: Window | None = None,
                     **modifiers) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One forward launch (no autograd): :func:`forward` of one :class:`Part`."""
-    part = Part(k, v, layout, band if band is not None else Band(), window, **modifiers)
-    return forward(q, [part], out, lse, accumulate)
+    return forward(
+        q, [Part(k, v, layout, band if band is not None else Band(), window, **modifiers)]
+    )

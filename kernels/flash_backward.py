@@ -35,7 +35,6 @@ import triton.language as tl
 
 from attn_zoo.kernels import flash
 from attn_zoo.kernels.flash import (
-    LOG2E,
     Part,
     _block_list,
     _head,
@@ -48,23 +47,27 @@ from attn_zoo.kernels.flash import (
 )
 from attn_zoo.kernels.layout import Window, cached_layout
 
+LN2 = tl.constexpr(0.6931471805599453)  # the log2-unit scale back to natural-log scores
+
 
 @triton.jit
-def _row_grads(DO, LSE, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, som, n_out,
+def _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, som, n_out,
                HEAD_DIM: tl.constexpr):  # fmt: skip
-    """dO, L (log2 units; +inf for rows outside or with no key, so P = 0) and D of
-    a query block, read at its output rows."""
+    """dO, the softmax statistics m (+inf for rows outside or with no key, so
+    P = 0) and log2 l, and D of a query block, read at its output rows."""
     do = tl.load(DO + b * sob + h * soh + o_rows[:, None] * som + tl.arange(0, HEAD_DIM)[None, :],
                  mask=rows_in[:, None], other=0.0)  # fmt: skip
-    lse = tl.load(LSE + pid_bh * n_out + o_rows, mask=rows_in, other=float("-inf")) * LOG2E
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(DELTA + pid_bh * n_out + o_rows, mask=rows_in, other=0.0)
-    return do, lse, delta
+    stats = pid_bh * n_out + o_rows
+    row_max = tl.load(MAX + stats, mask=rows_in, other=float("-inf"))
+    row_max = tl.where(row_max == float("-inf"), float("inf"), row_max)
+    logsum = tl.load(LOGSUM + stats, mask=rows_in, other=0.0)
+    delta = tl.load(DELTA + stats, mask=rows_in, other=0.0)
+    return do, row_max, logsum, delta
 
 
 @triton.jit
 def _flash_bwd_dq(
-    DO, LSE, DELTA, DQ, DQV, DTABLE, DSPANS,
+    DO, MAX, LOGSUM, DELTA, DQ, DQV, DTABLE, DSPANS,
     Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
@@ -91,8 +94,8 @@ def _flash_bwd_dq(
     q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
                                         HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
     o_rows = q_pos if SCATTER_O else offs_m
-    do, lse, delta = _row_grads(DO, LSE, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, som,
-                                n_out, HEAD_DIM)  # fmt: skip
+    do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
+                                            rows_in, sob, soh, som, n_out, HEAD_DIM)  # fmt: skip
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dqv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dz = tl.zeros([BLOCK_M], tl.float32)
@@ -114,7 +117,7 @@ def _flash_bwd_dq(
                 HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
                 REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
-            p = tl.math.exp2(qk - lse[:, None])
+            p = tl.math.exp2((qk - row_max[:, None]) - logsum[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])  # dS, the gradient of the natural-log scores
             dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)
@@ -131,13 +134,13 @@ def _flash_bwd_dq(
                 dqv += tl.dot(wide.to(r.dtype), r, input_precision=PRECISION)
                 d_rows = tl.dot(tl.trans(wide.to(qv.dtype)), qv, input_precision=PRECISION)
                 d_ptrs = DTABLE + h * srh + row[:, None] * srn + offs_d[None, :]
-                tl.atomic_add(d_ptrs, d_rows * (qk_scale / LOG2E))
+                tl.atomic_add(d_ptrs, d_rows * (qk_scale * LN2))
             if RAMP and masked == 1:  # d log m / dz = 1 / (R + z - x) where 0 < m < 1
                 x = _ramp_distance(offs_m, offs_n, offset, SYMMETRIC)
                 edge = ramp + tl.load(SPANS + h) - x
                 on_ramp = (edge > 0.0) & (edge < ramp)
                 dz += tl.sum(tl.where(on_ramp, ds / tl.where(on_ramp, edge, 1.0), 0.0), 1)
-    scale = qk_scale / LOG2E
+    scale = qk_scale * LN2
     rows = DQ + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(rows, dq * scale, mask=rows_in[:, None])
     if REL_TERM:
@@ -149,7 +152,7 @@ def _flash_bwd_dq(
 
 @triton.jit
 def _flash_bwd_dkdv(
-    DO, LSE, DELTA, DK, DV,
+    DO, MAX, LOGSUM, DELTA, DK, DV,
     Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
@@ -187,8 +190,9 @@ def _flash_bwd_dkdv(
             q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
                                                 HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
             o_rows = q_pos if SCATTER_O else offs_m
-            do, lse, delta = _row_grads(DO, LSE, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh,
-                                        som, n_out, HEAD_DIM)  # fmt: skip
+            do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
+                                                    rows_in, sob, soh, som, n_out,
+                                                    HEAD_DIM)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
                 KGRP, REL, SPANS, RGRP, RRANK, KEEP,
@@ -197,13 +201,13 @@ def _flash_bwd_dkdv(
                 HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
                 REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
-            p = tl.math.exp2(qk - lse[:, None])
+            p = tl.math.exp2((qk - row_max[:, None]) - logsum[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
     rows = pid_bh * n_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + rows, dk * (qk_scale / LOG2E), mask=in_range[:, None])
+    tl.store(DK + rows, dk * (qk_scale * LN2), mask=in_range[:, None])
     tl.store(DV + rows, dv, mask=in_range[:, None])
 
 
@@ -243,12 +247,13 @@ def backward(
     q: torch.Tensor,
     parts: Sequence[Part],
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: tuple[torch.Tensor, torch.Tensor],
     dout: torch.Tensor,
     dlse: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Gradients of (out, lse) = :func:`~attn_zoo.kernels.flash.forward` (q, parts),
-    float32, keyed by ``id`` of q and of each part's differentiable tensors
+    """Gradients of (out, lse) of :func:`~attn_zoo.kernels.flash.forward_with_stats`
+    (q, parts), which gave ``out`` and ``stats`` (row max, log2 sum), in float32,
+    keyed by ``id`` of q and of each part's differentiable tensors
     (:meth:`Part.differentiable`); tensors no pair reaches are missing."""
     batch, heads, n, dim = q.shape
     dout = dout.contiguous()
@@ -267,7 +272,7 @@ def backward(
         dtable = torch.zeros(rel.table.shape, device=q.device) if rel else dq_rows
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
-        _flash_bwd_dq[grid](dout, lse, delta, dq_rows, dqv_rows, dtable, dspans, *run.args,
+        _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, dqv_rows, dtable, dspans, *run.args,
                             **run.flags, num_warps=run.warps)  # fmt: skip
         if rel is not None:
             _add(grads, rel.u, dq_rows.sum((0, 2)))
@@ -283,7 +288,7 @@ def backward(
         dk_rows, dv_rows = (flash.new_output(q, (batch, heads, run.n_k, dim), torch.float32)
                             for _ in range(2))  # fmt: skip
         grid = (triton.cdiv(run.n_k, part.layout.block_n), batch * heads)
-        _flash_bwd_dkdv[grid](dout, lse, delta, dk_rows, dv_rows, *run.args, **run.flags,
+        _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, *run.args, **run.flags,
                               num_warps=run.warps)  # fmt: skip
         for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
             grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,

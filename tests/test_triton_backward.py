@@ -1,0 +1,150 @@
+"""The backward pass of every mechanism's ``triton`` implementation: gradients of
+q, k, v (and of the mechanisms' parameters) against the float64 oracle's and
+the reference's. Without a GPU the kernels run in Triton's interpreter; every
+gradient buffer the launchers allocate starts as NaN, so a row a kernel
+forgets to write fails."""
+
+import pytest
+import torch
+
+import attn_zoo
+from attn_zoo import oracle
+from conftest import qkv, small
+
+pytest.importorskip("triton")
+from test_triton_mechanisms import MECHANISMS, WIDE
+
+import attn_zoo.kernels.flash
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    def nan_filled(q, shape, dtype):
+        return torch.full(shape, float("nan"), device=q.device, dtype=dtype)
+
+    monkeypatch.setattr(attn_zoo.kernels.flash, "new_output", nan_filled)
+
+
+def gradients(mech, impl, q, k, v, causal, plan, upstream):
+    """d(out . upstream)/d(q, k, v) through ``impl``; None where no gradient flows."""
+    inputs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = mech(*inputs, causal=causal, impl=impl, plan=plan)
+    return torch.autograd.grad(out.float(), inputs, upstream.float(), allow_unused=True)
+
+
+def check_gradients(mech, n, dim, dtype, causal, batch=1):
+    q, k, v = (x.to(DEVICE) for x in qkv(n, batch=batch, heads=2, dim=dim, dtype=dtype))
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(7),
+                           dtype=torch.float64).to(DEVICE)  # fmt: skip
+    plan = mech.plan(q, k, v, causal)
+    got = gradients(mech, "triton", q, k, v, causal, plan, upstream)
+    reference = gradients(mech, "reference", q, k, v, causal, plan, upstream)
+    exact = [x.double().requires_grad_() for x in (q, k, v)]
+    rows = torch.arange(n)
+    expected = oracle.evaluate(*exact, mech.oracle(*exact, plan, rows), rows)
+    want = torch.autograd.grad(expected, exact, upstream, allow_unused=True)
+    tol = TOLERANCE[dtype]
+    for name, g, r, w in zip("qkv", got, reference, want, strict=True):
+        if w is None or not w.any():  # shared QK: k is never read
+            assert g is None or not g.any(), f"d{name}: a gradient where the oracle has none"
+            continue
+        assert g is not None and g.dtype == dtype, f"d{name}: missing or in the wrong dtype"
+        assert torch.isfinite(g).all(), f"d{name} not finite"
+        assert oracle.rel_error(g, w) < tol, f"d{name} vs oracle: {oracle.rel_error(g, w):.2e}"
+        assert oracle.rel_error(g, r) < tol, f"d{name} vs reference: {oracle.rel_error(g, r):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_triton_gradients_match_oracle_and_reference(name, causal, dim, dtype):
+    """Ragged N = 100, the small configs (memories, buckets, clusters, strides)."""
+    check_gradients(small(name), 100, dim, dtype, causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_triton_gradients_with_full_blocks(name, causal):
+    """Layouts with full blocks beside masked ones, two batches."""
+    check_gradients(attn_zoo.get(name, **WIDE[name]), 200, 128, torch.float32, causal, batch=2)
+
+
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("compressive", {"segment_len": 8, "mem_len": 8, "cmem_len": 4,
+                         "attend_initial_memory": True}),  # the gradient reaching the lse
+        ("compressive", {"segment_len": 12, "mem_len": 0, "cmem_len": 3, "rate": 3}),
+        ("xl", {"segment_len": 16, "mem_len": 40, "clamp_len": 8}),
+        ("xl", {"segment_len": 16, "mem_len": 24, "same_length": True}),
+        ("lsh", {"bucket_size": 8, "n_hashes": 3, "attend_across_buckets": True}),
+        ("lsh", {"bucket_size": 8, "n_hashes": 2, "allow_duplicate_attention": True}),
+        ("routing", {"window": 8, "n_clusters": 3}),
+        ("adaptive_span", {"spans": (5.3, 17.7), "ramp": 6.0, "ramp_shift": 1}),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_triton_gradients_config_corners(name, config, causal):
+    check_gradients(attn_zoo.get(name, **config), 90, 32, torch.float32, causal)
+
+
+MODULES = [
+    ("xl", {"segment_len": 16, "mem_len": 12}),
+    ("compressive", {"segment_len": 16, "mem_len": 16, "cmem_len": 4, "compression": "conv"}),
+    ("adaptive_span", {"spans": (5.3, 21.7), "ramp": 8.0}),
+]
+
+
+@pytest.mark.parametrize("name,config", MODULES, ids=[m[0] for m in MODULES])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+def test_triton_gradients_reach_module_parameters(name, config, causal):
+    """xl's u, v, W_R (through the kernel's relative term), the compressive conv
+    (through the compressed slots' keys and values) and adaptive span's z_h
+    (through the ramp): as through the reference."""
+    q, k, v = (x.to(DEVICE) for x in qkv(70, heads=2, dim=32, seed=3))
+    grads = {}
+    for impl in ("triton", "reference"):
+        module = attn_zoo.Attention(name, num_heads=2, head_dim=32, impl=impl, **config)
+        module.to(DEVICE)
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        module(*inputs, is_causal=causal).pow(2).sum().backward()
+        grads[impl] = {n: p.grad for n, p in module.named_parameters()}
+        grads[impl] |= {n: x.grad for n, x in zip("qkv", inputs, strict=True)}
+    for key, want in grads["reference"].items():
+        got = grads["triton"][key]
+        assert got is not None and torch.isfinite(got).all(), key
+        assert oracle.rel_error(got, want) < 1e-4, f"{key}: {oracle.rel_error(got, want):.2e}"
+    assert all(g.abs().sum() > 0 for g in grads["triton"].values())
+
+
+def test_memories_are_stop_gradient_in_the_kernel():
+    """xl: the last segment's keys get gradient only from their own segment, so a
+    loss on the first segment's rows gives no gradient to later keys and none to
+    memory pairs."""
+    mech = attn_zoo.get("xl", segment_len=32, mem_len=32)
+    q, k, v = (x.requires_grad_() for x in qkv(96, heads=1, dim=32, seed=5))
+    out = mech(q, k, v, causal=True, impl="triton")
+    out[:, :, 32:64].sum().backward()  # segment 1: memory = segment 0
+    assert k.grad[:, :, :32].abs().sum() == 0 and v.grad[:, :, :32].abs().sum() == 0
+    assert k.grad[:, :, 32:64].abs().sum() > 0 and q.grad[:, :, 32:64].abs().sum() > 0
+
+
+def test_no_gradient_pass_without_inputs_needing_one():
+    """Inference runs the forward alone (no autograd graph)."""
+    q, k, v = qkv(64, heads=1, dim=32)
+    out = attn_zoo.get("dense")(q, k, v, causal=True, impl="triton")
+    assert out.grad_fn is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("name", MECHANISMS)
+def test_triton_gradients_on_gpu(name, causal, dtype):
+    for dim in (64, 128):
+        check_gradients(attn_zoo.get(name), 1024 + 17, dim, dtype, causal)
