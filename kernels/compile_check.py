@@ -83,6 +83,14 @@ SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 KNOWN_GAPS = {
     ("fwd", "xl", 128, "no HGMMA"),  # 32x32 tiles: the (BM + BN) x D distance tile at 64 spills
     ("fwd", "lsh buckets", 128, "spills"),  # 8 bytes at 255 registers: the round count's loop
+    # the backward of xl's relative term: dS spread over the tile's distances ([BM, BM + BN]
+    # float32) and the table rows' gradient beside dQ's accumulators
+    ("bwd_dq", "xl", 64, "spills"),
+    ("bwd_dq", "xl", 128, "spills"),
+    ("bwd_dq", "xl", 128, "no HGMMA"),
+    ("bwd_dkdv", "xl", 64, "spills"),
+    ("bwd_dkdv", "xl", 128, "spills"),
+    ("bwd_dkdv", "xl", 128, "no HGMMA"),
 }
 INT64 = {"lo", "hi", "offset", "seg_len", "seg_step", "win_lo", "win_hi"}
 FLOAT = {"self_bias", "ramp", "qk_scale"}
@@ -208,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from triton.compiler import ASTSource
 
     from attn_zoo.kernels.flash import block_size, warps_for
+    from attn_zoo.kernels.flash_backward import BACKWARD_WARPS, sub_block
 
     kernels = args.kernels.split(",")
     if unknown := sorted(set(kernels) - set(KERNELS)):
@@ -224,10 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         kernel = getattr(importlib.import_module(f"attn_zoo.kernels.{module}"), function)
         block = block_size(dim, bool(flags.get("REL_TERM")), dtype == "fp32")
         warps = warps_for(dim, block, bool(flags.get("REL_TERM") or flags.get("DUP")))
+        if kernel_name != "fwd":
+            warps = BACKWARD_WARPS
         constants = {flag: flags.get(flag, 0 if flag == "DUP" else False)
                      for flag in FLAGS if flag in kernel.arg_names}  # fmt: skip
         constants |= dict(HEAD_DIM=dim, BLOCK_M=block, BLOCK_N=block,
                           PRECISION="ieee" if dtype == "fp32" else None)  # fmt: skip
+        step = sub_block(dim, block, bool(flags.get("REL_TERM")), bool(flags.get("DUP")))
+        constants |= {name: step for name in ("SUB_M", "SUB_N") if name in kernel.arg_names}
         start = time.perf_counter()
         row = {"kernel": kernel_name, "variant": name, "dtype": dtype, "head_dim": dim,
                "arch": args.arch, "tile": f"{block}x{block}"}  # fmt: skip

@@ -78,10 +78,11 @@ def _flash_bwd_dq(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SUB_N: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block (kernel order); with REL_TERM dQ through (q + v) in
-    DQV and the table's gradient added into DTABLE; with RAMP dz_h into DSPANS."""
+    DQV and the table's gradient added into DTABLE; with RAMP dz_h into DSPANS.
+    Each listed key block is taken SUB_N keys at a time."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
@@ -103,9 +104,10 @@ def _flash_bwd_dq(
     for masked in tl.static_range(2):
         blocks, count = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full,
                                     max_partial, masked)  # fmt: skip
-        for t in range(0, count):
-            start = tl.load(blocks + t) * BLOCK_N
-            offs_n = start + tl.arange(0, BLOCK_N)
+        for t in range(0, count * (BLOCK_N // SUB_N)):
+            start = tl.load(blocks + t // (BLOCK_N // SUB_N)) * BLOCK_N
+            start += (t % (BLOCK_N // SUB_N)) * SUB_N
+            offs_n = start + tl.arange(0, SUB_N)
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
@@ -114,7 +116,7 @@ def _flash_bwd_dq(
                 KGRP, REL, SPANS, RGRP, RRANK, KEEP,
                 srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
-                HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
+                HEAD_DIM, BLOCK_M, SUB_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
                 REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk - row_max[:, None]) - logsum[:, None])
@@ -163,9 +165,11 @@ def _flash_bwd_dkdv(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SUB_M: tl.constexpr,
 ):  # fmt: skip
-    """dK and dV of one key block (kernel order); FULL.. are the key-major lists."""
+    """dK and dV of one key block (kernel order); FULL.. are the key-major lists.
+    Each listed query block is taken SUB_M rows at a time (fewer live registers
+    beside the two [BLOCK_N, HEAD_DIM] accumulators)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
@@ -183,9 +187,10 @@ def _flash_bwd_dkdv(
     for masked in tl.static_range(2):
         blocks, count = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full,
                                     max_partial, masked)  # fmt: skip
-        for t in range(0, count):
-            m_start = tl.load(blocks + t) * BLOCK_M
-            offs_m = m_start + tl.arange(0, BLOCK_M)
+        for t in range(0, count * (BLOCK_M // SUB_M)):
+            m_start = tl.load(blocks + t // (BLOCK_M // SUB_M)) * BLOCK_M
+            m_start += (t % (BLOCK_M // SUB_M)) * SUB_M
+            offs_m = m_start + tl.arange(0, SUB_M)
             rows_in = offs_m < n_q
             q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
                                                 HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
@@ -198,7 +203,7 @@ def _flash_bwd_dkdv(
                 KGRP, REL, SPANS, RGRP, RRANK, KEEP,
                 srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
-                HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
+                HEAD_DIM, SUB_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
                 REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk - row_max[:, None]) - logsum[:, None])
@@ -209,6 +214,19 @@ def _flash_bwd_dkdv(
     rows = pid_bh * n_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + rows, dk * (qk_scale * LN2), mask=in_range[:, None])
     tl.store(DV + rows, dv, mask=in_range[:, None])
+
+
+#: Warps of both backward kernels: with 4 the dK/dV pass spills at head_dim 64 (two
+#: float32 [BLOCK_N, D] accumulators beside the tile), per the compile report.
+BACKWARD_WARPS = 8
+
+
+def sub_block(head_dim: int, block: int, relative: bool, duplicates: bool) -> int:
+    """The step of the backward's inner loop (query rows in the dK/dV pass, keys in
+    the dQ pass): 32 at head_dim 128 and for lsh's round count, where a 64 step
+    spills (the compile report); the whole block for xl (its distance tile needs
+    BLOCK_M + BLOCK_N a power of two) and elsewhere."""
+    return 32 if (head_dim > 64 or duplicates) and not relative else block
 
 
 def _add_rows(total: torch.Tensor | None, rows: torch.Tensor, index: torch.Tensor | None,
@@ -266,6 +284,7 @@ def backward(
     for part in parts:
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
+        step = sub_block(dim, part.layout.block_m, rel is not None, part.duplicates is not None)
         rows = (batch, heads, run.n_q, dim)
         dq_rows = flash.new_output(q, rows, torch.float32)
         dqv_rows = flash.new_output(q, rows, torch.float32) if rel else dq_rows
@@ -273,7 +292,7 @@ def backward(
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
         _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, dqv_rows, dtable, dspans, *run.args,
-                            **run.flags, num_warps=run.warps)  # fmt: skip
+                            **run.flags, SUB_N=step, num_warps=BACKWARD_WARPS)  # fmt: skip
         if rel is not None:
             _add(grads, rel.u, dq_rows.sum((0, 2)))
             _add(grads, rel.v, dqv_rows.sum((0, 2)))
@@ -289,7 +308,8 @@ def backward(
                             for _ in range(2))  # fmt: skip
         grid = (triton.cdiv(run.n_k, part.layout.block_n), batch * heads)
         _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, *run.args, **run.flags,
-                              num_warps=run.warps)  # fmt: skip
+                              SUB_M=step,
+                              num_warps=BACKWARD_WARPS)  # fmt: skip
         for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
             grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
                                           tensor.shape[2])  # fmt: skip

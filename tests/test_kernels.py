@@ -98,18 +98,26 @@ def strict() -> list[str]:
     return ["--strict"] if (major, minor) >= (3, 9) else []
 
 
-@pytest.mark.parametrize("dtypes,dims", [("fp16,bf16", "32,64,128"), ("fp32", "32")])
-def test_core_compiles_for_h100_without_a_gpu(dtypes, dims, tmp_path):
+@pytest.mark.parametrize(
+    "kernels,dtypes,dims",
+    [
+        ("fwd", "fp16,bf16", "32,64,128"),
+        ("fwd", "fp32", "32"),
+        ("bwd_dq,bwd_dkdv", "fp16", "64,128"),
+    ],
+)
+def test_core_compiles_for_h100_without_a_gpu(kernels, dtypes, dims, tmp_path):
     """Triton's whole pipeline down to a cubin for sm_90, for every flag set the
-    mechanisms launch: a kernel that only works in the interpreter fails here, and
-    (--strict) so does a new spill or a missing HGMMA at head_dim >= 64."""
+    mechanisms launch, forward and backward: a kernel that only works in the
+    interpreter fails here, and (--strict) so does a new spill or a missing HGMMA
+    at head_dim >= 64."""
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-W", "ignore", "-m", "attn_zoo.kernels.compile_check",
-               "--arch", "90", "--dtypes", dtypes, "--dims", dims,
+               "--arch", "90", "--kernels", kernels, "--dtypes", dtypes, "--dims", dims,
                "--out", str(tmp_path), *strict()]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -117,7 +125,8 @@ def test_core_compiles_for_h100_without_a_gpu(dtypes, dims, tmp_path):
     import json
 
     rows = json.loads((tmp_path / "compile.json").read_text())
-    assert len(rows) == len(dtypes.split(",")) * len(dims.split(",")) * 15
+    combinations = len(kernels.split(",")) * len(dtypes.split(",")) * len(dims.split(","))
+    assert len(rows) == combinations * 15
     for row in rows:  # the analysis read every compiled variant
         assert row["registers"] > 0 and row["spill_store_bytes"] is not None, row
         if row["dtype"] != "fp32":  # fp32 (IEEE) dots run on FMA units, not MMA
