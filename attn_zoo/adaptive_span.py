@@ -35,7 +35,18 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, blocks, gather, key_mask, scatter, softmax_lse, upcast, window
+from attn_zoo.tiles import (
+    as_tiles,
+    blocks,
+    chunks,
+    gather,
+    key_mask,
+    run_chunk,
+    scatter,
+    softmax_lse,
+    upcast,
+    window,
+)
 
 
 def default_spans(heads: int, shortest: float = 32.0, longest: float = 1024.0) -> tuple:
@@ -157,23 +168,31 @@ def adaptive_span_reference(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
     times the soft mask, renormalized (Eq. 5)."""
     n, tile = plan.n_q, mech.config.tile
     qi = blocks(n, tile, q.device)
-    out = []
-    for h in range(plan.heads):
+
+    def tiles(q, k, v, qi, h):  # head h's query tiles qi [t, tile]
         before = plan.reach(h)
         after = 0 if plan.causal else before
         ki = window(qi[:, 0] - before, before + tile + after, n)
         i, j = qi[:, :, None], ki[:, None, :]
         x = (i - j) if plan.causal else (i - j).abs()
-        qh, kh, vh = (upcast(t[:, h : h + 1]) for t in (q, k, v))
+        qh, kh, vh = (upcast(t) for t in (q, k, v))
         m = plan.weight(x, h).to(qh.dtype) * (j >= 0)
         scores = gather(qh, as_tiles(qi)) @ gather(kh, as_tiles(ki)).transpose(-2, -1)
         scores = (scores * q.shape[-1] ** -0.5).masked_fill(m == 0, -torch.inf)
-        kept = key_mask(plan.keep, as_tiles(ki))  # [B, 1, T, width] or None
+        kept = key_mask(plan.keep, as_tiles(ki))  # [B, 1, t, width] or None
         if kept is not None:
             scores = scores.masked_fill(~kept.unsqueeze(-2), -torch.inf)
         weights = softmax_lse(scores, dim=-1)[0] * m
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-30)
-        out.append(scatter(weights @ gather(vh, as_tiles(ki)), as_tiles(qi), n))
+        return weights @ gather(vh, as_tiles(ki))
+
+    out = []
+    for h in range(plan.heads):  # a chunk of query tiles at a time
+        width = plan.reach(h) * (1 if plan.causal else 2) + tile
+        qkv = tuple(t[:, h : h + 1] for t in (q, k, v))
+        parts = chunks(len(qi), tile, width, q[:, :1])
+        done = [run_chunk(tiles, *qkv, qi[part], h) for part in parts]
+        out.append(scatter(torch.cat(done, dim=2), as_tiles(qi), n))
     return torch.cat(out, dim=1).to(q.dtype)
 
 

@@ -51,7 +51,18 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, attend, blocks, gather, key_mask, merge, scatter, window
+from attn_zoo.tiles import (
+    as_tiles,
+    attend,
+    blocks,
+    chunks,
+    gather,
+    key_mask,
+    merge,
+    run_chunk,
+    scatter,
+    window,
+)
 from attn_zoo.xl import segment_starts as _segment_starts
 
 COMPRESSIONS = ("mean", "max", "conv")
@@ -299,34 +310,41 @@ def with_initial_memory(out: torch.Tensor, lse: torch.Tensor, plan: CompressiveP
 
 @Compressive.implementation("reference")
 def compressive_reference(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
-    """All segments at once: keys [Mc slots | M memory | L segment] per segment.
-    Zero memories (index -1 in the slot and memory parts) are zero rows, visible
-    only with ``attend_initial_memory``."""
+    """Segments a chunk at a time (:func:`~attn_zoo.tiles.chunks`): keys [Mc slots |
+    M memory | L segment] per segment. Zero memories (index -1 in the slot and
+    memory parts) are zero rows, visible only with ``attend_initial_memory``."""
     n, seg, mem = plan.n_q, plan.segment_len, plan.mem_len
     ck, cv = compressed_memory(k, v, plan)
     if plan.slots == 0:  # no real slot yet: a placeholder, always masked or zero
         ck, cv = k.new_zeros(*k.shape[:2], 1, k.shape[3]), v.new_zeros(*v.shape[:2], 1, v.shape[3])
+
+    def segments(q, k, v, ck, cv, qi, index):  # qi [s, L]: segments number index [s]
+        start = qi[:, 0]
+        first, width = plan.slot_window(index)
+        si = window(first, width, plan.slots)  # [s, Mc]
+        ki = window(start - mem, mem + seg, n)  # [s, M + L]
+        mem_i, cur_i = as_tiles(ki[:, :mem]), as_tiles(ki[:, mem:])
+        real = torch.cat([si, ki[:, :mem]], -1) >= 0  # [s, Mc + M]; zero memories are 0 rows
+        kg = torch.cat([gather(ck, as_tiles(si)), gather(k.detach(), mem_i)], -2) * real[..., None]
+        vg = torch.cat([gather(cv, as_tiles(si)), gather(v.detach(), mem_i)], -2) * real[..., None]
+        kg, vg = torch.cat([kg, gather(k, cur_i)], -2), torch.cat([vg, gather(v, cur_i)], -2)
+        i, j = qi[:, :, None], ki[:, None, mem:]
+        current = (j >= 0) & (i >= 0) & ((j <= i) if plan.causal else True)
+        memories = real | plan.attend_initial
+        vis = torch.cat([memories[:, None, :].expand(-1, seg, -1), current], dim=-1)
+        keep = None
+        if plan.keep is not None:  # zero memories are no padding
+            keep = torch.cat([key_mask(plan.slot_keep(), as_tiles(si)) | (si < 0),
+                              key_mask(plan.keep, mem_i) | ~real[:, plan.cmem_len:],
+                              key_mask(plan.keep, cur_i)], dim=-1)  # fmt: skip
+        return attend(gather(q, as_tiles(qi)), kg, vg, vis, keep=keep)[0]
+
     qi = blocks(n, seg, q.device)  # [S, L]
-    start = qi[:, 0]
-    first, width = plan.slot_window(torch.arange(len(start), device=q.device))
-    si = window(first, width, plan.slots)  # [S, Mc]
-    ki = window(start - mem, mem + seg, n)  # [S, M + L]
-    mem_i, cur_i = as_tiles(ki[:, :mem]), as_tiles(ki[:, mem:])
-    real = torch.cat([si, ki[:, :mem]], -1) >= 0  # [S, Mc + M]; zero memories are 0 rows
-    kg = torch.cat([gather(ck, as_tiles(si)), gather(k.detach(), mem_i)], -2) * real[..., None]
-    vg = torch.cat([gather(cv, as_tiles(si)), gather(v.detach(), mem_i)], -2) * real[..., None]
-    kg, vg = torch.cat([kg, gather(k, cur_i)], -2), torch.cat([vg, gather(v, cur_i)], -2)
-    i, j = qi[:, :, None], ki[:, None, mem:]
-    current = (j >= 0) & (i >= 0) & ((j <= i) if plan.causal else True)
-    memories = real | plan.attend_initial
-    vis = torch.cat([memories[:, None, :].expand(-1, seg, -1), current], dim=-1)
-    keep = None
-    if plan.keep is not None:  # zero memories are no padding
-        keep = torch.cat([key_mask(plan.slot_keep(), as_tiles(si)) | (si < 0),
-                          key_mask(plan.keep, mem_i) | ~real[:, plan.cmem_len:],
-                          key_mask(plan.keep, cur_i)], dim=-1)  # fmt: skip
-    out, _ = attend(gather(q, as_tiles(qi)), kg, vg, vis, keep=keep)
-    return scatter(out, as_tiles(qi), n).to(q.dtype)
+    index = torch.arange(len(qi), device=q.device)
+    keys = plan.cmem_len + mem + seg
+    out = [run_chunk(segments, q, k, v, ck, cv, qi[part], index[part])
+           for part in chunks(len(qi), seg, keys, q)]  # fmt: skip
+    return scatter(torch.cat(out, dim=2), as_tiles(qi), n).to(q.dtype)
 
 
 @Compressive.implementation("triton", **triton_options())

@@ -27,7 +27,7 @@ import torch
 
 from attn_zoo.flex import flex
 from attn_zoo.kernels.sorting import sort_by_group
-from attn_zoo.tiles import attend, blocks, gather, key_mask, scatter_result, window
+from attn_zoo.tiles import attend_tiles, blocks, gather, key_mask, scatter_result, window
 
 MODES = ("buckets", "chunks", "window")
 
@@ -68,9 +68,7 @@ def sorted_attention(
     bias = is_self.float() * self_penalty
     if rounds is not None:
         bias = bias - torch.log(rounds_visible(rounds, qi, ki, chunk, mode).clamp_min(1))
-    result = attend(gather(q, qi), gather(k, ki), gather(v, ki), vis, bias=bias,
-                    keep=key_mask(keep, ki))  # fmt: skip
-    return scatter_result(result, qi, n)
+    return attend_tiles(q, k, v, qi, ki, vis, bias=bias, keep=keep)
 
 
 def rounds_visible(rounds: torch.Tensor, qi, ki, chunk: int, mode: str) -> torch.Tensor:

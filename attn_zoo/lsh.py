@@ -123,8 +123,8 @@ class LSH(Mechanism):
         g = torch.Generator().manual_seed(cfg.seed)
         rotations = torch.randn(h, cfg.n_hashes, d, n_buckets // 2, generator=g,
                                 dtype=torch.float32).to(q.device)  # fmt: skip
-        rotated = torch.einsum("bhnd,hrdk->bhrnk", shared_keys(q).float(), rotations)
-        buckets = torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+        keys = shared_keys(q).float()
+        buckets = torch.stack([hash_round(keys, rotations[:, r]) for r in range(cfg.n_hashes)], 2)
         return LSHPlan(b, h, n, n, causal, buckets, cfg.bucket_size, cfg.self_penalty,
                        cfg.attend_across_buckets, cfg.allow_duplicate_attention)  # fmt: skip
 
@@ -144,6 +144,15 @@ class LSH(Mechanism):
 
     def pairs(self, q, k, v, plan: LSHPlan) -> int:
         return group_pairs(plan.buckets, plan.bucket_size, plan.mode)
+
+
+def hash_round(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """h(x) = argmax([xR; -xR]) (Sec. 2.1) for x [B, H, N, D] and one round's
+    rotations [H, D, b/2]: [B, H, N] buckets, holding only this round's xR (never the
+    concatenation; ties go to the first index, as argmax over it would)."""
+    xr = torch.einsum("bhnd,hdk->bhnk", x, rotation)
+    top, low = xr.max(dim=-1), xr.min(dim=-1)
+    return torch.where(top.values >= -low.values, top.indices, xr.shape[-1] + low.indices)
 
 
 def _merged_rounds(attention, q, v, plan: LSHPlan) -> torch.Tensor:

@@ -41,7 +41,17 @@ from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.lsh import shared_keys
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, attend, blocks, gather, key_mask, scatter, window
+from attn_zoo.tiles import (
+    as_tiles,
+    attend,
+    attend_tiles,
+    blocks,
+    chunks,
+    gather,
+    key_mask,
+    run_chunk,
+    window,
+)
 
 UPDATES = ("ema", "none")
 
@@ -219,20 +229,22 @@ def routing_reference(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     vis = (ki[:, None, :] >= 0) & _local_visible(
         qi[:, :, None], ki[:, None, :], plan.window, plan.causal
     )
-    qi, ki = as_tiles(qi), as_tiles(ki)
-    local, _ = attend(gather(q, qi), gather(keys, ki), gather(v, ki), vis,
-                      keep=key_mask(plan.keep, ki))  # fmt: skip
-    local = scatter(local, qi, n)
+    local, _ = attend_tiles(q, keys, v, as_tiles(qi), as_tiles(ki), vis, keep=plan.keep)
     if plan.causal:
         routed, _ = sorted_attention(q, keys, v, plan.clusters, plan.width, "window", 0.0,
                                      keep=plan.keep)  # fmt: skip
         return ((local + routed) / 2).to(q.dtype)
     # each cluster attends within itself; a token averages over the clusters holding it
     members = plan.members
-    routed, _ = attend(gather(q, members), gather(keys, members), gather(v, members),
-                       keep=key_mask(plan.keep, members))  # fmt: skip
-    routed = routed.flatten(2, 3)
-    return _mean_over_parts(local, routed, members).to(q.dtype)
+
+    def clusters(q, keys, v, members):
+        return attend(gather(q, members), gather(keys, members), gather(v, members),
+                      keep=key_mask(plan.keep, members))[0]  # fmt: skip
+
+    width = members.shape[-1]
+    routed = [run_chunk(clusters, q, keys, v, members[:, :, part])
+              for part in chunks(members.shape[2], width, width, q)]  # fmt: skip
+    return _mean_over_parts(local, torch.cat(routed, 2).flatten(2, 3), members).to(q.dtype)
 
 
 @Routing.implementation("triton", **triton_options())

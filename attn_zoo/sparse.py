@@ -31,7 +31,7 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, attend, blocks, gather, key_mask, merge, scatter_result, window
+from attn_zoo.tiles import as_tiles, attend_tiles, blocks, merge, window
 
 
 def auto_stride(n: int, block: int) -> int:
@@ -92,9 +92,7 @@ def _band(q, k, v, plan: SparsePlan, half_width: int, same_block: bool):
         vis &= i // l == j // l
     if plan.causal:
         vis &= j <= i
-    qi, ki = as_tiles(qi), as_tiles(ki)
-    result = attend(gather(q, qi), gather(k, ki), gather(v, ki), vis, keep=key_mask(plan.keep, ki))
-    return scatter_result(result, qi, n)
+    return attend_tiles(q, k, v, as_tiles(qi), as_tiles(ki), vis, keep=plan.keep)
 
 
 @register
@@ -129,9 +127,7 @@ def strided_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     vis = (j >= 0) & ((i - j).abs() > l)
     if plan.causal:
         vis &= j < i
-    far = attend(gather(q, cols), gather(k, cols), gather(v, cols), vis,
-                 keep=key_mask(plan.keep, cols))  # fmt: skip
-    far = scatter_result(far, cols, n)
+    far = attend_tiles(q, k, v, cols, cols, vis, keep=plan.keep)
     return merge([band, far])[0].to(q.dtype)
 
 
@@ -174,9 +170,7 @@ def fixed_reference(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
     qi = blocks(n, l, q.device)
     i, j = qi[:, :, None], summary_cols[None, None, :]
     vis = (i >= 0) & (j // l < i // l if plan.causal else j // l != i // l)
-    qi, si = as_tiles(qi), as_tiles(summary_cols[None])
-    rest = attend(gather(q, qi), gather(k, si), gather(v, si), vis, keep=key_mask(plan.keep, si))
-    rest = scatter_result(rest, qi, n)
+    rest = attend_tiles(q, k, v, as_tiles(qi), as_tiles(summary_cols[None]), vis, keep=plan.keep)
     return merge([own, rest])[0].to(q.dtype)
 
 

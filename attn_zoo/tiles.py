@@ -10,14 +10,70 @@ see (``index`` tensors of positions, -1 for padding), then
 4. :func:`merge` combines partial results over disjoint key sets by their
    log-sum-exp, exactly as flash attention combines key blocks.
 
-No step ever holds an N x N tensor: memory is (rows x keys per row).
+No step ever holds an N x N tensor. Tiles run a chunk at a time (:func:`chunks`,
+:func:`attend_tiles`), as many as fit a memory budget for their scores, so the
+peak memory of a reference is that budget plus O(N x D), not rows x keys per
+row; under autograd each chunk is checkpointed (recomputed in the backward), so
+the backward keeps that bound.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 NEG_INF = float("-inf")
+
+#: Bytes of scores a chunk of tiles may hold, unless ``ATTN_ZOO_REFERENCE_BUDGET_MB`` or
+#: :func:`score_budget` says otherwise.
+DEFAULT_BUDGET = 64 << 20
+#: float32 [rows, keys] tensors alive at once in :func:`attend` (scores, masked scores,
+#: exp, weights).
+LIVE_SCORES = 4
+_budget: list[int] = []
+
+
+def budget() -> int:
+    """The score budget in bytes in force."""
+    if _budget:
+        return _budget[-1]
+    return int(float(os.environ.get("ATTN_ZOO_REFERENCE_BUDGET_MB", 0)) * 2**20) or DEFAULT_BUDGET
+
+
+@contextmanager
+def score_budget(nbytes: int):
+    """Run the references with chunks of at most ``nbytes`` of scores (at least one
+    tile per chunk)."""
+    if nbytes < 1:
+        raise ValueError(f"score budget must be a positive number of bytes, got {nbytes}")
+    _budget.append(int(nbytes))
+    try:
+        yield
+    finally:
+        _budget.pop()
+
+
+def chunks(n_tiles: int, rows: int, keys: int, like: torch.Tensor) -> Iterator[slice]:
+    """Consecutive slices of ``n_tiles`` tiles of [rows, keys] scores (per batch and
+    head of ``like`` [B, H, ...]) that fit :func:`budget`."""
+    per_tile = like.shape[0] * like.shape[1] * rows * keys * 4 * LIVE_SCORES
+    step = max(1, budget() // max(1, per_tile))
+    for start in range(0, n_tiles, step):
+        yield slice(start, min(start + step, n_tiles))
+
+
+def run_chunk(body: Callable, *args):
+    """``body(*args)``, checkpointed when autograd records a tensor in ``args`` (its
+    scores are then recomputed in the backward instead of kept): pass the inputs
+    that need gradients as arguments, not through a closure."""
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                       for a in args):  # fmt: skip
+        return checkpoint(body, *args, use_reentrant=False)
+    return body(*args)
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +133,29 @@ def attend(
         scores = scores.masked_fill(~keep.unsqueeze(-2), NEG_INF)
     weights, lse = softmax_lse(scores, dim=-1)
     return weights.to(scores.dtype) @ upcast(v), lse
+
+
+def attend_tiles(q, k, v, qi, ki, visible=None, bias=None, keep=None):
+    """gather -> :func:`attend` -> scatter, a chunk of tiles at a time: query tiles
+    ``qi`` [B|1, H|1, T, r] and their keys ``ki`` [B|1, H|1, T, w] (positions, -1
+    pads); ``visible`` / ``bias`` broadcast against [B, H, T, r, w]; ``keep`` [B, N]
+    key padding; ``ki`` with T = 1 gives every tile the same keys. Returns
+    (out [B, H, N, D], lse [B, H, N]) at the tiles' positions."""
+
+    def tiles(q, k, v, qi, ki, visible, bias):
+        return attend(gather(q, qi), gather(k, ki), gather(v, ki), visible, bias,
+                      key_mask(keep, ki))  # fmt: skip
+
+    def along_tiles(x, part):  # a mask or bias broadcast over tiles stays whole
+        return x if x is None or x.dim() < 3 or x.shape[-3] == 1 else x[..., part, :, :]
+
+    outs = [
+        run_chunk(tiles, q, k, v, qi[..., part, :], ki if ki.shape[-2] == 1 else ki[..., part, :],
+                  along_tiles(visible, part), along_tiles(bias, part))
+        for part in chunks(qi.shape[-2], qi.shape[-1], ki.shape[-1], q)
+    ]  # fmt: skip
+    joined = torch.cat([o for o, _ in outs], dim=2), torch.cat([lse for _, lse in outs], dim=2)
+    return scatter_result(joined, qi, q.shape[2])
 
 
 def key_mask(keep: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:

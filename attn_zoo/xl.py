@@ -37,7 +37,18 @@ from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
-from attn_zoo.tiles import as_tiles, attend, blocks, gather, key_mask, scatter, upcast, window
+from attn_zoo.tiles import (
+    as_tiles,
+    attend,
+    blocks,
+    chunks,
+    gather,
+    key_mask,
+    run_chunk,
+    scatter,
+    upcast,
+    window,
+)
 
 
 @dataclass(frozen=True)
@@ -169,24 +180,28 @@ class XL(Mechanism):
 
 @XL.implementation("reference")
 def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
-    """All segments at once: [memory | segment] keys per segment, AC + shifted BD."""
+    """Segments a chunk at a time (:func:`~attn_zoo.tiles.chunks`): [memory | segment]
+    keys per segment, AC + shifted BD."""
     n, seg, mem = plan.n_q, plan.segment_len, plan.mem_len
-    qi = blocks(n, seg, q.device)  # [S, L]
-    ki = window(qi[:, 0] - mem, mem + seg, n)  # [S, M + L]: memory, then the segment
-    mem_i, cur_i = as_tiles(ki[:, :mem]), as_tiles(ki[:, mem:])
-    kg = torch.cat([gather(k.detach(), mem_i), gather(k, cur_i)], dim=-2)
-    vg = torch.cat([gather(v.detach(), mem_i), gather(v, cur_i)], dim=-2)
-    qg = upcast(gather(q, as_tiles(qi)))  # [B, H, S, L, D]
     klen = mem + seg
-    # (q + v) . W_R R_d for d = klen .. -(L - 1), then shifted into key order
-    distances = torch.arange(klen, -seg, -1, device=q.device)
-    rel = plan.rel_at(distances).to(qg.dtype).transpose(-2, -1)[:, None]
-    bd = (qg + plan.v[:, None, None, :].to(qg.dtype)) @ rel
-    bd = rel_shift(bd, klen) * q.shape[-1] ** -0.5
-    vis = mech.visible(plan, qi[:, :, None], ki[:, None, :]) & (qi[:, :, None] >= 0)
-    qu = qg + plan.u[:, None, None, :].to(qg.dtype)
-    out, _ = attend(qu, kg, vg, vis, bias=bd, keep=key_mask(plan.keep, as_tiles(ki)))
-    return scatter(out, as_tiles(qi), n).to(q.dtype)
+    # W_R R_d for d = klen .. -(L - 1): (q + v) . it is shifted into key order below
+    rel = plan.rel_at(torch.arange(klen, -seg, -1, device=q.device)).transpose(-2, -1)[:, None]
+
+    def segments(q, k, v, qi):  # qi [s, L]: s segments
+        ki = window(qi[:, 0] - mem, klen, n)  # [s, M + L]: memory, then the segment
+        mem_i, cur_i = as_tiles(ki[:, :mem]), as_tiles(ki[:, mem:])
+        kg = torch.cat([gather(k.detach(), mem_i), gather(k, cur_i)], dim=-2)
+        vg = torch.cat([gather(v.detach(), mem_i), gather(v, cur_i)], dim=-2)
+        qg = upcast(gather(q, as_tiles(qi)))  # [B, H, s, L, D]
+        bd = (qg + plan.v[:, None, None, :].to(qg.dtype)) @ rel.to(qg.dtype)
+        bd = rel_shift(bd, klen) * q.shape[-1] ** -0.5
+        vis = mech.visible(plan, qi[:, :, None], ki[:, None, :]) & (qi[:, :, None] >= 0)
+        qu = qg + plan.u[:, None, None, :].to(qg.dtype)
+        return attend(qu, kg, vg, vis, bias=bd, keep=key_mask(plan.keep, as_tiles(ki)))[0]
+
+    qi = blocks(n, seg, q.device)  # [S, L]
+    out = [run_chunk(segments, q, k, v, qi[part]) for part in chunks(len(qi), seg, klen, q)]
+    return scatter(torch.cat(out, dim=2), as_tiles(qi), n).to(q.dtype)
 
 
 @XL.implementation("triton", **triton_options())

@@ -14,6 +14,7 @@ import sys
 
 from attn_zoo.bench.errors import UsageError
 from attn_zoo.bench.settings import DEFAULT_SEQ_LENS
+from attn_zoo.tiles import DEFAULT_BUDGET
 
 COMMANDS = {
     "run": "sweep mechanisms x implementations x sequence lengths",
@@ -95,6 +96,14 @@ def build_parser(explicit: bool = False) -> argparse.ArgumentParser:
         action="store_true",
         default=default(False),
         help="run Triton kernels in Triton's CPU interpreter (slow; small N only)",
+    )
+    add(
+        "--reference-budget",
+        type=float,
+        default=default(DEFAULT_BUDGET / 2**20),
+        metavar="MB",
+        help=f"megabytes of scores the references hold per chunk of tiles "
+        f"(default {DEFAULT_BUDGET >> 20})",
     )
     add(
         "--cuda-graph",

@@ -16,6 +16,7 @@ import torch
 import attn_zoo
 from attn_zoo.bench.devices import device_dtypes, resolve_device
 from attn_zoo.bench.errors import UsageError
+from attn_zoo.tiles import DEFAULT_BUDGET
 
 DEFAULT_SEQ_LENS = "512,2048,8192"
 #: fwd: forward only; fwd_bwd: forward and backward; bwd: the backward alone, after a
@@ -26,7 +27,7 @@ MODES = tuple(MODE_FLOP_FACTOR)
 SWEEP_ARGS = (
     "seq_lens", "mechanisms", "impls", "device", "dtype", "batch", "heads", "head_dim",
     "causal", "mode", "repeats", "min_time", "rounds", "warmup", "seed", "oracle_rows",
-    "interpret", "cuda_graph",
+    "interpret", "cuda_graph", "reference_budget",
 )  # fmt: skip
 
 
@@ -86,6 +87,7 @@ class RunSettings:
     oracle_rows: int
     interpret: bool
     cuda_graph: bool
+    reference_budget: int = DEFAULT_BUDGET  # bytes of scores per chunk of reference tiles
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunSettings:
@@ -103,6 +105,9 @@ class RunSettings:
             raise UsageError(f"--min-time: {args.min_time}; accepted: seconds >= 0")
         if args.rounds < 1:
             raise UsageError(f"--rounds: {args.rounds}; accepted: an integer >= 1")
+        budget = getattr(args, "reference_budget", DEFAULT_BUDGET / 2**20)
+        if not budget > 0:
+            raise UsageError(f"--reference-budget: {budget}; accepted: megabytes > 0")
         modes = choices("--mode", args.mode, list(MODES))
         if args.cuda_graph and (device.type != "cuda" or modes != ["fwd"]):
             raise UsageError(
@@ -134,4 +139,5 @@ class RunSettings:
             oracle_rows=args.oracle_rows,
             interpret=bool(args.interpret),
             cuda_graph=bool(args.cuda_graph),
+            reference_budget=max(1, int(budget * 2**20)),
         )

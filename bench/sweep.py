@@ -14,6 +14,7 @@ from attn_zoo.bench.errors import UsageError
 from attn_zoo.bench.runner import more_samples, run_case, timing_columns
 from attn_zoo.bench.settings import SWEEP_ARGS, RunSettings
 from attn_zoo.bench.store import RunStore, command_line, environment, new_run_id
+from attn_zoo.tiles import score_budget
 
 #: Flags that say where a run goes, not what it measures: --resume ignores none of
 #: the others silently.
@@ -152,7 +153,7 @@ def run_sweep(args: argparse.Namespace, given: dict | None = None) -> int:
         f"round(s) ({len(cases) - len(todo)} already in {store.csv_path})",
         flush=True,
     )
-    with Reporter(len(todo)) as reporter:
+    with Reporter(len(todo)) as reporter, score_budget(settings.reference_budget):
         _measure(todo, settings, store, reporter)
     store.pending_path.unlink(missing_ok=True)  # every case has its row: rounds are done
     rows = store.rows()

@@ -62,6 +62,7 @@ BAD = [
     (["--impls", "fastest"], "--impls: unknown 'fastest'; accepted: reference"),
     (["--dtype", "int8"], "--dtype: unknown 'int8'; accepted: float32"),
     (["--mode", "train"], "--mode: unknown 'train'; accepted: fwd, fwd_bwd"),
+    (["--reference-budget", "0"], "--reference-budget: 0.0; accepted: megabytes > 0"),
     (["--batch", "x"], "--batch: 'x' is not an integer"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
 ]
@@ -180,3 +181,18 @@ def test_fwd_bwd_mode(tmp_path):
     assert run(tmp_path, "--seq-lens", "40", "--mechanisms", "xl", "--mode", "fwd_bwd") == 0
     (row,) = rows(tmp_path)
     assert row["status"] == "ok" and row["mode"] == "fwd_bwd"
+
+
+def test_fwd_bwd_mode_times_every_triton_impl_and_skips_those_without_backward(tmp_path):
+    """In the interpreter: the backward kernels give an ok row for every mechanism;
+    flex, which has no backward on the CPU, gives skipped rows saying so."""
+    pytest.importorskip("triton")
+    args = ["--seq-lens", "64", "--impls", "triton,flex", "--mode", "fwd_bwd", "--interpret"]
+    assert run(tmp_path, *args, "--repeats", "1") == 0
+    table = rows(tmp_path)
+    triton = {r["mechanism"]: r for r in table if r["impl"] == "triton"}
+    assert set(triton) == set(attn_zoo.names())
+    assert all(r["status"] == "ok" and float(r["err_oracle"]) < 1e-5 for r in triton.values())
+    flex = [r for r in table if r["impl"] == "flex"]
+    assert flex and all(r["status"] == "skipped" for r in flex)
+    assert all("has no backward pass on cpu" in r["note"] for r in flex)
