@@ -60,15 +60,19 @@ def sorted_attention(
     at = lambda places: torch.where(places >= 0, perm[..., places.clamp_min(0)], -1)
     qi, ki = at(qp), at(kp)  # original positions [B|1, H|1, T, chunk | 2 chunk]
     sorted_groups = groups.gather(-1, perm)
-    gq = sorted_groups[..., qp.clamp_min(0)][..., :, None]
-    gk = sorted_groups[..., kp.clamp_min(0)][..., None, :]
-    vis = (qi[..., :, None] >= 0) & (ki[..., None, :] >= 0)
-    vis &= visible_sorted(qp[:, :, None], kp[:, None, :], gq, gk, chunk, mode)
-    is_self = qi[..., :, None] == ki[..., None, :]
-    bias = is_self.float() * self_penalty
-    if rounds is not None:
-        bias = bias - torch.log(rounds_visible(rounds, qi, ki, chunk, mode).clamp_min(1))
-    return attend_tiles(q, k, v, qi, ki, vis, bias=bias, keep=keep)
+
+    def terms(part):  # visibility and bias of the query tiles ``part``
+        qp_, kp_, qi_, ki_ = qp[part], kp[part], qi[..., part, :], ki[..., part, :]
+        gq = sorted_groups[..., qp_.clamp_min(0)][..., :, None]
+        gk = sorted_groups[..., kp_.clamp_min(0)][..., None, :]
+        vis = (qi_[..., :, None] >= 0) & (ki_[..., None, :] >= 0)
+        vis &= visible_sorted(qp_[:, :, None], kp_[:, None, :], gq, gk, chunk, mode)
+        bias = (qi_[..., :, None] == ki_[..., None, :]).float() * self_penalty
+        if rounds is not None:
+            bias = bias - torch.log(rounds_visible(rounds, qi_, ki_, chunk, mode).clamp_min(1))
+        return vis, bias
+
+    return attend_tiles(q, k, v, qi, ki, keep=keep, terms=terms)
 
 
 def rounds_visible(rounds: torch.Tensor, qi, ki, chunk: int, mode: str) -> torch.Tensor:

@@ -135,25 +135,24 @@ def attend(
     return weights.to(scores.dtype) @ upcast(v), lse
 
 
-def attend_tiles(q, k, v, qi, ki, visible=None, bias=None, keep=None):
+def attend_tiles(q, k, v, qi, ki, visible=None, bias=None, keep=None, terms=None):
     """gather -> :func:`attend` -> scatter, a chunk of tiles at a time: query tiles
     ``qi`` [B|1, H|1, T, r] and their keys ``ki`` [B|1, H|1, T, w] (positions, -1
-    pads); ``visible`` / ``bias`` broadcast against [B, H, T, r, w]; ``keep`` [B, N]
+    pads); ``visible`` / ``bias`` broadcast against [B, H, T, r, w], or ``terms(part)``
+    builds them for the tiles ``part`` (a slice) inside the chunk; ``keep`` [B, N]
     key padding; ``ki`` with T = 1 gives every tile the same keys. Returns
     (out [B, H, N, D], lse [B, H, N]) at the tiles' positions."""
-
-    def tiles(q, k, v, qi, ki, visible, bias):
-        return attend(gather(q, qi), gather(k, ki), gather(v, ki), visible, bias,
-                      key_mask(keep, ki))  # fmt: skip
 
     def along_tiles(x, part):  # a mask or bias broadcast over tiles stays whole
         return x if x is None or x.dim() < 3 or x.shape[-3] == 1 else x[..., part, :, :]
 
-    outs = [
-        run_chunk(tiles, q, k, v, qi[..., part, :], ki if ki.shape[-2] == 1 else ki[..., part, :],
-                  along_tiles(visible, part), along_tiles(bias, part))
-        for part in chunks(qi.shape[-2], qi.shape[-1], ki.shape[-1], q)
-    ]  # fmt: skip
+    def tiles(q, k, v, part):
+        qc, kc = qi[..., part, :], ki if ki.shape[-2] == 1 else ki[..., part, :]
+        vis, add = terms(part) if terms else (along_tiles(visible, part), along_tiles(bias, part))
+        return attend(gather(q, qc), gather(k, kc), gather(v, kc), vis, add, key_mask(keep, kc))
+
+    parts = chunks(qi.shape[-2], qi.shape[-1], ki.shape[-1], q)
+    outs = [run_chunk(tiles, q, k, v, part) for part in parts]
     joined = torch.cat([o for o, _ in outs], dim=2), torch.cat([lse for _, lse in outs], dim=2)
     return scatter_result(joined, qi, q.shape[2])
 
