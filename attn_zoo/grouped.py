@@ -27,7 +27,15 @@ import torch
 
 from attn_zoo.flex import flex
 from attn_zoo.kernels.sorting import sort_by_group
-from attn_zoo.tiles import attend_tiles, blocks, gather, key_mask, scatter_result, window
+from attn_zoo.tiles import (
+    LIVE_SCORES,
+    attend_tiles,
+    blocks,
+    gather,
+    key_mask,
+    scatter_result,
+    window,
+)
 
 MODES = ("buckets", "chunks", "window")
 
@@ -72,7 +80,9 @@ def sorted_attention(
             bias = bias - torch.log(rounds_visible(rounds, qi_, ki_, chunk, mode).clamp_min(1))
         return vis, bias
 
-    return attend_tiles(q, k, v, qi, ki, keep=keep, terms=terms)
+    # Eq. 7's count compares int64 sorted places per round: ~10 more bytes a score each
+    per_score = 4 * LIVE_SCORES + (10 * rounds.shape[-2] if rounds is not None else 0)
+    return attend_tiles(q, k, v, qi, ki, keep=keep, terms=terms, per_score=per_score)
 
 
 def rounds_visible(rounds: torch.Tensor, qi, ki, chunk: int, mode: str) -> torch.Tensor:

@@ -156,15 +156,16 @@ def hash_round(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
 
 
 def _merged_rounds(attention, q, v, plan: LSHPlan) -> torch.Tensor:
-    """Each hash round through ``attention`` (sorted order, shared QK), the rounds
-    merged by their log-sum-exp (Sec. 2.3)."""
+    """Each hash round through ``attention`` (sorted order, shared QK), merged into
+    the rounds before it by their log-sum-exp (Sec. 2.3) as it comes, so that one
+    partial result is held, not one per round."""
     keys = shared_keys(q)
-    rounds = [
-        attention(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
-                  plan.self_penalty, plan.rounds, plan.keep)
-        for r in range(plan.buckets.shape[2])
-    ]  # fmt: skip
-    return merge(rounds)[0].to(q.dtype)
+    total = None
+    for r in range(plan.buckets.shape[2]):
+        result = attention(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
+                           plan.self_penalty, plan.rounds, plan.keep)  # fmt: skip
+        total = result if total is None else merge([total, result])
+    return total[0].to(q.dtype)
 
 
 @LSH.implementation("reference")

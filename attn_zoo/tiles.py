@@ -57,10 +57,11 @@ def score_budget(nbytes: int):
         _budget.pop()
 
 
-def chunks(n_tiles: int, rows: int, keys: int, like: torch.Tensor) -> Iterator[slice]:
+def chunks(n_tiles: int, rows: int, keys: int, like: torch.Tensor,
+           per_score: int = 4 * LIVE_SCORES) -> Iterator[slice]:  # fmt: skip
     """Consecutive slices of ``n_tiles`` tiles of [rows, keys] scores (per batch and
-    head of ``like`` [B, H, ...]) that fit :func:`budget`."""
-    per_tile = like.shape[0] * like.shape[1] * rows * keys * 4 * LIVE_SCORES
+    head of ``like`` [B, H, ...]), ``per_score`` bytes each, that fit :func:`budget`."""
+    per_tile = like.shape[0] * like.shape[1] * rows * keys * per_score
     step = max(1, budget() // max(1, per_tile))
     for start in range(0, n_tiles, step):
         yield slice(start, min(start + step, n_tiles))
@@ -135,11 +136,13 @@ def attend(
     return weights.to(scores.dtype) @ upcast(v), lse
 
 
-def attend_tiles(q, k, v, qi, ki, visible=None, bias=None, keep=None, terms=None):
+def attend_tiles(q, k, v, qi, ki, visible=None, bias=None, keep=None, terms=None,
+                 per_score=4 * LIVE_SCORES):  # fmt: skip
     """gather -> :func:`attend` -> scatter, a chunk of tiles at a time: query tiles
     ``qi`` [B|1, H|1, T, r] and their keys ``ki`` [B|1, H|1, T, w] (positions, -1
     pads); ``visible`` / ``bias`` broadcast against [B, H, T, r, w], or ``terms(part)``
-    builds them for the tiles ``part`` (a slice) inside the chunk; ``keep`` [B, N]
+    builds them for the tiles ``part`` (a slice) inside the chunk, holding
+    ``per_score`` bytes per score at once (the budget's unit); ``keep`` [B, N]
     key padding; ``ki`` with T = 1 gives every tile the same keys. Returns
     (out [B, H, N, D], lse [B, H, N]) at the tiles' positions."""
 
@@ -151,7 +154,7 @@ def attend_tiles(q, k, v, qi, ki, visible=None, bias=None, keep=None, terms=None
         vis, add = terms(part) if terms else (along_tiles(visible, part), along_tiles(bias, part))
         return attend(gather(q, qc), gather(k, kc), gather(v, kc), vis, add, key_mask(keep, kc))
 
-    parts = chunks(qi.shape[-2], qi.shape[-1], ki.shape[-1], q)
+    parts = chunks(qi.shape[-2], qi.shape[-1], ki.shape[-1], q, per_score)
     outs = [run_chunk(tiles, q, k, v, part) for part in parts]
     joined = torch.cat([o for o, _ in outs], dim=2), torch.cat([lse for _, lse in outs], dim=2)
     return scatter_result(joined, qi, q.shape[2])

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from triton.compiler import ASTSource
 
     from attn_zoo.kernels.flash import block_size, warps_for
-    from attn_zoo.kernels.flash_backward import BACKWARD_WARPS, sub_block
+    from attn_zoo.kernels.flash_backward import BACKWARD_WARPS, backward_stages, sub_block
 
     kernels = args.kernels.split(",")
     if unknown := sorted(set(kernels) - set(KERNELS)):
@@ -246,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
                "arch": args.arch, "tile": f"{block}x{block}"}  # fmt: skip
         try:
             source = ASTSource(kernel, signature(kernel, dtype), constants, aligned_attrs(kernel))
-            compiled = triton.compile(source, target=target, options={"num_warps": warps})
+            options = {"num_warps": warps}
+            if kernel_name != "fwd":
+                relative = bool(flags.get("REL_TERM"))
+                options["num_stages"] = backward_stages(dtype == "fp32", relative)
+            compiled = triton.compile(source, target=target, options=options)
             shared = compiled.metadata.shared
             row |= {"warps": compiled.metadata.num_warps, "stages": compiled.metadata.num_stages,
                     "shared_kib": round(shared / 1024, 1)}  # fmt: skip

@@ -221,6 +221,12 @@ def _flash_bwd_dkdv(
 BACKWARD_WARPS = 8
 
 
+def backward_stages(fp32: bool, relative: bool) -> int:
+    """Software-pipelining stages: 2 for xl in float32, whose dQ pass needs 256-272 KiB
+    of shared memory with Triton's default 3 (sm_90 has 227), else 3."""
+    return 2 if fp32 and relative else 3
+
+
 def sub_block(head_dim: int, block: int, relative: bool, duplicates: bool) -> int:
     """The step of the backward's inner loop (query rows in the dK/dV pass, keys in
     the dQ pass): 32 at head_dim 128 and for lsh's round count, where a 64 step
@@ -285,6 +291,7 @@ def backward(
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
         step = sub_block(dim, part.layout.block_m, rel is not None, part.duplicates is not None)
+        stages = backward_stages(q.dtype == torch.float32, rel is not None)
         rows = (batch, heads, run.n_q, dim)
         dq_rows = flash.new_output(q, rows, torch.float32)
         dqv_rows = flash.new_output(q, rows, torch.float32) if rel else dq_rows
@@ -292,7 +299,8 @@ def backward(
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
         _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, dqv_rows, dtable, dspans, *run.args,
-                            **run.flags, SUB_N=step, num_warps=BACKWARD_WARPS)  # fmt: skip
+                            **run.flags, SUB_N=step, num_warps=BACKWARD_WARPS,
+                            num_stages=stages)  # fmt: skip
         if rel is not None:
             _add(grads, rel.u, dq_rows.sum((0, 2)))
             _add(grads, rel.v, dqv_rows.sum((0, 2)))
@@ -308,8 +316,8 @@ def backward(
                             for _ in range(2))  # fmt: skip
         grid = (triton.cdiv(run.n_k, part.layout.block_n), batch * heads)
         _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, *run.args, **run.flags,
-                              SUB_M=step,
-                              num_warps=BACKWARD_WARPS)  # fmt: skip
+                              SUB_M=step, num_warps=BACKWARD_WARPS,
+                              num_stages=stages)  # fmt: skip
         for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
             grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
                                           tensor.shape[2])  # fmt: skip
