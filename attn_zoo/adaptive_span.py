@@ -222,4 +222,4 @@ def adaptive_span_flex(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
     def log_soft_mask(score, b, h, i, j):
         return score + torch.log(soft_mask(distance(i, j).float(), spans[h], ramp))
 
-    return flex(q, k, v, in_span, log_soft_mask, per_head=True, keep=plan.keep)[0]
+    return flex(q, k, v, in_span, log_soft_mask, per_head=True, keep=plan.keep, need_lse=False)[0]

@@ -378,4 +378,6 @@ def compressive_flex(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
 
     keys, values = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
     keep = None if plan.keep is None else torch.cat([plan.slot_keep(), plan.keep], dim=1)
-    return with_initial_memory(*flex(q, keys, values, slots_memory_segment, keep=keep), plan)
+    out, lse = flex(q, keys, values, slots_memory_segment, keep=keep,
+                    need_lse=plan.attend_initial)  # fmt: skip
+    return with_initial_memory(out, lse, plan)

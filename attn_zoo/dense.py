@@ -87,7 +87,7 @@ def dense_triton(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
 def dense_flex(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     offset = plan.n_k - plan.n_q
     causal = (lambda b, h, i, j: i + offset >= j) if plan.causal else None
-    return flex(q, k, v, causal, keep=plan.keep)[0]
+    return flex(q, k, v, causal, keep=plan.keep, need_lse=False)[0]
 
 
 @Dense.implementation("sdpa")

@@ -3,13 +3,20 @@
 Each mechanism's ``flex`` implementation states its pattern as a ``mask_mod``
 (turned into a block mask, so FlexAttention skips empty tiles) and, where the
 scores change, a ``score_mod``. On CUDA the call is compiled into a fused
-kernel; on the CPU it runs eagerly and unfused (it materializes the scores),
-so it is not in the CPU default sweep.
+kernel. On the CPU it is compiled too (inductor's fused C++, forward only) where
+a C++ compiler is found and the caller needs no log-sum-exp (torch's CPU path
+cannot return it: lsh's rounds and compressive's zero memories merge by it);
+otherwise it runs eagerly and unfused, materializing the scores. Compiled
+kernels are cached by inductor in memory and on disk (across runs); the first
+call of each new shape or pattern pays the compile (the harness's
+``first_call_ms``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import warnings
 from collections.abc import Callable
 from functools import cache
@@ -24,8 +31,28 @@ def flex_unavailable(device: torch.device) -> str | None:
 
 
 def flex_default_on(device: torch.device) -> bool:
-    """In the default sweep on CUDA only: eager CPU flex is not the fused kernel."""
+    """In the default sweep on CUDA only: on the CPU its compiles from a cold cache
+    take longer than the rest of the default sweep (README, "Kernels")."""
     return device.type == "cuda"
+
+
+def cpu_compiler() -> str | None:
+    """The C++ compiler inductor would build CPU kernels with, or None."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def compiles_on(device: torch.device, need_lse: bool) -> bool:
+    """Whether :func:`flex` runs compiled (fused) on ``device``; on the CPU
+    ``ATTN_ZOO_FLEX_COMPILE=0`` keeps it eager (the test suite does, to skip the
+    compiles)."""
+    if device.type == "cuda":
+        return True
+    if os.environ.get("ATTN_ZOO_FLEX_COMPILE", "1") == "0":
+        return False
+    return device.type == "cpu" and not need_lse and cpu_compiler() is not None
 
 
 def flex_differentiable(device: torch.device) -> bool:
@@ -56,8 +83,20 @@ def _with_key_padding(mask_mod: Callable | None, keep: torch.Tensor) -> Callable
 
 @cache
 def _compiled() -> Callable:
+    """flex_attention compiled for static shapes. Every mechanism, shape and pattern
+    is one more entry of the same compiled frame, so dynamo's default limit of 8
+    would send later calls back to eager without a word: raise it, and fail loudly
+    if it is ever hit."""
+    import torch._dynamo
     from torch.nn.attention.flex_attention import flex_attention
 
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):  # fmt: skip
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 4096))
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        config.fail_on_recompile_limit_hit = True
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -70,11 +109,13 @@ def flex(
     *,
     per_head: bool = False,
     keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FlexAttention of q [B, H, Nq, D] over k, v [B, H, Nk, D] with a block mask
     built from ``mask_mod(b, h, i, j)``; ``per_head``: the mask depends on b, h;
     ``keep`` [B, Nk] or [B, H, Nk] (bool, in k's order) hides padded keys.
-    Returns (out, lse [B, H, Nq] in natural log, -inf for a row that sees nothing)."""
+    Returns (out, lse [B, H, Nq] in natural log, -inf for a row that sees nothing);
+    lse is None when not ``need_lse`` (which lets the CPU run it compiled)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     b, h, n_q, _ = q.shape
@@ -86,12 +127,15 @@ def flex(
     if mask_mod is not None:
         batch, heads = (b, h) if per_head else (None, None)
         block_mask = create_block_mask(mask_mod, batch, heads, n_q, k.shape[2], device=q.device)
-    if q.device.type == "cuda":
-        out, lse = _compiled()(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True)
+    if compiles_on(q.device, need_lse):  # (on the CPU: inference only, see flex_differentiable)
+        result = _compiled()(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                             return_lse=need_lse)  # fmt: skip
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "called without torch.compile": known, see above
-            out, lse = flex_attention(
-                q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True
-            )
+            result = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                                    return_lse=need_lse)  # fmt: skip
+    if not need_lse:
+        return result, None
+    out, lse = result
     return out, lse.float()

@@ -33,6 +33,7 @@ from attn_zoo.tiles import (
     blocks,
     gather,
     key_mask,
+    scatter,
     scatter_result,
     window,
 )
@@ -109,10 +110,12 @@ def sorted_flex(
     self_penalty: float | None,
     rounds: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`sorted_attention` through FlexAttention: rows gathered into sorted
     order, the same rule as a mask_mod on sorted places, the self penalty and the
-    duplicate correction as a score_mod; (out, lse) back in original order."""
+    duplicate correction as a score_mod; (out, lse) back in original order (lse
+    None when not ``need_lse``)."""
     b, h, n, _ = q.shape
     perm, _ = sort_by_group(groups.expand(b, h, n))
     ordered = groups.expand(b, h, n).gather(-1, perm)
@@ -140,10 +143,12 @@ def sorted_flex(
         return score
 
     modded = self_penalty or rounds is not None
-    result = flex(gather(q, perm), gather(k, perm), gather(v, perm), visible,
-                  score_mod if modded else None, per_head=mode != "chunks",
-                  keep=key_mask(keep, perm))  # fmt: skip
-    return scatter_result(result, perm, n)
+    out, lse = flex(gather(q, perm), gather(k, perm), gather(v, perm), visible,
+                    score_mod if modded else None, per_head=mode != "chunks",
+                    keep=key_mask(keep, perm), need_lse=need_lse)  # fmt: skip
+    if not need_lse:
+        return scatter(out, perm, n), None
+    return scatter_result((out, lse), perm, n)
 
 
 def visible_sorted(rank_i, rank_j, group_i, group_j, chunk: int, mode: str) -> torch.Tensor:

@@ -276,10 +276,10 @@ def routing_flex(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     def local_window(b, h, i, j):
         return _local_visible(i, j, win, causal)
 
-    local = flex(q, keys, v, local_window, keep=plan.keep)[0].float()
+    local = flex(q, keys, v, local_window, keep=plan.keep, need_lse=False)[0].float()
     if causal:
         routed = sorted_flex(q, keys, v, plan.clusters, plan.width, "window", None,
-                             keep=plan.keep)[0]  # fmt: skip
+                             keep=plan.keep, need_lse=False)[0]  # fmt: skip
         return ((local + routed.float()) / 2).to(q.dtype)
     width = plan.members.shape[-1]
     index = plan.members.flatten(2, 3)
@@ -289,5 +289,5 @@ def routing_flex(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
 
     keep = key_mask(plan.keep, index)  # [B, H, C * w] in member order
     routed = flex(gather(q, index), gather(keys, index), gather(v, index), same_cluster,
-                  keep=keep)[0]  # fmt: skip
+                  keep=keep, need_lse=False)[0]  # fmt: skip
     return _mean_over_parts(local, routed.float(), plan.members).to(q.dtype)

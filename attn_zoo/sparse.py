@@ -182,7 +182,7 @@ def strided_flex(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
         vis = ((i - j).abs() <= l) | ((i - j) % l == 0)
         return vis & (j <= i) if causal else vis
 
-    return flex(q, k, v, merged_head, keep=plan.keep)[0]
+    return flex(q, k, v, merged_head, keep=plan.keep, need_lse=False)[0]
 
 
 @SparseFixed.implementation("triton", **triton_options())
@@ -201,4 +201,4 @@ def fixed_flex(mech, q, k, v, plan: SparsePlan) -> torch.Tensor:
         vis = (i // l == j // l) | (j % l >= l - c)
         return vis & (j <= i) if causal else vis
 
-    return flex(q, k, v, merged_head, keep=plan.keep)[0]
+    return flex(q, k, v, merged_head, keep=plan.keep, need_lse=False)[0]

@@ -235,4 +235,4 @@ def xl_flex(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
         return vis & (i - j < mem) if plan.same_length else vis
 
     qu = (q.float() + plan.u[:, None, :].float()).to(q.dtype)
-    return flex(qu, k, v, segment_and_memory, relative, keep=plan.keep)[0]
+    return flex(qu, k, v, segment_and_memory, relative, keep=plan.keep, need_lse=False)[0]

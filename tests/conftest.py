@@ -7,6 +7,9 @@ if not os.environ.get("CUDA_VISIBLE_DEVICES_FORCE_GPU"):
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+# FlexAttention compiles on the CPU in seconds per shape; the suite runs it eagerly
+# (tests/test_flex.py compiles a few cases on purpose).
+os.environ.setdefault("ATTN_ZOO_FLEX_COMPILE", "0")
 
 import pytest
 import torch

@@ -1,10 +1,12 @@
 """Every mechanism's FlexAttention peer against its reference and its oracle
-(eager and unfused on the CPU, compiled on CUDA)."""
+(compiled on CUDA; on the CPU eager, as conftest asks, except the compiled cases
+here)."""
 
 import pytest
 import torch
 
 import attn_zoo
+import attn_zoo.flex
 from attn_zoo.bench.cases import Case
 from attn_zoo.bench.runner import skip_reason
 from conftest import check_impl, qkv, small
@@ -24,6 +26,27 @@ def test_every_mechanism_has_a_flex_peer():
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_flex_matches_reference_and_oracle(name, causal, dim):
     check_impl(small(name), "flex", 100, dim, torch.float32, causal, device=DEVICE)
+
+
+@pytest.mark.skipif(attn_zoo.flex.cpu_compiler() is None, reason="no C++ compiler for inductor")
+def test_flex_compiled_on_the_cpu_matches_the_oracle(monkeypatch):
+    """xl (a mask_mod and a score_mod reading a table) through inductor's fused CPU
+    kernel: the compiled function is the one called."""
+    monkeypatch.setenv("ATTN_ZOO_FLEX_COMPILE", "1")
+    cpu = torch.device("cpu")
+    assert attn_zoo.flex.compiles_on(cpu, need_lse=False)
+    assert not attn_zoo.flex.compiles_on(cpu, need_lse=True)  # torch's CPU path has no lse
+    real, calls = attn_zoo.flex._compiled(), []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn_zoo.flex, "_compiled", lambda: counted)
+    check_impl(attn_zoo.get("xl", segment_len=32, mem_len=32), "flex", 128, 32, torch.float32, True)
+    assert len(calls) == 1
+    monkeypatch.setenv("ATTN_ZOO_FLEX_COMPILE", "0")
+    assert not attn_zoo.flex.compiles_on(cpu, need_lse=False)
 
 
 def test_flex_has_no_backward_on_the_cpu_and_says_so():
