@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import dataclasses
 import re
 import statistics
 import subprocess
@@ -44,6 +45,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     samples_ms: list[float]
+    first_ms: float | None = None  # the first call, warm-up or not: compiles, caches, JIT
 
     def samples_text(self) -> str:
         """Every sample, space-separated (the results.csv column)."""
@@ -96,13 +98,19 @@ def time_call(
     cuda_graph: bool = False,
 ) -> Timing:
     """Every timed call's wall time (ms): at least ``repeats`` calls and at least
-    ``min_time`` seconds of them; synchronized, L2-flushed on CUDA."""
+    ``min_time`` seconds of them; synchronized, L2-flushed on CUDA. ``first_ms`` is
+    the wall time of the very first call (the first warm-up call, else the first
+    timed one), which pays any compilation."""
+    first = None
     for _ in range(warmup):
         if setup is not None:
             setup()
-        fn()
+        t0 = time.perf_counter()
+        synchronized(fn, device)()
+        first = first if first is not None else (time.perf_counter() - t0) * 1e3
     if device.type == "cuda":
-        return summarize(_cuda_samples(fn, device, repeats, min_time, setup, cuda_graph))
+        samples = _cuda_samples(fn, device, repeats, min_time, setup, cuda_graph)
+        return dataclasses.replace(summarize(samples), first_ms=first)
     samples: list[float] = []
     while len(samples) < repeats or (sum(samples) < min_time * 1e3 and len(samples) < MAX_REPEATS):
         if setup is not None:
@@ -110,7 +118,9 @@ def time_call(
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return summarize(samples)
+    return dataclasses.replace(
+        summarize(samples), first_ms=first if first is not None else samples[0]
+    )
 
 
 def _cuda_samples(fn, device, repeats, min_time, setup, cuda_graph) -> list[float]:

@@ -135,6 +135,7 @@ def run_case(case: Case, settings: RunSettings) -> dict:
         timing = time_call(timed, device, share["warmup"], share["repeats"], share["min_time"],
                            setup=setup, cuda_graph=share["cuda_graph"])  # fmt: skip
         row.update(timing_columns(timing.samples_ms))
+        row["first_call_ms"] = timing.first_ms
         if setup is not None:
             setup()
         peak, out = peak_memory(timed, device)

@@ -13,6 +13,7 @@ from attn_zoo.bench.store import read_meta, read_results
 NUMERIC = (
     "batch", "heads", "head_dim", "seq_len", "time_ms", "time_ms_p20", "time_ms_p80",
     "peak_mem_bytes", "err_oracle", "err_dense", "oracle_rows", "flops", "density", "repeats",
+    "first_call_ms",
 )  # fmt: skip
 
 
@@ -49,4 +50,6 @@ def load_run(path: str | Path) -> Run:
     table["note"] = table["note"].fillna("")
     if "time_samples_ms" not in table:
         table["time_samples_ms"] = ""
+    if "first_call_ms" not in table:  # runs written before the column
+        table["first_call_ms"] = float("nan")
     return Run(folder, meta, table)

@@ -27,7 +27,7 @@ COLUMNS = (
     *KEY_COLUMNS,
     "status", "note", "time_ms", "time_ms_p20", "time_ms_p80", "peak_mem_bytes",
     "err_oracle", "err_dense", "oracle_rows", "flops", "density", "interpreted",
-    "repeats", "config", "time_samples_ms",
+    "repeats", "config", "time_samples_ms", "first_call_ms",
 )  # fmt: skip
 
 STATUSES = ("ok", "oom", "nan", "failed", "skipped")
@@ -217,13 +217,17 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-#: The columns of the first results.csv format (no timing samples); readers accept it.
-LEGACY_COLUMNS = COLUMNS[: COLUMNS.index("config") + 1]
+#: The columns of earlier results.csv formats, which readers accept: the first (no timing
+#: samples), the second (no first call).
+LEGACY_HEADERS = (
+    COLUMNS[: COLUMNS.index("config") + 1],
+    COLUMNS[: COLUMNS.index("time_samples_ms") + 1],
+)
 
 
 def read_results(path: Path, allow_partial_tail: bool = False, legacy: bool = False):
     """(header, rows, bytes of complete lines) of a results.csv, checked: UTF-8, a
-    bench header (``legacy``: or the first format's), every row as wide as the
+    bench header (``legacy``: or an earlier format's), every row as wide as the
     header and with a known status. With ``allow_partial_tail`` a last line
     without its newline is left out."""
     try:
@@ -241,7 +245,7 @@ def read_results(path: Path, allow_partial_tail: bool = False, legacy: bool = Fa
         complete = len(text[:cut].encode("utf-8"))
         text = text[:cut]
     lines = list(csv.reader(text.splitlines()))
-    headers = [list(COLUMNS), list(LEGACY_COLUMNS)] if legacy else [list(COLUMNS)]
+    headers = [list(h) for h in (COLUMNS, *(LEGACY_HEADERS if legacy else ()))]
     if not lines or lines[0] not in headers:
         first = ",".join(lines[0])[:60] if lines else "(empty)"
         raise UsageError(

@@ -37,6 +37,7 @@ def test_run_writes_results_and_meta(tmp_path, capsys):
         assert r["status"] == "ok", r["note"]
         assert float(r["err_oracle"]) < 1e-5
         assert float(r["time_ms_p20"]) <= float(r["time_ms"]) <= float(r["time_ms_p80"])
+        assert float(r["first_call_ms"]) > 0  # the warm-up call, timed apart
         assert float(r["flops"]) > 0 and float(r["density"]) > 0  # lsh rounds may exceed 1
     dense = [r for r in table if r["mechanism"] == "dense"]
     assert all(float(r["err_dense"]) < 1e-5 for r in dense)
