@@ -135,10 +135,41 @@ def _tool(name: str, arch: int = 90) -> str:
     return str(path) if path.exists() else name
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+|\.L_x_\d+)")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
+
+
+def hot_loop(sass: str) -> int | None:
+    """Instructions in the body of the kernel's first loop that holds a matrix
+    instruction (the full-block walk of the forward, the block walk of the
+    backward passes): from a branch target to the backward branch that returns to
+    it, in code order; a loop nested inside counts once. None when no such loop."""
+    code: list[tuple[int, str]] = []
+    labels: dict[str, int] = {}
+    for line in sass.splitlines():
+        if m := _LABEL.match(line):  # older cuobjdump: branches name labels
+            labels[m.group(1)] = len(code)
+        elif m := _SASS_LINE.search(line):
+            code.append((int(m.group(1), 16), m.group(2)))
+    where = {address: i for i, (address, _) in enumerate(code)}
+    loops = []
+    for end, (_, text) in enumerate(code):
+        if branch := _BRANCH.search(text):
+            target = branch.group(1)
+            start = labels.get(target) if target.startswith(".") else where.get(int(target, 16))
+            if start is not None and start <= end:
+                loops.append((start, end))
+    for start, end in sorted(loops):
+        if any("MMA" in text for _, text in code[start : end + 1]):
+            return end - start + 1
+    return None
+
+
 def analyze(compiled, arch: int) -> dict:
     """Registers and spills (ptxas -v on the PTX) and matrix instructions (SASS)."""
     found = {"registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
-             "hgmma": None, "hmma": None}  # fmt: skip
+             "hgmma": None, "hmma": None, "loop_instructions": None}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         ptx.write_text(compiled.asm["ptx"])
@@ -157,6 +188,7 @@ def analyze(compiled, arch: int) -> dict:
         if sass:
             found["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
             found["hmma"] = len(re.findall(r"\bHMMA\b", sass))
+            found["loop_instructions"] = hot_loop(sass)
     return found
 
 
@@ -164,7 +196,8 @@ def write_report(rows: list[dict], out: Path, triton_version: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "compile.json").write_text(json.dumps(rows, indent=1) + "\n")
     columns = ["kernel", "variant", "dtype", "head_dim", "tile", "warps", "stages", "registers",
-               "spill_store_bytes", "shared_kib", "hgmma", "hmma", "status"]  # fmt: skip
+               "spill_store_bytes", "shared_kib", "hgmma", "hmma", "loop_instructions",
+               "warp_instr_per_4k", "status"]  # fmt: skip
     arch = rows[0]["arch"] if rows else 90
     lines = [
         f"# Flash core compiled for sm_{arch} (Triton {triton_version})",
@@ -181,7 +214,43 @@ def write_report(rows: list[dict], out: Path, triton_version: str) -> None:
     for row in rows:
         cells = ("" if row.get(c) is None else str(row.get(c)) for c in columns)
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *targets(rows)]
     (out / "compile.md").write_text("\n".join(lines) + "\n")
+
+
+#: Triton's tutorial 06 forward compiled the same way for sm_90 (fp16): warp-instructions per
+#: 4,096 scores in its inner loop at head_dim 64 and 128 (issue #9's figure).
+TUTORIAL_PER_4K = 1040
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The speed-by-construction targets beside their figures: dense within 1.15x of the
+    tutorial's instructions per 4,096 scores, every other variant within 1.6x of dense
+    (same kernel, dtype and head_dim), fp16/bf16 at head_dim 64 and 128."""
+    lines = ["## Targets", "",
+             "`warp_instr_per_4k` = static instructions of the hot loop's body x warps x "
+             "4,096 / scores per iteration (a loop nested in it, such as lsh's round count, "
+             "counted once). Targets: dense forward within 1.15x of the Triton tutorial's "
+             f"{TUTORIAL_PER_4K}; every variant within 1.6x of dense.", "",
+             "| kernel | dtype | head_dim | variant | warp_instr_per_4k | ratio | target | met |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    dense = {(r["kernel"], r["dtype"], r["head_dim"]): r.get("warp_instr_per_4k")
+             for r in rows if r["variant"] == "dense / band"}  # fmt: skip
+    for r in rows:
+        figure = r.get("warp_instr_per_4k")
+        if r["dtype"] == "fp32" or r["head_dim"] < 64 or figure is None:
+            continue
+        if r["variant"] == "dense / band" and r["kernel"] == "fwd":
+            base, limit, against = TUTORIAL_PER_4K, 1.15, "tutorial"
+        elif r["variant"] != "dense / band" and dense.get((r["kernel"], r["dtype"], r["head_dim"])):
+            base, limit, against = dense[(r["kernel"], r["dtype"], r["head_dim"])], 1.6, "dense"
+        else:
+            continue
+        ratio = figure / base
+        lines.append(f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['variant']} | "
+                     f"{figure} | {ratio:.2f}x {against} | {limit}x | "
+                     f"{'yes' if ratio <= limit else 'no'} |")  # fmt: skip
+    return lines
 
 
 def _gaps(row: dict) -> list[str]:
@@ -255,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
             row |= {"warps": compiled.metadata.num_warps, "stages": compiled.metadata.num_stages,
                     "shared_kib": round(shared / 1024, 1)}  # fmt: skip
             row |= analyze(compiled, args.arch)
+            scores = constants.get("SUB_M", block) * constants.get("SUB_N", block)
+            if row.get("loop_instructions"):
+                per_4k = row["loop_instructions"] * row["warps"] * 4096 / scores
+                row["warp_instr_per_4k"] = round(per_4k)
             status = f"ok, shared memory {shared / 1024:.0f} KiB"
             gaps = _gaps(row) if args.strict else []
             if gaps:

@@ -132,3 +132,24 @@ def test_core_compiles_for_h100_without_a_gpu(kernels, dtypes, dims, tmp_path):
         if row["dtype"] != "fp32":  # fp32 (IEEE) dots run on FMA units, not MMA
             assert row["hgmma"] + row["hmma"] > 0, row
     assert (tmp_path / "compile.md").read_text().count("\n| ") == len(rows) + 1
+
+
+def test_hot_loop_counts_the_first_loop_holding_a_matrix_instruction():
+    """SASS as cuobjdump prints it (branch targets as addresses, or as labels in older
+    versions): the loop without an MMA is passed over; the body counts from the target
+    to the backward branch."""
+    from attn_zoo.kernels.compile_check import hot_loop
+
+    def line(address, text):
+        return f"        /*{address:04x}*/                   {text} ;   /* 0x0 */"
+
+    body = [line(0x00, "MOV R1, R2"), line(0x10, "IADD3 R1, R1, 0x1, RZ"),
+            line(0x20, "@P0 BRA 0x10"),  # a loop without MMA
+            line(0x30, "LDS R4, [R2]"), line(0x40, "HGMMA.64x64x16.F32 R24, gdesc[UR4], R24"),
+            line(0x50, "FADD R3, R3, R4"), line(0x60, "@P1 BRA 0x30"),
+            line(0x70, "EXIT")]  # fmt: skip
+    assert hot_loop("\n".join(body)) == 4
+    labelled = [line(0x00, "MOV R1, R2"), ".L_x_1:", line(0x10, "HMMA.16816.F32 R4, R8, R12, R4"),
+                line(0x20, "@P1 BRA `(.L_x_1)"), line(0x30, "EXIT")]  # fmt: skip
+    assert hot_loop("\n".join(labelled)) == 2
+    assert hot_loop(line(0x00, "EXIT")) is None
