@@ -142,9 +142,9 @@ _LABEL = re.compile(r"^\s*(\.L_x_\d+):")
 
 def hot_loop(sass: str) -> int | None:
     """Instructions in the body of the kernel's first loop that holds a matrix
-    instruction (the full-block walk of the forward, the block walk of the
-    backward passes): from a branch target to the backward branch that returns to
-    it, in code order; a loop nested inside counts once. None when no such loop."""
+    instruction, else an FMA (the full-block walk of the forward, the block walk of
+    the backward passes): from a branch target to the backward branch that returns
+    to it, in code order; a loop nested inside counts once. None when no such loop."""
     code: list[tuple[int, str]] = []
     labels: dict[str, int] = {}
     for line in sass.splitlines():
@@ -160,9 +160,10 @@ def hot_loop(sass: str) -> int | None:
             start = labels.get(target) if target.startswith(".") else where.get(int(target, 16))
             if start is not None and start <= end:
                 loops.append((start, end))
-    for start, end in sorted(loops):
-        if any("MMA" in text for _, text in code[start : end + 1]):
-            return end - start + 1
+    for unit in ("MMA", "FFMA"):  # float32 IEEE dots run on FMA units: the FFMA loop
+        for start, end in sorted(loops):
+            if any(unit in text for _, text in code[start : end + 1]):
+                return end - start + 1
     return None
 
 
