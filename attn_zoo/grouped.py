@@ -28,7 +28,7 @@ import torch
 from attn_zoo.flex import flex
 from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.tiles import (
-    LIVE_SCORES,
+    SCORE_BYTES,
     attend_tiles,
     blocks,
     gather,
@@ -82,7 +82,7 @@ def sorted_attention(
         return vis, bias
 
     # Eq. 7's count compares int64 sorted places per round: ~10 more bytes a score each
-    per_score = 4 * LIVE_SCORES + (10 * rounds.shape[-2] if rounds is not None else 0)
+    per_score = SCORE_BYTES + (10 * rounds.shape[-2] if rounds is not None else 0)
     return attend_tiles(q, k, v, qi, ki, keep=keep, terms=terms, per_score=per_score)
 
 

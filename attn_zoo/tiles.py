@@ -31,9 +31,9 @@ NEG_INF = float("-inf")
 #: Bytes of scores a chunk of tiles may hold, unless ``ATTN_ZOO_REFERENCE_BUDGET_MB`` or
 #: :func:`score_budget` says otherwise.
 DEFAULT_BUDGET = 64 << 20
-#: float32 [rows, keys] tensors alive at once in :func:`attend` (scores, masked scores,
-#: exp, weights).
-LIVE_SCORES = 4
+#: Bytes per score a chunk holds in :func:`attend`: four float32 [rows, keys] tensors alive
+#: at once (scores, masked scores, exp, weights).
+SCORE_BYTES = 4 * 4
 _budget: list[int] = []
 
 
@@ -58,7 +58,7 @@ def score_budget(nbytes: int):
 
 
 def chunks(n_tiles: int, rows: int, keys: int, like: torch.Tensor,
-           per_score: int = 4 * LIVE_SCORES) -> Iterator[slice]:  # fmt: skip
+           per_score: int = SCORE_BYTES) -> Iterator[slice]:  # fmt: skip
     """Consecutive slices of ``n_tiles`` tiles of [rows, keys] scores (per batch and
     head of ``like`` [B, H, ...]), ``per_score`` bytes each, that fit :func:`budget`."""
     per_tile = like.shape[0] * like.shape[1] * rows * keys * per_score
@@ -137,7 +137,7 @@ def attend(
 
 
 def attend_tiles(q, k, v, qi, ki, visible=None, bias=None, keep=None, terms=None,
-                 per_score=4 * LIVE_SCORES):  # fmt: skip
+                 per_score=SCORE_BYTES):  # fmt: skip
     """gather -> :func:`attend` -> scatter, a chunk of tiles at a time: query tiles
     ``qi`` [B|1, H|1, T, r] and their keys ``ki`` [B|1, H|1, T, w] (positions, -1
     pads); ``visible`` / ``bias`` broadcast against [B, H, T, r, w], or ``terms(part)``

@@ -27,10 +27,8 @@ class FlashFunction(torch.autograd.Function):
         return out, row_lse(row_max, row_logsum)
 
     @staticmethod
-    def backward(ctx, dout: torch.Tensor | None, dlse: torch.Tensor | None):
+    def backward(ctx, dout: torch.Tensor, dlse: torch.Tensor):
         out, row_max, row_logsum = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
         grads = backward(ctx.q, ctx.parts, out, (row_max, row_logsum), dout, dlse)
         inputs = (ctx.q, *ctx.leaves)
         cast = [None if id(t) not in grads else grads[id(t)].to(t.dtype) for t in inputs]

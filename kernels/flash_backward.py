@@ -292,9 +292,9 @@ def backward(
         rel, ramp = part.relative, part.ramp
         step = sub_block(dim, part.layout.block_m, rel is not None, part.duplicates is not None)
         stages = backward_stages(q.dtype == torch.float32, rel is not None)
-        rows = (batch, heads, run.n_q, dim)
-        dq_rows = flash.new_output(q, rows, torch.float32)
-        dqv_rows = flash.new_output(q, rows, torch.float32) if rel else dq_rows
+        shape = (batch, heads, run.n_q, dim)
+        dq_rows = flash.new_output(q, shape, torch.float32)
+        dqv_rows = flash.new_output(q, shape, torch.float32) if rel else dq_rows
         dtable = torch.zeros(rel.table.shape, device=q.device) if rel else dq_rows
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
@@ -321,5 +321,5 @@ def backward(
         for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
             grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
                                           tensor.shape[2])  # fmt: skip
-    grads[id(q)] = dq if id(q) not in grads else grads[id(q)] + dq
+    _add(grads, q, dq)
     return grads
