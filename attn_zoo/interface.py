@@ -57,6 +57,10 @@ def _nowhere(device: torch.device) -> bool:
     return False
 
 
+def _same_variant(mech: Mechanism, causal: bool) -> str | None:
+    return None
+
+
 @dataclass(frozen=True)
 class Impl:
     """One implementation of a mechanism's ``attend`` step."""
@@ -75,6 +79,10 @@ class Impl:
     differentiable: Callable[[torch.device], bool] = _everywhere
     #: Whether a run on this device goes through an interpreter (times not comparable).
     interpreted: Callable[[torch.device], bool] = lambda device: False
+    #: Why it computes another variant than the mechanism's (its own random draws,
+    #: another averaging), given the mechanism and causality; None: the same variant,
+    #: checked against the oracle. ``bench run`` leaves err_oracle empty with this reason.
+    variant: Callable[[Mechanism, bool], str | None] = _same_variant
 
 
 class Mechanism:
@@ -129,6 +137,7 @@ class Mechanism:
         dtypes: tuple[torch.dtype, ...] | None = None,
         differentiable: bool | Callable[[torch.device], bool] = True,
         interpreted: Callable[[torch.device], bool] = lambda device: False,
+        variant: Callable[[Mechanism, bool], str | None] = _same_variant,
     ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
         """Decorator registering ``fn(mech, q, k, v, plan) -> out`` under ``name``."""
 
@@ -139,7 +148,15 @@ class Mechanism:
             if name in cls.impls:
                 raise ValueError(f"{cls.name}: implementation {name!r} registered twice")
             cls.impls[name] = Impl(
-                name, fn, unavailable, default_on, head_dims, dtypes, differentiable, interpreted
+                name,
+                fn,
+                unavailable,
+                default_on,
+                head_dims,
+                dtypes,
+                differentiable,
+                interpreted,
+                variant,
             )
             return fn
 

@@ -12,6 +12,12 @@ DTYPES = {
 }
 
 
+class Unsupported(ValueError):
+    """An implementation cannot honor this configuration or input (a peer package that
+    cannot express the mechanism's config, for instance): raised, never a silent
+    approximation; ``bench run`` records it as a skipped row with the message."""
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
