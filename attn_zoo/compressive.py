@@ -321,23 +321,28 @@ def compressive_reference(mech, q, k, v, plan: CompressivePlan) -> torch.Tensor:
     def segments(q, k, v, ck, cv, qi, index):  # qi [s, L]: segments number index [s]
         start = qi[:, 0]
         first, width = plan.slot_window(index)
-        si = window(first, width, plan.slots)  # [s, Mc]
-        ki = window(start - mem, mem + seg, n)  # [s, M + L]
-        mem_i, cur_i = as_tiles(ki[:, :mem]), as_tiles(ki[:, mem:])
-        real = torch.cat([si, ki[:, :mem]], -1) >= 0  # [s, Mc + M]; zero memories are 0 rows
-        kg = torch.cat([gather(ck, as_tiles(si)), gather(k.detach(), mem_i)], -2) * real[..., None]
-        vg = torch.cat([gather(cv, as_tiles(si)), gather(v.detach(), mem_i)], -2) * real[..., None]
-        kg, vg = torch.cat([kg, gather(k, cur_i)], -2), torch.cat([vg, gather(v, cur_i)], -2)
-        i, j = qi[:, :, None], ki[:, None, mem:]
+        si = window(first, width, plan.slots)  # [s, Mc] slots, -1: a zero memory
+        mi = window(start - mem, mem, n)  # [s, M] memory
+        ci = window(start, seg, n)  # [s, L] the segment
+        if not plan.attend_initial:  # zero memories are masked: drop what no segment here sees
+            si, mi = si[:, (si >= 0).any(0)], mi[:, (mi >= 0).any(0)]
+        real = torch.cat([si, mi], -1) >= 0  # [s, slots + memory]
+        kg = torch.cat([gather(ck, as_tiles(si)), gather(k.detach(), as_tiles(mi))], -2)
+        vg = torch.cat([gather(cv, as_tiles(si)), gather(v.detach(), as_tiles(mi))], -2)
+        if plan.attend_initial:  # zero memories are attended as zero rows
+            kg, vg = kg * real[..., None], vg * real[..., None]
+        kg = torch.cat([kg, gather(k, as_tiles(ci))], -2)
+        vg = torch.cat([vg, gather(v, as_tiles(ci))], -2)
+        i, j = qi[:, :, None], ci[:, None, :]
         current = (j >= 0) & (i >= 0) & ((j <= i) if plan.causal else True)
         memories = real | plan.attend_initial
         vis = torch.cat([memories[:, None, :].expand(-1, seg, -1), current], dim=-1)
         keep = None
         if plan.keep is not None:  # zero memories are no padding
             keep = torch.cat([key_mask(plan.slot_keep(), as_tiles(si)) | (si < 0),
-                              key_mask(plan.keep, mem_i) | ~real[:, plan.cmem_len:],
-                              key_mask(plan.keep, cur_i)], dim=-1)  # fmt: skip
-        return attend(gather(q, as_tiles(qi)), kg, vg, vis, keep=keep)[0]
+                              key_mask(plan.keep, as_tiles(mi)) | (mi < 0),
+                              key_mask(plan.keep, as_tiles(ci))], dim=-1)  # fmt: skip
+        return attend(gather(q, as_tiles(qi)), kg, vg, vis, keep=keep, need_lse=False)[0]
 
     qi = blocks(n, seg, q.device)  # [S, L]
     index = torch.arange(len(qi), device=q.device)

@@ -123,6 +123,10 @@ class Routing(Mechanism):
     def inputs(self, q, k, v):
         return q, shared_keys(q), v
 
+    def cluster_count(self, n: int) -> int:
+        """The config's ``n_clusters``, by default about sqrt(N) (Sec. 4.1), at most N."""
+        return min(n, self.config.n_clusters or max(1, round(math.sqrt(n))))
+
     def centroids(self, heads: int, head_dim: int, n_clusters: int) -> torch.Tensor:
         """The seeded initial centroids [H, C, D], unit length."""
         g = torch.Generator().manual_seed(self.config.seed)
@@ -158,7 +162,7 @@ class Routing(Mechanism):
             mu = params["centroids"].detach().float().to(q.device)
             n_clusters = mu.shape[1]
         else:
-            n_clusters = min(n, cfg.n_clusters or max(1, round(math.sqrt(n))))
+            n_clusters = self.cluster_count(n)
             mu = self.centroids(h, d, n_clusters).to(q.device)
         x = shared_keys(q).float().detach()
         if not causal and cfg.centroid_update == "ema":
@@ -229,7 +233,8 @@ def routing_reference(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     vis = (ki[:, None, :] >= 0) & _local_visible(
         qi[:, :, None], ki[:, None, :], plan.window, plan.causal
     )
-    local, _ = attend_tiles(q, keys, v, as_tiles(qi), as_tiles(ki), vis, keep=plan.keep)
+    local, _ = attend_tiles(q, keys, v, as_tiles(qi), as_tiles(ki), vis, keep=plan.keep,
+                            need_lse=False)  # fmt: skip
     if plan.causal:
         routed, _ = sorted_attention(q, keys, v, plan.clusters, plan.width, "window", 0.0,
                                      keep=plan.keep)  # fmt: skip
@@ -239,7 +244,7 @@ def routing_reference(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
 
     def clusters(q, keys, v, members):
         return attend(gather(q, members), gather(keys, members), gather(v, members),
-                      keep=key_mask(plan.keep, members))[0]  # fmt: skip
+                      keep=key_mask(plan.keep, members), need_lse=False)[0]  # fmt: skip
 
     width = members.shape[-1]
     routed = [run_chunk(clusters, q, keys, v, members[:, :, part])

@@ -31,8 +31,8 @@ NEG_INF = float("-inf")
 #: Bytes of scores a chunk of tiles may hold, unless ``ATTN_ZOO_REFERENCE_BUDGET_MB`` or
 #: :func:`score_budget` says otherwise.
 DEFAULT_BUDGET = 64 << 20
-#: Bytes per score a chunk holds in :func:`attend`: four float32 [rows, keys] tensors alive
-#: at once (scores, masked scores, exp, weights).
+#: Bytes per score a chunk holds in :func:`attend`: up to four float32 [rows, keys] tensors
+#: alive at once (scores, biased scores, masked scores, weights).
 SCORE_BYTES = 4 * 4
 _budget: list[int] = []
 
@@ -115,36 +115,51 @@ def attend(
     visible: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax attention over the last two dims, accumulated in float32 (float64
     for float64 inputs).
 
     ``visible`` (bool) and ``bias`` (additive) broadcast against the
     scores [..., q_rows, k_rows]; ``keep`` [..., k_rows] (bool, from
     :func:`key_mask`) hides padded keys. Returns (out [..., q_rows, D],
-    lse [..., q_rows]); a row with no visible key gives out 0 and
-    lse -inf, never NaN.
+    lse [..., q_rows], None unless ``need_lse``); a row with no visible key gives
+    out 0 and lse -inf, never NaN.
+
+    One pass per step over the scores: the scale rides on q, the masks merge into
+    one fill, and torch's fused softmax (and logsumexp) do the rest; rows with no
+    visible key are found on the mask, which is smaller than the scores, and are
+    left unmasked inside the softmax and zeroed in the output.
     """
-    scores = (upcast(q) @ upcast(k).transpose(-2, -1)) * q.shape[-1] ** -0.5
+    scores = (upcast(q) * q.shape[-1] ** -0.5) @ upcast(k).transpose(-2, -1)
     if bias is not None:
         scores = scores + bias
-    if visible is not None:
-        scores = scores.masked_fill(~visible, NEG_INF)
+    hidden = None if visible is None else ~visible
     if keep is not None:
-        scores = scores.masked_fill(~keep.unsqueeze(-2), NEG_INF)
-    weights, lse = softmax_lse(scores, dim=-1)
-    return weights.to(scores.dtype) @ upcast(v), lse
+        padded = ~keep.unsqueeze(-2)
+        hidden = padded if hidden is None else hidden | padded
+    empty = None
+    if hidden is not None:
+        empty = hidden.all(-1, keepdim=True)
+        scores = scores.masked_fill(hidden & ~empty, NEG_INF)
+    out = torch.softmax(scores, dim=-1) @ upcast(v)
+    lse = torch.logsumexp(scores, dim=-1) if need_lse else None
+    if empty is not None and empty.any():
+        out = out.masked_fill(empty, 0.0)
+        lse = None if lse is None else lse.masked_fill(empty.squeeze(-1), NEG_INF)
+    return out, lse
 
 
 def attend_tiles(q, k, v, qi, ki, visible=None, bias=None, keep=None, terms=None,
-                 per_score=SCORE_BYTES):  # fmt: skip
+                 per_score=SCORE_BYTES, need_lse=True):  # fmt: skip
     """gather -> :func:`attend` -> scatter, a chunk of tiles at a time: query tiles
     ``qi`` [B|1, H|1, T, r] and their keys ``ki`` [B|1, H|1, T, w] (positions, -1
     pads); ``visible`` / ``bias`` broadcast against [B, H, T, r, w], or ``terms(part)``
     builds them for the tiles ``part`` (a slice) inside the chunk, holding
     ``per_score`` bytes per score at once (the budget's unit); ``keep`` [B, N]
     key padding; ``ki`` with T = 1 gives every tile the same keys. Returns
-    (out [B, H, N, D], lse [B, H, N]) at the tiles' positions."""
+    (out [B, H, N, D], lse [B, H, N] or None unless ``need_lse``) at the tiles'
+    positions."""
 
     def along_tiles(x, part):  # a mask or bias broadcast over tiles stays whole
         return x if x is None or x.dim() < 3 or x.shape[-3] == 1 else x[..., part, :, :]
@@ -152,12 +167,15 @@ def attend_tiles(q, k, v, qi, ki, visible=None, bias=None, keep=None, terms=None
     def tiles(q, k, v, part):
         qc, kc = qi[..., part, :], ki if ki.shape[-2] == 1 else ki[..., part, :]
         vis, add = terms(part) if terms else (along_tiles(visible, part), along_tiles(bias, part))
-        return attend(gather(q, qc), gather(k, kc), gather(v, kc), vis, add, key_mask(keep, kc))
+        return attend(gather(q, qc), gather(k, kc), gather(v, kc), vis, add, key_mask(keep, kc),
+                      need_lse)  # fmt: skip
 
     parts = chunks(qi.shape[-2], qi.shape[-1], ki.shape[-1], q, per_score)
     outs = [run_chunk(tiles, q, k, v, part) for part in parts]
-    joined = torch.cat([o for o, _ in outs], dim=2), torch.cat([lse for _, lse in outs], dim=2)
-    return scatter_result(joined, qi, q.shape[2])
+    out = torch.cat([o for o, _ in outs], dim=2)
+    if not need_lse:
+        return scatter(out, qi, q.shape[2]), None
+    return scatter_result((out, torch.cat([lse for _, lse in outs], dim=2)), qi, q.shape[2])
 
 
 def key_mask(keep: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:

@@ -83,12 +83,18 @@ def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def rel_shift(x: torch.Tensor, klen: int) -> torch.Tensor:
-    """[.., qlen, klen + qlen] scores against distances klen .. -(qlen - 1) ->
-    [.., qlen, klen] with out[i, j] = x[i, j + qlen - i], i.e. distance
-    (klen - qlen) + i - j (Dai et al. 2019, App. B; XLNet's rel_shift_bnij)."""
+    """[.., qlen, W] scores against distances klen, klen - 1, ... (W of them) -> a
+    view [.., qlen, klen] with out[i, j] = x[i, j + qlen - i], i.e. distance
+    (klen - qlen) + i - j (Dai et al. 2019, App. B; XLNet's rel_shift_bnij, read
+    through strides instead of copied). With W = klen + qlen (distances down to
+    -(qlen - 1)) every entry is exact; with W = klen + 1 (down to 0) the entries of
+    keys after their query read other scores, which causal attention masks."""
     *lead, qlen, width = x.shape
-    x = x.reshape(*lead, width, qlen)[..., 1:, :]
-    return x.reshape(*lead, qlen, width - 1)[..., :klen]
+    if width not in (klen + 1, klen + qlen):
+        raise ValueError(f"rel_shift: width {width}; accepted: klen + 1 or klen + qlen")
+    x = x.contiguous()
+    stride = (*x.stride()[:-2], width - 1, 1)
+    return x.as_strided((*lead, qlen, klen), stride, x.storage_offset() + qlen)
 
 
 def segment_starts(positions: torch.Tensor, segment_len: int) -> torch.Tensor:
@@ -183,9 +189,11 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     """Segments a chunk at a time (:func:`~attn_zoo.tiles.chunks`): [memory | segment]
     keys per segment, AC + shifted BD."""
     n, seg, mem = plan.n_q, plan.segment_len, plan.mem_len
-    klen = mem + seg
-    # W_R R_d for d = klen .. -(L - 1): (q + v) . it is shifted into key order below
-    rel = plan.rel_at(torch.arange(klen, -seg, -1, device=q.device)).transpose(-2, -1)[:, None]
+    klen, scale = mem + seg, q.shape[-1] ** -0.5
+    # W_R R_d for d = klen .. 0 (causal) or .. -(L - 1): (q + v) . it, shifted into key order
+    nearest = 0 if plan.causal else -(seg - 1)
+    distances = torch.arange(klen, nearest - 1, -1, device=q.device)
+    rel = plan.rel_at(distances).transpose(-2, -1)[:, None]
 
     def segments(q, k, v, qi):  # qi [s, L]: s segments
         ki = window(qi[:, 0] - mem, klen, n)  # [s, M + L]: memory, then the segment
@@ -193,11 +201,12 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
         kg = torch.cat([gather(k.detach(), mem_i), gather(k, cur_i)], dim=-2)
         vg = torch.cat([gather(v.detach(), mem_i), gather(v, cur_i)], dim=-2)
         qg = upcast(gather(q, as_tiles(qi)))  # [B, H, s, L, D]
-        bd = (qg + plan.v[:, None, None, :].to(qg.dtype)) @ rel.to(qg.dtype)
-        bd = rel_shift(bd, klen) * q.shape[-1] ** -0.5
+        bd = rel_shift(((qg + plan.v[:, None, None, :].to(qg.dtype)) * scale) @ rel.to(qg.dtype),
+                       klen)  # fmt: skip
         vis = mech.visible(plan, qi[:, :, None], ki[:, None, :]) & (qi[:, :, None] >= 0)
         qu = qg + plan.u[:, None, None, :].to(qg.dtype)
-        return attend(qu, kg, vg, vis, bias=bd, keep=key_mask(plan.keep, as_tiles(ki)))[0]
+        keep = key_mask(plan.keep, as_tiles(ki))
+        return attend(qu, kg, vg, vis, bias=bd, keep=keep, need_lse=False)[0]
 
     qi = blocks(n, seg, q.device)  # [S, L]
     out = [run_chunk(segments, q, k, v, qi[part]) for part in chunks(len(qi), seg, klen, q)]

@@ -35,10 +35,17 @@ def test_xl_variants(config, causal):
 
 def test_rel_shift_puts_each_distance_in_place():
     qlen, klen = 4, 7
-    distances = torch.arange(klen, -qlen, -1).float()  # klen .. -(qlen - 1)
-    shifted = rel_shift(distances.expand(qlen, -1).contiguous(), klen)
     i, j = torch.arange(qlen)[:, None], torch.arange(klen)[None, :]
-    assert torch.equal(shifted, ((klen - qlen) + i - j).float())
+    expected = ((klen - qlen) + i - j).float()
+    distances = torch.arange(klen, -qlen, -1).float()  # klen .. -(qlen - 1): every entry
+    shifted = rel_shift(distances.expand(2, qlen, -1).contiguous(), klen)
+    assert torch.equal(shifted, expected.expand(2, -1, -1))
+    causal = torch.arange(klen, -1, -1).float()  # klen .. 0: keys up to their query
+    shifted = rel_shift(causal.expand(2, qlen, -1).contiguous(), klen)
+    seen = expected >= 0
+    assert torch.equal(shifted[:, seen], expected.expand(2, -1, -1)[:, seen])
+    with pytest.raises(ValueError, match="accepted: klen \\+ 1 or klen \\+ qlen"):
+        rel_shift(torch.zeros(qlen, klen), klen)
 
 
 def test_reconstruction_loss_trains_only_the_compression():
