@@ -12,6 +12,7 @@ In a model: :func:`attention` (SDPA's signature plus ``mechanism=``),
 # isort: off
 # Importing a mechanism's module registers it; this order is the registry's.
 from attn_zoo import dense, sparse, adaptive_span, xl, compressive, lsh, routing  # noqa: F401
+from attn_zoo import peers  # noqa: F401  (each mechanism's `peer` impl)
 
 # isort: on
 from attn_zoo.functional import attention

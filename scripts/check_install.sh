@@ -32,6 +32,12 @@ check "import attn_zoo; assert attn_zoo.__file__.startswith('$work/venv'), attn_
 "$work/venv/bin/attn-zoo" list >/dev/null
 "$work/venv/bin/python" -m attn_zoo.bench list >/dev/null
 $pip check
+# The peers extra: its pins must leave the installed torch alone, and every peer import.
+torch_before=$("$work/venv/bin/python" -c "import torch; print(torch.__version__)")
+$pip install -qq "$wheel[peers]"
+check "import torch; assert torch.__version__ == '$torch_before', torch.__version__" "peers kept torch $torch_before"
+check "import attn_zoo, torch; cpu = torch.device('cpu'); missing = [m for m in attn_zoo.names() if 'peer' in attn_zoo.get(m).impls and attn_zoo.get(m).impl('peer').unavailable(cpu)]; assert not missing, missing" "every peer imports"
+$pip check
 $pip uninstall -qq -y attn-zoo
 check "from kernels import get_kernel" "after uninstalling attn-zoo"
 check "import importlib.util as u; assert u.find_spec('attn_zoo') is None" "attn_zoo removed"

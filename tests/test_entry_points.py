@@ -13,6 +13,7 @@ from torch.nn.attention.bias import causal_lower_right, causal_upper_left
 
 import attn_zoo
 from attn_zoo import oracle
+from attn_zoo.validation import Unsupported
 from conftest import qkv, small
 
 IMPLS = ["reference", "triton", "flex"]
@@ -225,8 +226,9 @@ def test_auto_picks_the_reference_without_cuda(no_gpu):
 
 @pytest.mark.parametrize("name", attn_zoo.names())
 def test_every_impl_propagates_gradients_or_raises(name):
-    """On this machine's device: a differentiable impl gives gradients to q, k, v;
-    any other raises a ValueError naming mechanism, impl and device."""
+    """On this machine's device: a differentiable impl gives gradients to q, k, v
+    (or refuses a config it cannot express, naming itself); any other raises a
+    ValueError naming mechanism, impl and device."""
     mech = small(name)
     for impl_name, impl in mech.impls.items():
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,7 +236,12 @@ def test_every_impl_propagates_gradients_or_raises(name):
             continue
         q, k, v = (x.to(device).requires_grad_() for x in qkv(40, heads=2, dim=32))
         if impl.differentiable(device):
-            mech(q, k, v, causal=True, impl=impl_name).sum().backward()
+            try:
+                out = mech(q, k, v, causal=True, impl=impl_name)
+            except Unsupported as refused:  # a config the impl cannot express: said
+                assert f"{name}/{impl_name}" in str(refused)
+                continue
+            out.sum().backward()
             grads = [x.grad for x in (q, v)]
             assert all(g is not None and torch.isfinite(g).all() for g in grads), impl_name
         else:
