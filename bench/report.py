@@ -13,7 +13,7 @@ from attn_zoo.bench import plots, quality_report
 from attn_zoo.bench.errors import UsageError
 from attn_zoo.bench.runner import TOLERANCE
 from attn_zoo.bench.runs import Run, load_run
-from attn_zoo.bench.targets import kernel_targets
+from attn_zoo.bench.targets import PEERS_TEXT, kernel_targets, peer_targets
 
 TARGETS_TEXT = (
     "vs_sdpa: dense triton speed / sdpa speed (target >= 0.9 for N >= 2048); "
@@ -206,6 +206,11 @@ def write_report(
         if len(targets):
             lines += ["### Kernel figures (ratios within this run)", "", TARGETS_TEXT, ""]
             lines += [_markdown(targets.drop(columns=["device"]), floatfmt=".3g"), ""]
+        against_peers = peer_targets(t)
+        if len(against_peers):
+            shown = against_peers[["mechanism", "seq_len", *against_peers.columns[-9:]]]
+            lines += ["### References against the peers", "", PEERS_TEXT, ""]
+            lines += [_markdown(shown, floatfmt=".3g"), ""]
         not_ok = t[t.status != "ok"]
         if len(not_ok):
             lines += [f"**{len(not_ok)} case(s) not ok** (shown as red crosses in the plots):", ""]

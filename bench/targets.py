@@ -44,3 +44,39 @@ def kernel_targets(table: pd.DataFrame) -> pd.DataFrame:
         }
     )
     return out.reset_index()
+
+
+#: Issue #15's targets for each reference against its peer, measured in one run.
+PEER_TIME_TARGET = 1.25
+PEER_MEMORY_TARGET = 1.0
+
+PEERS_TEXT = (
+    f"time: reference time / peer time (target <= {PEER_TIME_TARGET}); memory: reference peak "
+    f"/ peer peak (target <= {PEER_MEMORY_TARGET:g}); same run, same case. A peer computes "
+    "the package's variant; its differences from the mechanism are in the note."
+)
+
+
+def peer_targets(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per case measured by both a mechanism's reference and its peer: the
+    two times and peaks, their ratios and whether the targets are met."""
+    ok = table[(table.status == "ok") & ~table.interpreted.astype(bool)]
+    peer = _by_case(ok, "peer")
+    if peer.empty:
+        return pd.DataFrame()
+    ref = _by_case(ok, "reference").reindex(peer.index)
+    time, memory = ref.time_ms / peer.time_ms, ref.peak_mem_bytes / peer.peak_mem_bytes
+    out = pd.DataFrame(
+        {
+            "ref_ms": ref.time_ms,
+            "peer_ms": peer.time_ms,
+            "time": time,
+            "time_met": (time <= PEER_TIME_TARGET).where(time.notna()),
+            "ref_MiB": ref.peak_mem_bytes / 2**20,
+            "peer_MiB": peer.peak_mem_bytes / 2**20,
+            "memory": memory,
+            "memory_met": (memory <= PEER_MEMORY_TARGET).where(memory.notna()),
+            "peer_note": peer.note.fillna("").str.removeprefix("no err_oracle: "),
+        }
+    )
+    return out.reset_index()
