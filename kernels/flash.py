@@ -256,10 +256,14 @@ def _scores(
     RAMP: tl.constexpr, SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr,
     PADDED: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The scores of one tile in log2 units (the softmax scale folded in), -inf
-    where a pair is not visible; ``k`` is k^T [HEAD_DIM, BLOCK_N]. The forward and
-    both backward passes score tiles here, so they cannot disagree."""
-    qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    """The scores of one tile before the softmax scale: q . k plus every bias divided
+    by ``qk_scale`` (= log2(e) / sqrt(d)), -inf where a pair is not visible, so that
+    the softmax weight is exp2(score * qk_scale - m), one FMA and an exp2 per score
+    (the scale is folded into the exponent's argument, not a separate multiply).
+    ``k`` is k^T [HEAD_DIM, BLOCK_N]. The forward and both backward passes score
+    tiles here, so they cannot disagree."""
+    qk = tl.dot(q, k, input_precision=PRECISION)
+    per_log2 = 1.0 / qk_scale  # a bias b in log2 units is b * per_log2 in these
     if REL_TERM:
         # (q + v) . R_d for the BLOCK_M + BLOCK_N distances of the tile, then each
         # row picks its own diagonal
@@ -267,11 +271,11 @@ def _scores(
         r = tl.load(REL + row[None, :] * srn + tl.arange(0, HEAD_DIM)[:, None])
         s = tl.dot(qv, r, input_precision=PRECISION)
         diag = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + BLOCK_N - 1
-        qk += tl.gather(s, diag, 1) * qk_scale
+        qk += tl.gather(s, diag, 1)
     if DUP != 0:
         seen = _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, dup_chunk, DUP,
                             BLOCK_M, BLOCK_N)  # fmt: skip
-        qk -= tl.math.log2(tl.maximum(seen, 1.0))
+        qk -= tl.math.log2(tl.maximum(seen, 1.0)) * per_log2
     if PADDED:  # key padding, in every block (the layout does not know it)
         kept = tl.load(KEEP + k_pos, mask=in_range, other=0)
         qk = tl.where(kept[None, :] != 0, qk, float("-inf"))
@@ -291,7 +295,8 @@ def _scores(
         if RAMP:
             x = _ramp_distance(offs_m, offs_n, offset, SYMMETRIC)
             m = tl.minimum(tl.maximum((ramp + tl.load(SPANS + h) - x) / ramp, 0.0), 1.0)
-            qk = tl.where(m > 0.0, qk + tl.math.log2(tl.maximum(m, 1e-30)), float("-inf"))
+            qk = tl.where(m > 0.0, qk + tl.math.log2(tl.maximum(m, 1e-30)) * per_log2,
+                          float("-inf"))  # fmt: skip
     return qk
 
 
@@ -342,10 +347,10 @@ def _flash_fwd(
                 HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
                 REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
-            # the online softmax, in the exp2 domain
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # the online softmax, in the exp2 domain (m_i in scaled units)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -447,7 +452,7 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         groups[0].shape[0] if groups is not None else 1,
         layout.full.shape[2], layout.partial.shape[2],
         band.lo, band.hi, band.offset, win.seg_len, win.step, win.lo, win.hi,
-        (part.self_bias if part.self_bias is not None else 0.0) * LOG2E,
+        (part.self_bias if part.self_bias is not None else 0.0) * dim**0.5,  # / the scale
         ramp.ramp if ramp is not None else 1.0,
         relative.max_dist if relative is not None else 0, dim**-0.5 * LOG2E,
         *((dup.groups.shape[1], dup.groups.shape[2], dup.chunk) if dup is not None

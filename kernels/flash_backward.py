@@ -119,7 +119,7 @@ def _flash_bwd_dq(
                 HEAD_DIM, BLOCK_M, SUB_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
                 REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
-            p = tl.math.exp2((qk - row_max[:, None]) - logsum[:, None])
+            p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])  # dS, the gradient of the natural-log scores
             dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)
@@ -206,7 +206,7 @@ def _flash_bwd_dkdv(
                 HEAD_DIM, SUB_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
                 REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
-            p = tl.math.exp2((qk - row_max[:, None]) - logsum[:, None])
+            p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
