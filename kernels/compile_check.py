@@ -92,6 +92,7 @@ KNOWN_GAPS = {
     ("bwd_dkdv", "xl", 128, "spills"),
     ("bwd_dkdv", "xl", 128, "no HGMMA"),
 }
+DTYPES = ("fp16", "bf16", "fp32")
 INT64 = {"lo", "hi", "offset", "seg_len", "seg_step", "win_lo", "win_hi"}
 FLOAT = {"self_bias", "ramp", "qk_scale"}
 
@@ -270,7 +271,7 @@ def _gaps(row: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attn_zoo.kernels.compile_check")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
-    parser.add_argument("--dtypes", default="fp16,bf16,fp32")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="of " + ", ".join(DTYPES))
     parser.add_argument("--dims", default="32,64,128")
     parser.add_argument("--kernels", default=",".join(KERNELS), help="of " + ", ".join(KERNELS))
     parser.add_argument("--out", default="reports/kernels-sm90", help="report folder")
@@ -278,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
               "(beyond the known gaps listed in the module)")  # fmt: skip
     parser.add_argument("--strict", action="store_true", help=strict)
     args = parser.parse_args(argv)
+    kernels = args.kernels.split(",")
+    if unknown := sorted(set(kernels) - set(KERNELS)):
+        print(f"compile_check: unknown kernel {unknown[0]!r}; accepted: {', '.join(KERNELS)}")
+        return 2
+    if unknown := sorted(set(args.dtypes.split(",")) - set(DTYPES)):
+        print(f"compile_check: unknown dtype {unknown[0]!r}; accepted: {', '.join(DTYPES)}")
+        return 2
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter compiles nothing)")
         return 2
@@ -288,10 +296,6 @@ def main(argv: list[str] | None = None) -> int:
     from attn_zoo.kernels.flash import block_size, warps_for
     from attn_zoo.kernels.flash_backward import BACKWARD_WARPS, backward_stages, sub_block
 
-    kernels = args.kernels.split(",")
-    if unknown := sorted(set(kernels) - set(KERNELS)):
-        print(f"compile_check: unknown kernel {unknown[0]!r}; accepted: {', '.join(KERNELS)}")
-        return 2
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     rows = []

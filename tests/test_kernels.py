@@ -156,3 +156,15 @@ def test_hot_loop_counts_the_first_loop_holding_a_matrix_instruction():
                 line(0x20, "@P1 BRA `(.L_x_1)"), line(0x30, "EXIT")]  # fmt: skip
     assert hot_loop("\n".join(labelled)) == 2
     assert hot_loop(line(0x00, "EXIT")) is None
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["--dtypes", "float16"], "unknown dtype 'float16'; accepted: fp16, bf16, fp32"),
+     (["--kernels", "bwd"], "unknown kernel 'bwd'; accepted: fwd, bwd_dq, bwd_dkdv")],
+)  # fmt: skip
+def test_compile_check_refuses_bad_arguments_in_one_line(args, message, capsys):
+    from attn_zoo.kernels.compile_check import main
+
+    assert main(args) == 2
+    assert capsys.readouterr().out.strip() == f"compile_check: {message}"
