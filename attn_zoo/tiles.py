@@ -126,14 +126,14 @@ def attend(
     lse [..., q_rows], None unless ``need_lse``); a row with no visible key gives
     out 0 and lse -inf, never NaN.
 
-    One pass per step over the scores: the scale rides on q, the masks merge into
-    one fill, and torch's fused softmax (and logsumexp) do the rest; rows with no
-    visible key are found on the mask, which is smaller than the scores, and are
-    left unmasked inside the softmax and zeroed in the output.
+    One pass per step over the scores, in place: the scale rides on q, the masks
+    merge into one fill, and torch's fused softmax (and logsumexp) do the rest;
+    rows with no visible key are found on the mask, which is smaller than the
+    scores, and are left unmasked inside the softmax and zeroed in the output.
     """
     scores = (upcast(q) * q.shape[-1] ** -0.5) @ upcast(k).transpose(-2, -1)
-    if bias is not None:
-        scores = scores + bias
+    if bias is not None:  # in place: neither step's backward reads the scores
+        scores.add_(bias)
     hidden = None if visible is None else ~visible
     if keep is not None:
         padded = ~keep.unsqueeze(-2)
@@ -141,7 +141,7 @@ def attend(
     empty = None
     if hidden is not None:
         empty = hidden.all(-1, keepdim=True)
-        scores = scores.masked_fill(hidden & ~empty, NEG_INF)
+        scores.masked_fill_(hidden & ~empty, NEG_INF)
     out = torch.softmax(scores, dim=-1) @ upcast(v)
     lse = torch.logsumexp(scores, dim=-1) if need_lse else None
     if empty is not None and empty.any():

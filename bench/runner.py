@@ -14,6 +14,7 @@ import attn_zoo
 from attn_zoo import oracle
 from attn_zoo.bench.cases import Case
 from attn_zoo.bench.measure import peak_memory, summarize, time_call
+from attn_zoo.bench.peak_process import cpu_peak
 from attn_zoo.bench.settings import MODE_FLOP_FACTOR, MODES, RunSettings
 from attn_zoo.validation import DTYPES, Unsupported
 
@@ -30,7 +31,7 @@ def _is_oom(error: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text
 
 
-def _inputs(case: Case, seed: int):
+def case_inputs(case: Case, seed: int):
     g = torch.Generator(device="cpu").manual_seed(seed)
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
     grad = case.mode != "fwd"
@@ -66,7 +67,7 @@ def skip_reason(case: Case) -> str | None:
     return None
 
 
-def _calls(case: Case, mech, q, k, v):
+def case_calls(case: Case, mech, q, k, v):
     """(setup, timed): what one timed call runs, and what runs untimed before it."""
 
     def forward():
@@ -104,8 +105,8 @@ def _share(settings: RunSettings, warmup: int) -> dict:
 def more_samples(case: Case, settings: RunSettings) -> list[float]:
     """A later round's timing samples of a case that measured ok in round 0."""
     mech = attn_zoo.get(case.mechanism)
-    q, k, v = _inputs(case, settings.seed)
-    setup, timed = _calls(case, mech, q, k, v)
+    q, k, v = case_inputs(case, settings.seed)
+    setup, timed = case_calls(case, mech, q, k, v)
     share = _share(settings, warmup=0)
     timing = time_call(timed, torch.device(case.device), share["warmup"], share["repeats"],
                        share["min_time"], setup=setup, cuda_graph=share["cuda_graph"])  # fmt: skip
@@ -125,12 +126,12 @@ def run_case(case: Case, settings: RunSettings) -> dict:
         device = torch.device(case.device)
         impl = mech.impl(case.impl)
         row["interpreted"] = impl.interpreted(device)
-        q, k, v = _inputs(case, settings.seed)
+        q, k, v = case_inputs(case, settings.seed)
         plan = mech.plan(q, k, v, case.causal)
         pairs = mech.pairs(q.detach(), k.detach(), v.detach(), plan)
         row["flops"] = 4 * case.head_dim * pairs * MODE_FLOP_FACTOR[case.mode]
         row["density"] = pairs / plan.full_pairs
-        setup, timed = _calls(case, mech, q, k, v)
+        setup, timed = case_calls(case, mech, q, k, v)
         share = _share(settings, warmup=settings.warmup)
         timing = time_call(timed, device, share["warmup"], share["repeats"], share["min_time"],
                            setup=setup, cuda_graph=share["cuda_graph"])  # fmt: skip
@@ -138,10 +139,16 @@ def run_case(case: Case, settings: RunSettings) -> dict:
         row["first_call_ms"] = timing.first_ms
         if setup is not None:
             setup()
-        peak, out = peak_memory(timed, device)
+        if device.type == "cuda":
+            peak, out = peak_memory(timed, device)
+            why = None
+        else:  # in the helper process; this call gives the output to check
+            out = timed()
+            peak, why = cpu_peak(case, settings.seed, settings.reference_budget,
+                                 min(settings.warmup, 1))  # fmt: skip
         row["peak_mem_bytes"] = peak
         if peak is None:
-            row["note"] = "peak memory not measured on this platform"
+            row["note"] = why or "peak memory not measured on this platform"
         out = out.detach()
         if not torch.isfinite(out).all():
             bad = (~torch.isfinite(out)).sum().item()

@@ -1,10 +1,11 @@
 """The harness's peak-memory figure against an analytic count."""
 
 import pytest
-import torch
 
-import attn_zoo
-from attn_zoo.bench.measure import cpu_peak_supported, peak_memory
+from attn_zoo.bench.cases import Case
+from attn_zoo.bench.measure import cpu_peak_supported
+from attn_zoo.bench.peak_process import cpu_peak
+from attn_zoo.tiles import DEFAULT_BUDGET
 
 
 @pytest.mark.parametrize("n", [512, 1024, 2048])
@@ -15,11 +16,8 @@ def test_dense_reference_peak_matches_analytic_count(n, no_gpu):
     if cpu_peak_supported() is not None:
         pytest.skip(cpu_peak_supported())
     heads, dim = 12, 64
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, heads, n, dim, generator=g) for _ in range(3))
-    dense = attn_zoo.get("dense")
-    call = lambda: dense(q, k, v, causal=True, impl="reference")
-    call()  # warm-up, as the harness does: first-call allocations are not the case's
-    measured, _ = peak_memory(call, torch.device("cpu"))
+    case = Case("dense", "reference", "cpu", "float32", 1, heads, dim, n, True, "fwd")
+    measured, why = cpu_peak(case, seed=0, budget=DEFAULT_BUDGET)  # after one warm-up call
+    assert why is None
     analytic = 2 * heads * n * n * 4 + n * n + heads * n * dim * 4
     assert abs(measured - analytic) / analytic < 0.15, (measured, analytic)

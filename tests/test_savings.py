@@ -4,20 +4,20 @@ from N = 2048 to N = 8192 with an exponent at most 1.6 (dense: about 2)."""
 import math
 
 import pytest
-import torch
 
-import attn_zoo
-from attn_zoo.bench.measure import cpu_peak_supported, peak_memory
+from attn_zoo.bench.cases import Case
+from attn_zoo.bench.measure import cpu_peak_supported
+from attn_zoo.bench.peak_process import cpu_peak
+from attn_zoo.tiles import DEFAULT_BUDGET
 from conftest import MECHANISMS
 
 
 def peak(name, n):
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 4, n, 64, generator=g) for _ in range(3))
-    mech = attn_zoo.get(name)
-    call = lambda: mech(q, k, v, causal=True)
-    call()
-    return peak_memory(call, torch.device("cpu"))[0]
+    """The harness's figure: the helper process, after one warm-up call."""
+    case = Case(name, "reference", "cpu", "float32", 1, 4, 64, n, True, "fwd")
+    measured, why = cpu_peak(case, seed=0, budget=DEFAULT_BUDGET)
+    assert why is None, why
+    return measured
 
 
 @pytest.mark.slow
