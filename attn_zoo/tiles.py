@@ -134,6 +134,7 @@ def attend(
     scores = (upcast(q) * q.shape[-1] ** -0.5) @ upcast(k).transpose(-2, -1)
     if bias is not None:  # in place: neither step's backward reads the scores
         scores.add_(bias)
+        del bias  # freed here when the caller passed it without keeping a reference
     hidden = None if visible is None else ~visible
     if keep is not None:
         padded = ~keep.unsqueeze(-2)
@@ -142,8 +143,10 @@ def attend(
     if hidden is not None:
         empty = hidden.all(-1, keepdim=True)
         scores.masked_fill_(hidden & ~empty, NEG_INF)
-    out = torch.softmax(scores, dim=-1) @ upcast(v)
+    weights = torch.softmax(scores, dim=-1)
     lse = torch.logsumexp(scores, dim=-1) if need_lse else None
+    del scores  # the softmax's backward keeps its output, not the scores
+    out = weights @ upcast(v)
     if empty is not None and empty.any():
         out = out.masked_fill(empty, 0.0)
         lse = None if lse is None else lse.masked_fill(empty.squeeze(-1), NEG_INF)

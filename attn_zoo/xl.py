@@ -201,12 +201,13 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
         kg = torch.cat([gather(k.detach(), mem_i), gather(k, cur_i)], dim=-2)
         vg = torch.cat([gather(v.detach(), mem_i), gather(v, cur_i)], dim=-2)
         qg = upcast(gather(q, as_tiles(qi)))  # [B, H, s, L, D]
-        bd = rel_shift(((qg + plan.v[:, None, None, :].to(qg.dtype)) * scale) @ rel.to(qg.dtype),
-                       klen)  # fmt: skip
+        qv = (qg + plan.v[:, None, None, :].to(qg.dtype)) * scale
         vis = mech.visible(plan, qi[:, :, None], ki[:, None, :]) & (qi[:, :, None] >= 0)
         qu = qg + plan.u[:, None, None, :].to(qg.dtype)
         keep = key_mask(plan.keep, as_tiles(ki))
-        return attend(qu, kg, vg, vis, bias=bd, keep=keep, need_lse=False)[0]
+        # the BD term is built in the call, so attend frees it once added to the scores
+        return attend(qu, kg, vg, vis, bias=rel_shift(qv @ rel.to(qg.dtype), klen), keep=keep,
+                      need_lse=False)[0]  # fmt: skip
 
     qi = blocks(n, seg, q.device)  # [S, L]
     out = [run_chunk(segments, q, k, v, qi[part]) for part in chunks(len(qi), seg, klen, q)]

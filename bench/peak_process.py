@@ -12,15 +12,20 @@ there is none; a helper that dies (out of memory) is replaced on the next case.
 
 from __future__ import annotations
 
-import multiprocessing
-from multiprocessing.connection import Connection
+import os
+import pickle
+import subprocess
+import sys
 
 from attn_zoo.bench.cases import Case
 
-_helper: list = []  # [process, connection] while one is running
+_helper: list[subprocess.Popen] = []  # the running helper, if any
 
 
-def _serve(conn: Connection) -> None:
+def _serve() -> None:
+    """The helper's loop: (case, seed, budget, warmup) in on stdin, (peak, why) out."""
+    replies = os.fdopen(os.dup(1), "wb")  # a private channel: stray prints go to stderr
+    os.dup2(2, 1)
     import torch
 
     from attn_zoo.bench import measure
@@ -30,9 +35,10 @@ def _serve(conn: Connection) -> None:
     from attn_zoo.bench.runner import case_calls, case_inputs
     from attn_zoo.tiles import score_budget
 
+    requests = sys.stdin.buffer
     while True:
         try:
-            case, seed, budget, warmup = conn.recv()
+            case, seed, budget, warmup = pickle.load(requests)
         except EOFError:
             return
         try:
@@ -43,42 +49,47 @@ def _serve(conn: Connection) -> None:
                     if setup is not None:
                         setup()
                     peak, _ = measure.peak_memory(timed, torch.device("cpu"))
-            conn.send((peak, None if peak is not None else measure.cpu_peak_supported()))
+            reply = (peak, None if peak is not None else measure.cpu_peak_supported())
         except Exception as error:
-            conn.send((None, f"peak memory not measured: {type(error).__name__}: {error}"))
+            reply = (None, f"peak memory not measured: {type(error).__name__}: {error}")
+        pickle.dump(reply, replies)
+        replies.flush()
 
 
-def _connection() -> Connection:
-    if _helper and _helper[0].is_alive():
-        return _helper[1]
+def _process() -> subprocess.Popen:
+    if _helper and _helper[0].poll() is None:
+        return _helper[0]
     stop()
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    process = context.Process(target=_serve, args=(child,), daemon=True, name="attn-zoo peak")
-    process.start()
-    child.close()
-    _helper[:] = [process, parent]
-    return parent
+    process = subprocess.Popen([sys.executable, "-m", "attn_zoo.bench.peak_process"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    _helper.append(process)
+    return process
 
 
 def cpu_peak(case: Case, seed: int, budget: int, warmup: int = 1) -> tuple[int | None, str | None]:
     """(peak bytes of one call of ``case`` above the baseline, None) measured in the
     helper after ``warmup`` calls, or (None, why not)."""
     try:
-        conn = _connection()
-        conn.send((case, seed, budget, warmup))
-        return conn.recv()
-    except (EOFError, BrokenPipeError, ConnectionResetError):
+        process = _process()
+        pickle.dump((case, seed, budget, warmup), process.stdin)
+        process.stdin.flush()
+        return pickle.load(process.stdout)
+    except (EOFError, BrokenPipeError, ConnectionResetError, pickle.UnpicklingError):
         stop()
         return None, "peak memory not measured: the helper process died (out of memory?)"
 
 
 def stop() -> None:
     """End the helper (a later measurement starts a new one)."""
-    if _helper:
-        process, conn = _helper
-        conn.close()
-        process.join(timeout=5)
-        if process.is_alive():
+    for process in _helper:
+        for stream in (process.stdin, process.stdout):
+            stream.close()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
             process.kill()
     _helper.clear()
+
+
+if __name__ == "__main__":
+    _serve()
