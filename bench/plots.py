@@ -52,9 +52,13 @@ def panels(
     mechanisms: list[str] | None = None,
     hline: float | None = None,
 ):
-    """One panel per mechanism, one line per (run, impl). Cases that are not ok
-    are drawn as red crosses on the x axis, labelled with their status."""
+    """One panel per mechanism, one line per (run, impl): the colour names the impl
+    in every panel and run, the line style the run. Cases that are not ok are drawn
+    as red crosses on the x axis, labelled with their status."""
     mechanisms = mechanisms or list(dict.fromkeys(m for r in runs for m in r.table.mechanism))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    impls = dict.fromkeys(i for r in runs for i in r.table.impl)
+    color = {impl: palette[n % len(palette)] for n, impl in enumerate(impls)}
     fig, axes = _grid(mechanisms)
     for ax, mech in zip(axes, mechanisms, strict=False):
         for style, run in zip(STYLES * 4, runs, strict=False):
@@ -64,7 +68,8 @@ def panels(
                 y = value(ok)
                 label = impl if len(runs) == 1 else f"{impl} · {run.meta.get('run_id')}"
                 if len(ok) and y.notna().any():
-                    ax.plot(ok.seq_len, y, style, marker="o", ms=3, label=label)
+                    ax.plot(ok.seq_len, y, style, marker="o", ms=3, label=label,
+                            color=color[impl])  # fmt: skip
                 for _, bad in rows[rows.status != "ok"].iterrows():
                     ax.plot(
                         bad.seq_len,
