@@ -185,7 +185,8 @@ def _equivalence(row, mech, case, qkv, plan, out, settings) -> None:
     row["err_dense"] = oracle.rel_error(picked, full)
     other = mech.impl(case.impl).variant(mech, case.causal)
     if other:  # another variant of the mechanism: its oracle does not apply
-        row["note"] = f"no err_oracle: {other}"[:300]
+        said = f"no err_oracle: {other}"
+        row["note"] = (f"{row['note']}; {said}" if row["note"] else said)[:300]
         return
     expected = oracle.evaluate(q, k, v, mech.oracle(q, k, v, plan, rows), rows)
     row["err_oracle"] = oracle.rel_error(picked, expected)

@@ -58,3 +58,15 @@ def refuse_padding(plan, who: str) -> None:
 def heads_as_batch(x: torch.Tensor) -> torch.Tensor:
     """[B, H, N, D] -> [B * H, N, D], the layout of packages that fold heads into batch."""
     return x.reshape(-1, *x.shape[2:])
+
+
+def local_windows(q, k, v, window: int, **options) -> torch.Tensor:
+    """local-attention's ``LocalAttention`` over windows of ``window`` (``options``: its
+    causal / look_backward / look_forward / exact_windowsize), padded to whole windows
+    with the padding keys masked (its autopad leaves them visible otherwise)."""
+    from local_attention import LocalAttention
+
+    attention = LocalAttention(window_size=window, autopad=True, **options)
+    n = k.shape[2]
+    real = torch.ones(q.shape[0], n, dtype=torch.bool, device=q.device) if n % window else None
+    return attention(q, k, v, mask=real)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from attn_zoo.lsh import shared_keys
-from attn_zoo.peers.common import peer_options, refuse_padding, seeded
+from attn_zoo.peers.common import local_windows, peer_options, refuse_padding, seeded
 from attn_zoo.routing import Routing, RoutingPlan
 
 PACKAGES = (("routing_transformer", "routing-transformer"), ("local_attention", "local-attention"))
@@ -31,19 +31,14 @@ def differences(mech: Routing, causal: bool) -> str:
 
 @Routing.implementation("peer", **peer_options(*PACKAGES, variant=differences))
 def routing_peer(mech: Routing, q, k, v, plan: RoutingPlan) -> torch.Tensor:
-    from local_attention import LocalAttention
     from routing_transformer.routing_transformer import KmeansAttention
 
     refuse_padding(plan, "routing/peer")
-    b, h, n, d = q.shape
+    _, h, n, d = q.shape
     window = plan.window if plan.causal else max(1, plan.window // 2)
-    local = LocalAttention(window_size=window, causal=plan.causal, look_backward=1,
-                           look_forward=0 if plan.causal else 1, exact_windowsize=True,
-                           autopad=True)  # fmt: skip
     keys = shared_keys(q)
-    padded = n % window != 0
-    real = torch.ones(b, n, dtype=torch.bool, device=q.device) if padded else None
-    near = local(q, keys, v, mask=real)
+    near = local_windows(q, keys, v, window, causal=plan.causal, look_backward=1,
+                         look_forward=0 if plan.causal else 1, exact_windowsize=True)  # fmt: skip
     clusters = mech.cluster_count(n)
     with seeded(mech.config.seed, q.device):
         routed = KmeansAttention(clusters, plan.width, h, d, causal=plan.causal,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from attn_zoo.peers.common import peer_options, refuse_padding
+from attn_zoo.peers.common import local_windows, peer_options, refuse_padding
 from attn_zoo.validation import Unsupported
 from attn_zoo.xl import XL, XLPlan
 
@@ -29,8 +29,6 @@ def differences(mech: XL, causal: bool) -> str:
 
 @XL.implementation("peer", **peer_options(PACKAGE, variant=differences))
 def xl_peer(mech: XL, q, k, v, plan: XLPlan) -> torch.Tensor:
-    from local_attention import LocalAttention
-
     refuse_padding(plan, "xl/peer")
     seg, mem = plan.segment_len, plan.mem_len
     if mem % seg or plan.same_length:
@@ -39,8 +37,5 @@ def xl_peer(mech: XL, q, k, v, plan: XLPlan) -> torch.Tensor:
             f"of segment_len and same_length=False, got mem_len {mem}, segment_len {seg}, "
             f"same_length {plan.same_length}"
         )
-    attention = LocalAttention(window_size=seg, causal=plan.causal, look_backward=mem // seg,
-                               look_forward=0, autopad=True)  # fmt: skip
-    padded = plan.n_k % seg != 0  # autopad's zero keys must be masked
-    real = torch.ones(q.shape[0], plan.n_k, dtype=torch.bool, device=q.device) if padded else None
-    return attention(q, k, v, mask=real)
+    return local_windows(q, k, v, seg, causal=plan.causal, look_backward=mem // seg,
+                         look_forward=0)  # fmt: skip
