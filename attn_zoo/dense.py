@@ -75,7 +75,7 @@ def dense_reference(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     return torch.matmul(weights, upcast(v)).to(q.dtype)
 
 
-@Dense.implementation("triton", **triton_options())
+@Dense.implementation("triton", **triton_options("dense"))
 def dense_triton(mech: Dense, q, k, v, plan: Plan) -> torch.Tensor:
     """The block-sparse flash core visiting every key block (kernels/dense.py)."""
     from attn_zoo.kernels.dense import dense_attention

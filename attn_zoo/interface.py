@@ -83,6 +83,14 @@ class Impl:
     #: another averaging), given the mechanism and causality; None: the same variant,
     #: checked against the oracle. ``bench run`` leaves err_oracle empty with this reason.
     variant: Callable[[Mechanism, bool], str | None] = _same_variant
+    #: How a call runs ``fn``: ``runner(mech, fn, q, k, v, plan)`` (the Triton impls'
+    #: autotuner); None: ``fn(mech, q, k, v, plan)``.
+    runner: Callable[..., torch.Tensor] | None = None
+
+    def run(self, mech: Mechanism, q, k, v, plan) -> torch.Tensor:
+        if self.runner is None:
+            return self.fn(mech, q, k, v, plan)
+        return self.runner(mech, self.fn, q, k, v, plan)
 
 
 class Mechanism:
@@ -138,6 +146,7 @@ class Mechanism:
         differentiable: bool | Callable[[torch.device], bool] = True,
         interpreted: Callable[[torch.device], bool] = lambda device: False,
         variant: Callable[[Mechanism, bool], str | None] = _same_variant,
+        runner: Callable[..., torch.Tensor] | None = None,
     ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
         """Decorator registering ``fn(mech, q, k, v, plan) -> out`` under ``name``."""
 
@@ -157,6 +166,7 @@ class Mechanism:
                 differentiable,
                 interpreted,
                 variant,
+                runner,
             )
             return fn
 
@@ -261,7 +271,7 @@ class Mechanism:
         if key_padding is not None:
             check_key_padding(key_padding, q.shape[0], k.shape[2], q.device, who=self.name)
             plan = dataclasses.replace(plan, keep=key_padding)
-        return chosen.fn(self, q, k, v, plan)
+        return chosen.run(self, q, k, v, plan)
 
     def describe(self) -> dict[str, Any]:
         return {"mechanism": self.name, **dataclasses.asdict(self.config)}

@@ -173,7 +173,7 @@ def lsh_reference(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
     return _merged_rounds(sorted_attention, q, v, plan)
 
 
-@LSH.implementation("triton", **triton_options())
+@LSH.implementation("triton", **triton_options("duplicates"))
 def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
     """One sorted part per round, merged by log-sum-exp (kernels/grouped.py)."""
     from attn_zoo.kernels.autograd import attend

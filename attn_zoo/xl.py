@@ -214,7 +214,7 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     return scatter(torch.cat(out, dim=2), as_tiles(qi), n).to(q.dtype)
 
 
-@XL.implementation("triton", **triton_options())
+@XL.implementation("triton", **triton_options("relative"))
 def xl_triton(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
     """Segment window + the relative term inside the kernel (kernels/memory.py)."""
     from attn_zoo.kernels.memory import xl_attention

@@ -14,27 +14,29 @@ from functools import lru_cache
 import torch
 
 from attn_zoo.kernels.autograd import attend
-from attn_zoo.kernels.flash import Part, Ramp, tile_for
+from attn_zoo.kernels.flash import Part, Ramp
 from attn_zoo.kernels.layout import Band, BlockLayout, build_layout
+from attn_zoo.kernels.tuning import tile_for
 
 
 @lru_cache(maxsize=32)
-def _layout(n: int, reach: tuple, flat: tuple, causal: bool, block: int, device) -> BlockLayout:
+def _layout(n: int, reach: tuple, flat: tuple, causal: bool, blocks: tuple[int, int],
+            device) -> BlockLayout:  # fmt: skip
     far, near = torch.tensor(reach), torch.tensor(flat)  # m > 0 up to far, m = 1 up to near
     if causal:
         touched, full = Band(lo=1, hi=far), Band(lo=1, hi=near)
     else:
         touched, full = Band(lo=-far, hi=far), Band(lo=-near, hi=near)
-    return build_layout(n, n, touched, full_band=full, self_pairs=not causal, block_m=block,
-                        block_n=block, device=device)  # fmt: skip
+    return build_layout(n, n, touched, full_band=full, self_pairs=not causal,
+                        block_m=blocks[0], block_n=blocks[1], device=device)  # fmt: skip
 
 
 def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
-    block = tile_for(q)
+    tile = tile_for(q)
     heads = range(plan.heads)
     reach = tuple(plan.reach(h) for h in heads)
     flat = tuple(plan.flat(h) for h in heads)
-    layout = _layout(plan.n_q, reach, flat, plan.causal, block, q.device)
+    layout = _layout(plan.n_q, reach, flat, plan.causal, tile.blocks, q.device)
     if plan.z is not None:  # learnable z_h: the backward gives their gradient
         spans = plan.z.to(q.device, torch.float32) + plan.shift
     else:
@@ -47,5 +49,5 @@ def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
         else Band(lo=-int(far.max()), hi=int(far.max()))
     )
     self_bias = None if plan.causal else float("-inf")
-    part = Part(k, v, layout, band, ramp=ramp, self_bias=self_bias, keep=plan.keep)
+    part = Part(k, v, layout, band, ramp=ramp, self_bias=self_bias, keep=plan.keep, tile=tile)
     return attend(q, [part])[0]

@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from attn_zoo.kernels.layout import BIG, Band, BlockLayout, Window
+from attn_zoo.kernels.tuning import Tile, default_tile, kind_of
 
 LOG2E = 1.4426950408889634
 
@@ -75,7 +76,9 @@ class Relative:
 class Duplicates:
     """Reformer's Eq. 7: every round's groups and sorted places at original
     positions, [B * H, R, N] int32, and the rule that makes a pair visible in a
-    round (``mode`` of :mod:`attn_zoo.grouped`, over sorted places)."""
+    round (``mode`` of :mod:`attn_zoo.grouped`, over sorted places). For the chunk
+    rules (``buckets``, ``chunks``) ``ranks`` holds each place's chunk,
+    place // chunk, so that the kernel divides nothing."""
 
     groups: torch.Tensor
     ranks: torch.Tensor
@@ -98,10 +101,11 @@ class Part:
     gather: the kernel runs over n_q = q_index.shape[-1] queries and writes row i
     at ``q_index[i]`` when ``scatter`` (else at i). ``groups`` = (q groups [G, n_q],
     k groups [G, n_k]) sorted along the kernel order. ``keep`` [B, positions of k]
-    (bool, True = attend) hides padded keys. ``frozen_memory``: keys before the
-    query's window segment (``window.step * s``) are stop-gradient memories
-    (Transformer-XL, Sec. 3.2; Compressive Transformer): they take part in the
-    softmax and in dQ, and receive no dK/dV.
+    (bool, True = attend) hides padded keys. ``tile`` gives the launch's warps and
+    stages (:mod:`attn_zoo.kernels.tuning`; its blocks are the layout's).
+    ``frozen_memory``: keys before the query's window segment (``window.step * s``)
+    are stop-gradient memories (Transformer-XL, Sec. 3.2; Compressive Transformer):
+    they take part in the softmax and in dQ, and receive no dK/dV.
     """
 
     k: torch.Tensor
@@ -119,6 +123,7 @@ class Part:
     duplicates: Duplicates | None = None
     keep: torch.Tensor | None = None
     frozen_memory: bool = False
+    tile: Tile | None = None  # warps and stages (None: the layout's default)
 
     def differentiable(self) -> list[torch.Tensor]:
         """The tensors a gradient can reach besides q: k, v, xl's u, v and table, the
@@ -145,10 +150,9 @@ def _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, chunk, DUP: tl.cons
         if DUP == 3:  # window: same group, 0 <= back <= chunk sorted places
             back = pq[:, None] - pk[None, :]
             vis = same & (back >= 0) & (back <= chunk)
-        else:  # chunks c - 1 and c (buckets: and the same group)
-            cq = (pq // chunk)[:, None]
-            ck = (pk // chunk)[None, :]
-            vis = (cq == ck) | (cq - 1 == ck)
+        else:  # chunks c - 1 and c (buckets: and the same group); pq, pk are chunks
+            step = pq[:, None] - pk[None, :]
+            vis = (step == 0) | (step == 1)
             if DUP == 1:
                 vis = vis & same
         seen += vis.to(tl.float32)
@@ -157,10 +161,48 @@ def _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, chunk, DUP: tl.cons
 
 @triton.jit
 def _rel_rows(m_start, start, offset, max_dist, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows of xl's distance table for the BLOCK_M + BLOCK_N distances of a tile:
-    column c holds d = d0 + c, and pair (a, b) reads column a - b + BLOCK_N - 1."""
-    dist = (m_start + offset) - start - (BLOCK_N - 1) + tl.arange(0, BLOCK_M + BLOCK_N)
+    """Rows of xl's distance table for the distances of a tile (the BLOCK_M + BLOCK_N - 1
+    it needs, padded to a power of two, 2 max(BLOCK_M, BLOCK_N)): column c holds
+    d = d0 + c, and pair (a, b) reads column a - b + BLOCK_N - 1."""
+    width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
+    dist = (m_start + offset) - start - (BLOCK_N - 1) + tl.arange(0, width)
     return tl.minimum(tl.maximum(dist, -max_dist), max_dist) + max_dist
+
+
+@triton.jit
+def _program_scratch(SCRATCH, pid, pid_bh, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """This program's own float32 tile of the scratch buffer (:func:`scratch_for`),
+    ROWS x 2 max(ROWS, COLS), where xl's distance scores are skewed."""
+    width: tl.constexpr = 2 * ROWS if ROWS >= COLS else 2 * COLS
+    return SCRATCH + (pid_bh * tl.num_programs(0) + pid) * (ROWS * width)
+
+
+@triton.jit
+def _skew(s, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """t[a, b] = s[a, a - b + BLOCK_N - 1]: each row of the distance scores
+    [BLOCK_M, width] read at its own diagonal (Transformer-XL's relative shift, Dai et
+    al. 2019, App. B), as a shifted load from the program's scratch tile: s is stored
+    once and read back skewed. A register gather (tl.gather) costs ~350 shuffles and
+    selects per tile and spills the backward (the compile report)."""
+    width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
+    a = tl.arange(0, BLOCK_M)[:, None]
+    tl.debug_barrier()  # every thread has read the previous tile
+    tl.store(SCRATCH + a * width + tl.arange(0, width)[None, :], s)
+    tl.debug_barrier()
+    return tl.load(SCRATCH + a * width + (a + BLOCK_N - 1) - tl.arange(0, BLOCK_N)[None, :])
+
+
+@triton.jit
+def _unskew(ds, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The transpose of :func:`_skew`'s pick: wide[a, c] = ds[a, a + BLOCK_N - 1 - c]
+    where that is a column of ds, else 0 ([BLOCK_M, width] as :func:`_rel_rows`)."""
+    width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
+    a = tl.arange(0, BLOCK_M)[:, None]
+    b = a + BLOCK_N - 1 - tl.arange(0, width)[None, :]
+    tl.debug_barrier()
+    tl.store(SCRATCH + a * width + tl.arange(0, BLOCK_N)[None, :], ds)
+    tl.debug_barrier()
+    return tl.load(SCRATCH + a * width + b, mask=(b >= 0) & (b < BLOCK_N), other=0.0)
 
 
 @triton.jit
@@ -239,16 +281,28 @@ def _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM: tl.constexpr,
 @triton.jit
 def _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full, max_partial,
                 masked: tl.constexpr):  # fmt: skip
-    """The blocks row ``lay`` of the layout visits: full ones, or those needing the mask."""
+    """The blocks row ``lay`` of the layout visits: full ones, or those needing the
+    mask; with the first of them (a run's start)."""
     if masked == 0:
-        return FULL + lay * max_full, tl.load(FULL_COUNT + lay)
-    return PARTIAL + lay * max_partial, tl.load(PARTIAL_COUNT + lay)
+        blocks = FULL + lay * max_full
+        return blocks, tl.load(FULL_COUNT + lay), tl.load(blocks)
+    blocks = PARTIAL + lay * max_partial
+    return blocks, tl.load(PARTIAL_COUNT + lay), tl.load(blocks)
+
+
+@triton.jit
+def _block_at(blocks, first, t, RUN: tl.constexpr):
+    """The t-th block of a list: ``first + t`` in a contiguous run (no load in the
+    loop, so the pipeliner can issue the next tile's loads early), else loaded."""
+    if RUN:
+        return first + t
+    return tl.load(blocks + t)
 
 
 @triton.jit
 def _scores(
     q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-    KGRP, REL, SPANS, RGRP, RRANK, KEEP,
+    KGRP, REL, SCRATCH, SPANS, RGRP, RRANK, KEEP,
     srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h, max_dist,
     qk_scale, n_rounds, n_pos, dup_chunk,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -270,8 +324,7 @@ def _scores(
         row = _rel_rows(m_start, start, offset, max_dist, BLOCK_M, BLOCK_N)
         r = tl.load(REL + row[None, :] * srn + tl.arange(0, HEAD_DIM)[:, None])
         s = tl.dot(qv, r, input_precision=PRECISION)
-        diag = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + BLOCK_N - 1
-        qk += tl.gather(s, diag, 1)
+        qk += _skew(s, SCRATCH, BLOCK_M, BLOCK_N)
     if DUP != 0:
         seen = _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, dup_chunk, DUP,
                             BLOCK_M, BLOCK_N)  # fmt: skip
@@ -294,7 +347,8 @@ def _scores(
             qk = tl.where(q_pos[:, None] == k_pos[None, :], qk + self_bias, qk)
         if RAMP:
             x = _ramp_distance(offs_m, offs_n, offset, SYMMETRIC)
-            m = tl.minimum(tl.maximum((ramp + tl.load(SPANS + h) - x) / ramp, 0.0), 1.0)
+            reach = (ramp + tl.load(SPANS + h)) / ramp  # (R + z) / R, once per tile
+            m = tl.minimum(tl.maximum(reach - x * (1.0 / ramp), 0.0), 1.0)  # no division
             qk = tl.where(m > 0.0, qk + tl.math.log2(tl.maximum(m, 1e-30)) * per_log2,
                           float("-inf"))  # fmt: skip
     return qk
@@ -302,7 +356,7 @@ def _scores(
 
 @triton.jit
 def _flash_fwd(
-    O, MAX, LOGSUM,
+    O, MAX, LOGSUM, SCRATCH,
     Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
@@ -313,7 +367,7 @@ def _flash_fwd(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+    PRECISION: tl.constexpr, RUNS: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -326,22 +380,23 @@ def _flash_fwd(
     rows_in = offs_m < n_q
     q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
                                         HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
+    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + pid_m
     for masked in tl.static_range(2):  # the full blocks, then those needing the mask
-        blocks, count = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full,
-                                    max_partial, masked)  # fmt: skip
+        blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
+                                           max_full, max_partial, masked)  # fmt: skip
         for t in range(0, count):
-            start = tl.load(blocks + t) * BLOCK_N
+            start = _block_at(blocks, first, t, RUNS and masked == 0) * BLOCK_N
             offs_n = start + tl.arange(0, BLOCK_N)
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, pid_m * BLOCK_M, k_pos, offs_n, in_range, start,
-                KGRP, REL, SPANS, RGRP, RRANK, KEEP,
+                KGRP, REL, SCRATCH, SPANS, RGRP, RRANK, KEEP,
                 srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
                 HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
@@ -378,32 +433,20 @@ def _flash_fwd(
     tl.store(LOGSUM + stats, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=rows_in)
 
 
+def scratch_for(q: torch.Tensor, part: Part, grid: tuple[int, int], rows: int,
+                cols: int) -> torch.Tensor:  # fmt: skip
+    """xl's skew buffer: rows x 2 max(rows, cols) float32 per program of ``grid`` (one
+    distance-score tile each, L2-resident: 32 KiB at 64 x 64), or a placeholder."""
+    if part.relative is None:
+        return torch.empty(1, device=q.device, dtype=torch.float32)
+    return torch.empty(grid[0] * grid[1] * rows * 2 * max(rows, cols), device=q.device,
+                       dtype=torch.float32)  # fmt: skip
+
+
 def new_output(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Allocates the kernels' outputs and gradient buffers (tests swap in NaN-filled
     ones, so a row a kernel forgets to write cannot pass)."""
     return torch.empty(shape, device=q.device, dtype=dtype)
-
-
-def block_size(head_dim: int, relative: bool = False, fp32: bool = False) -> int:
-    """Tile edge: 64, the smallest tile warpgroup MMA (HGMMA) takes on sm_90; 32 at
-    head_dim 128 for the Transformer-XL relative term, whose (BM + BN) x D distance
-    tile would not fit in registers, and for float32 (IEEE dots on FMA units, no
-    MMA to feed). BLOCK_M == BLOCK_N because the distance tile must be a power of two."""
-    return 32 if head_dim > 64 and (relative or fp32) else 64
-
-
-def tile_for(q: torch.Tensor, relative: bool = False) -> int:
-    """:func:`block_size` for a launch on ``q``."""
-    return block_size(q.shape[-1], relative, q.dtype == torch.float32)
-
-
-def warps_for(head_dim: int, block: int, heavy: bool = False) -> int:
-    """Warps per program: 8 for 64-row tiles at head_dim 128 (the 64 x 128 float32
-    accumulator needs two warpgroups' registers) and for the register-heavy
-    modifiers (xl's distance tile, lsh's round count), which spill with 4 (the
-    compile report: 255 registers and up to 1 KiB of spills with 4, none with 8);
-    else 4."""
-    return 8 if (head_dim > 64 and block >= 64) or heavy else 4
 
 
 @dataclass
@@ -416,7 +459,7 @@ class Launch:
     n_q: int
     n_k: int
     n_out: int
-    warps: int
+    tile: Tile
 
 
 def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout | None = None):
@@ -466,10 +509,18 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         GROUPS=groups is not None, SELF=part.self_bias is not None, RAMP=ramp is not None,
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
         DUP=DUP_MODES[dup.mode] if dup is not None else 0, PADDED=part.keep is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else None,
+        PRECISION="ieee" if q.dtype == torch.float32 else None, RUNS=layout.full_runs,
     )  # fmt: skip
-    heavy = relative is not None or dup is not None
-    return Launch(args, flags, n_q, n_k, out.shape[2], warps_for(dim, layout.block_m, heavy))
+    return Launch(args, flags, n_q, n_k, out.shape[2], part_tile(q, part))
+
+
+def part_tile(q: torch.Tensor, part: Part) -> Tile:
+    """The part's tile, or the default for its kind with the layout's blocks."""
+    if part.tile is not None:
+        return part.tile
+    kind = kind_of(part.relative is not None, part.duplicates is not None)
+    tile = default_tile(q.shape[-1], q.dtype, kind)
+    return Tile(part.layout.block_m, part.layout.block_n, tile.warps, tile.stages)
 
 
 def output_rows(q: torch.Tensor, part: Part) -> int:
@@ -487,8 +538,10 @@ def forward_with_stats(q: torch.Tensor, parts: Sequence[Part]):
     for i, part in enumerate(parts):
         run = launch(q, part, out)
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
-        _flash_fwd[grid](out, row_max, row_logsum, *run.args, **run.flags, ACCUMULATE=i > 0,
-                         num_warps=run.warps)  # fmt: skip
+        scratch = scratch_for(q, part, grid, part.layout.block_m, part.layout.block_n)
+        _flash_fwd[grid](out, row_max, row_logsum, scratch, *run.args, **run.flags,
+                         ACCUMULATE=i > 0, num_warps=run.tile.warps,
+                         num_stages=run.tile.stages)  # fmt: skip
     return out, row_max, row_logsum
 
 

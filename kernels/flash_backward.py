@@ -36,16 +36,20 @@ import triton.language as tl
 from attn_zoo.kernels import flash
 from attn_zoo.kernels.flash import (
     Part,
+    _block_at,
     _block_list,
     _head,
     _load_keys,
     _load_queries,
+    _program_scratch,
     _ramp_distance,
     _rel_rows,
     _scores,
+    _unskew,
     launch,
 )
 from attn_zoo.kernels.layout import Window, cached_layout
+from attn_zoo.kernels.tuning import backward_tile, kind_of
 
 LN2 = tl.constexpr(0.6931471805599453)  # the log2-unit scale back to natural-log scores
 
@@ -67,7 +71,7 @@ def _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, 
 
 @triton.jit
 def _flash_bwd_dq(
-    DO, MAX, LOGSUM, DELTA, DQ, DQV, DTABLE, DSPANS,
+    DO, MAX, LOGSUM, DELTA, DQ, DQV, DTABLE, DSPANS, SCRATCH,
     Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
@@ -78,18 +82,19 @@ def _flash_bwd_dq(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr, SUB_N: tl.constexpr,
+    PRECISION: tl.constexpr, RUNS: tl.constexpr, ROWS: tl.constexpr, SUB_N: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one query block (kernel order); with REL_TERM dQ through (q + v) in
-    DQV and the table's gradient added into DTABLE; with RAMP dz_h into DSPANS.
-    Each listed key block is taken SUB_N keys at a time."""
+    """dQ of ROWS query rows of a layout block (kernel order); with REL_TERM dQ through
+    (q + v) in DQV and the table's gradient added into DTABLE; with RAMP dz_h into
+    DSPANS. Each listed key block is taken SUB_N keys at a time."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
         keep_stride)  # fmt: skip
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_start = pid_m * ROWS
+    offs_m = m_start + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_in = offs_m < n_q
     q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
@@ -97,26 +102,27 @@ def _flash_bwd_dq(
     o_rows = q_pos if SCATTER_O else offs_m
     do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
                                             rows_in, sob, soh, som, n_out, HEAD_DIM)  # fmt: skip
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dqv = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    dz = tl.zeros([BLOCK_M], tl.float32)
-    lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + pid_m
+    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, ROWS, SUB_N)
+    dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    dqv = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    dz = tl.zeros([ROWS], tl.float32)
+    lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + m_start // BLOCK_M
     for masked in tl.static_range(2):
-        blocks, count = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full,
-                                    max_partial, masked)  # fmt: skip
+        blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
+                                           max_full, max_partial, masked)  # fmt: skip
         for t in range(0, count * (BLOCK_N // SUB_N)):
-            start = tl.load(blocks + t // (BLOCK_N // SUB_N)) * BLOCK_N
-            start += (t % (BLOCK_N // SUB_N)) * SUB_N
+            block = _block_at(blocks, first, t // (BLOCK_N // SUB_N), RUNS and masked == 0)
+            start = block * BLOCK_N + (t % (BLOCK_N // SUB_N)) * SUB_N
             offs_n = start + tl.arange(0, SUB_N)
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
             qk = _scores(
-                q, qv, k, q_pos, offs_m, q_grp, pid_m * BLOCK_M, k_pos, offs_n, in_range, start,
-                KGRP, REL, SPANS, RGRP, RRANK, KEEP,
+                q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
+                KGRP, REL, SCRATCH, SPANS, RGRP, RRANK, KEEP,
                 srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
-                HEAD_DIM, BLOCK_M, SUB_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
+                HEAD_DIM, ROWS, SUB_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
                 REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
@@ -125,14 +131,10 @@ def _flash_bwd_dq(
             dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)
             if REL_TERM:
                 # dS spread back over the tile's distances: wide[a, c] = dS[a, b] where
-                # c = a - b + BLOCK_N - 1 (the forward's diagonal pick, transposed)
-                a = tl.arange(0, BLOCK_M)[:, None]
-                back = a + BLOCK_N - 1 - tl.arange(0, BLOCK_M + BLOCK_N)[None, :]
-                inside = (back >= 0) & (back < BLOCK_N)
-                wide = tl.gather(ds, tl.minimum(tl.maximum(back, 0), BLOCK_N - 1), 1)
-                wide = tl.where(inside, wide, 0.0)
-                row = _rel_rows(pid_m * BLOCK_M, start, offset, max_dist, BLOCK_M, BLOCK_N)
-                r = tl.load(REL + row[:, None] * srn + offs_d[None, :])  # [BM + BN, D]
+                # c = a - b + SUB_N - 1 (the forward's diagonal pick, transposed)
+                wide = _unskew(ds, SCRATCH, ROWS, SUB_N)
+                row = _rel_rows(m_start, start, offset, max_dist, ROWS, SUB_N)
+                r = tl.load(REL + row[:, None] * srn + offs_d[None, :])  # [width, D]
                 dqv += tl.dot(wide.to(r.dtype), r, input_precision=PRECISION)
                 d_rows = tl.dot(tl.trans(wide.to(qv.dtype)), qv, input_precision=PRECISION)
                 d_ptrs = DTABLE + h * srh + row[:, None] * srn + offs_d[None, :]
@@ -154,7 +156,7 @@ def _flash_bwd_dq(
 
 @triton.jit
 def _flash_bwd_dkdv(
-    DO, MAX, LOGSUM, DELTA, DK, DV,
+    DO, MAX, LOGSUM, DELTA, DK, DV, SCRATCH,
     Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
@@ -165,31 +167,32 @@ def _flash_bwd_dkdv(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr, SUB_M: tl.constexpr,
+    PRECISION: tl.constexpr, RUNS: tl.constexpr, KEYS: tl.constexpr, SUB_M: tl.constexpr,
 ):  # fmt: skip
-    """dK and dV of one key block (kernel order); FULL.. are the key-major lists.
-    Each listed query block is taken SUB_M rows at a time (fewer live registers
-    beside the two [BLOCK_N, HEAD_DIM] accumulators)."""
+    """dK and dV of KEYS keys of a layout block (kernel order); FULL.. are the
+    key-major lists. Each listed query block is taken SUB_M rows at a time (fewer
+    live registers beside the two [KEYS, HEAD_DIM] accumulators)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
         keep_stride)  # fmt: skip
-    start = pid_n * BLOCK_N
-    offs_n = start + tl.arange(0, BLOCK_N)
+    start = pid_n * KEYS
+    offs_n = start + tl.arange(0, KEYS)
     offs_d = tl.arange(0, HEAD_DIM)
     in_range = offs_n < n_k
     k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM, True, GATHER_K)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    lay = (pid_bh % n_layouts) * tl.cdiv(n_k, BLOCK_N) + pid_n
+    SCRATCH = _program_scratch(SCRATCH, pid_n, pid_bh, SUB_M, KEYS)
+    dk = tl.zeros([KEYS, HEAD_DIM], tl.float32)
+    dv = tl.zeros([KEYS, HEAD_DIM], tl.float32)
+    lay = (pid_bh % n_layouts) * tl.cdiv(n_k, BLOCK_N) + start // BLOCK_N
     for masked in tl.static_range(2):
-        blocks, count = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full,
-                                    max_partial, masked)  # fmt: skip
+        blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
+                                           max_full, max_partial, masked)  # fmt: skip
         for t in range(0, count * (BLOCK_M // SUB_M)):
-            m_start = tl.load(blocks + t // (BLOCK_M // SUB_M)) * BLOCK_M
-            m_start += (t % (BLOCK_M // SUB_M)) * SUB_M
+            block = _block_at(blocks, first, t // (BLOCK_M // SUB_M), RUNS and masked == 0)
+            m_start = block * BLOCK_M + (t % (BLOCK_M // SUB_M)) * SUB_M
             offs_m = m_start + tl.arange(0, SUB_M)
             rows_in = offs_m < n_q
             q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
@@ -200,10 +203,10 @@ def _flash_bwd_dkdv(
                                                     HEAD_DIM)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-                KGRP, REL, SPANS, RGRP, RRANK, KEEP,
+                KGRP, REL, SCRATCH, SPANS, RGRP, RRANK, KEEP,
                 srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
-                HEAD_DIM, SUB_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
+                HEAD_DIM, SUB_M, KEYS, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
                 REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
@@ -214,25 +217,6 @@ def _flash_bwd_dkdv(
     rows = pid_bh * n_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + rows, dk * (qk_scale * LN2), mask=in_range[:, None])
     tl.store(DV + rows, dv, mask=in_range[:, None])
-
-
-#: Warps of both backward kernels: with 4 the dK/dV pass spills at head_dim 64 (two
-#: float32 [BLOCK_N, D] accumulators beside the tile), per the compile report.
-BACKWARD_WARPS = 8
-
-
-def backward_stages(fp32: bool, relative: bool) -> int:
-    """Software-pipelining stages: 2 for xl in float32, whose dQ pass needs 256-272 KiB
-    of shared memory with Triton's default 3 (sm_90 has 227), else 3."""
-    return 2 if fp32 and relative else 3
-
-
-def sub_block(head_dim: int, block: int, relative: bool, duplicates: bool) -> int:
-    """The step of the backward's inner loop (query rows in the dK/dV pass, keys in
-    the dQ pass): 32 at head_dim 128 and for lsh's round count, where a 64 step
-    spills (the compile report); the whole block for xl (its distance tile needs
-    BLOCK_M + BLOCK_N a power of two) and elsewhere."""
-    return 32 if (head_dim > 64 or duplicates) and not relative else block
 
 
 def _add_rows(total: torch.Tensor | None, rows: torch.Tensor, index: torch.Tensor | None,
@@ -258,7 +242,8 @@ def _key_gradient_part(part: Part, q: torch.Tensor) -> Part:
         raise ValueError("flash: frozen_memory needs a position window and no gather")
     own = Window(win.seg_len, win.step, max(win.lo, 0), win.hi)
     n_q, n_k = q.shape[2], part.k.shape[2]
-    layout = cached_layout(n_q, n_k, part.band, own, part.layout.block_m, q.device)
+    blocks = (part.layout.block_m, part.layout.block_n)
+    layout = cached_layout(n_q, n_k, part.band, own, blocks, q.device)
     return dataclasses.replace(part, layout=layout, window=own)
 
 
@@ -290,18 +275,20 @@ def backward(
     for part in parts:
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
-        step = sub_block(dim, part.layout.block_m, rel is not None, part.duplicates is not None)
-        stages = backward_stages(q.dtype == torch.float32, rel is not None)
+        kind = kind_of(rel is not None, part.duplicates is not None)
+        tile = backward_tile(dim, q.dtype, kind, run.tile)
+        options = dict(num_warps=tile.warps, num_stages=tile.stages)
         shape = (batch, heads, run.n_q, dim)
         dq_rows = flash.new_output(q, shape, torch.float32)
         dqv_rows = flash.new_output(q, shape, torch.float32) if rel else dq_rows
         dtable = torch.zeros(rel.table.shape, device=q.device) if rel else dq_rows
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
-        grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
-        _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, dqv_rows, dtable, dspans, *run.args,
-                            **run.flags, SUB_N=step, num_warps=BACKWARD_WARPS,
-                            num_stages=stages)  # fmt: skip
-        if rel is not None:
+        grid = (triton.cdiv(run.n_q, tile.program), batch * heads)
+        scratch = flash.scratch_for(q, part, grid, tile.program, tile.step)
+        _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, dqv_rows, dtable, dspans, scratch,
+                            *run.args, **run.flags, ROWS=tile.program, SUB_N=tile.step,
+                            **options)  # fmt: skip
+        if rel is not None:  # dQ = dQ through (q + u) + dQ through (q + v)
             _add(grads, rel.u, dq_rows.sum((0, 2)))
             _add(grads, rel.v, dqv_rows.sum((0, 2)))
             _add(grads, rel.table, dtable)
@@ -314,10 +301,11 @@ def backward(
         run = launch(q, keyed, dout, keyed.layout.by_key)
         dk_rows, dv_rows = (flash.new_output(q, (batch, heads, run.n_k, dim), torch.float32)
                             for _ in range(2))  # fmt: skip
-        grid = (triton.cdiv(run.n_k, part.layout.block_n), batch * heads)
-        _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, *run.args, **run.flags,
-                              SUB_M=step, num_warps=BACKWARD_WARPS,
-                              num_stages=stages)  # fmt: skip
+        grid = (triton.cdiv(run.n_k, tile.program), batch * heads)
+        scratch = flash.scratch_for(q, part, grid, tile.step, tile.program)
+        _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, scratch, *run.args,
+                              **run.flags, KEYS=tile.program, SUB_M=tile.step,
+                              **options)  # fmt: skip
         for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
             grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
                                           tensor.shape[2])  # fmt: skip

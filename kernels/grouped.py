@@ -20,15 +20,19 @@ from __future__ import annotations
 import torch
 
 from attn_zoo.kernels.autograd import attend
-from attn_zoo.kernels.flash import Duplicates, Part, tile_for
+from attn_zoo.kernels.flash import Duplicates, Part
 from attn_zoo.kernels.layout import Band, Window, build_layout, cached_layout
 from attn_zoo.kernels.sorting import sort_by_group
+from attn_zoo.kernels.tuning import tile_for
 
 
 def round_places(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) -> Duplicates:
-    """Every round's groups [B|1, H|1, R, N] and sorted places, for Eq. 7."""
+    """Every round's groups [B|1, H|1, R, N] and sorted places (their chunks for the
+    chunk rules), for Eq. 7."""
     rounds = rounds.expand(b, h, -1, -1)
     _, rank = sort_by_group(rounds)
+    if mode != "window":
+        rank = torch.div(rank, chunk, rounding_mode="floor")
     flat = lambda x: x.reshape(b * h, *x.shape[2:]).to(torch.int32).contiguous()
     return Duplicates(flat(rounds), flat(rank), chunk, mode)
 
@@ -38,23 +42,23 @@ def sorted_part(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
     """One round for groups [B, H, N], output in original order; with ``rounds``
     [B|1, H|1, R, N], every round's groups, the duplicate correction."""
     b, h, n, _ = q.shape
-    block = tile_for(q)
+    tile = tile_for(q, "duplicates" if rounds is not None else "plain")
     groups = groups.expand(b, h, n).reshape(b * h, n)
     perm, _ = sort_by_group(groups)
     perm = perm.to(torch.int32).contiguous()
     duplicates = round_places(rounds, b, h, chunk, mode) if rounds is not None else None
     common = dict(q_index=perm, k_index=perm, self_bias=self_bias, duplicates=duplicates,
-                  keep=keep)  # fmt: skip
+                  keep=keep, tile=tile)  # fmt: skip
     ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()
     # chunks c - 1 and c of sorted places (a segment window), or a sorted-place band
     window = None if mode == "window" else Window(chunk, chunk, lo=-chunk, hi=chunk - 1)
     band = Band(lo=0, hi=chunk) if mode == "window" else Band()
     self_pairs = self_bias is not None
     if mode == "chunks":  # whatever the groups: a layout of positions only
-        layout = cached_layout(n, n, band, window, block, q.device, self_pairs=self_pairs)
+        layout = cached_layout(n, n, band, window, tile.blocks, q.device, self_pairs=self_pairs)
         return Part(k, v, layout, band, window, **common)
     layout = build_layout(n, n, band, window, q_groups=ordered, k_groups=ordered,
-                          self_pairs=self_pairs, block_m=block, block_n=block,
+                          self_pairs=self_pairs, block_m=tile.block_m, block_n=tile.block_n,
                           device=q.device)  # fmt: skip
     return Part(k, v, layout, band, window, groups=(ordered, ordered), **common)
 
@@ -66,7 +70,8 @@ def clustered_flash(q, k, v, members: torch.Tensor, keep=None) -> torch.Tensor:
     index = members.reshape(b * h, clusters * width).to(torch.int32).contiguous()
     window = Window(seg_len=width, step=width, lo=0, hi=width - 1)
     n = index.shape[1]
-    layout = cached_layout(n, n, Band(), window, tile_for(q), q.device)
+    tile = tile_for(q)
+    layout = cached_layout(n, n, Band(), window, tile.blocks, q.device)
     part = Part(k, v, layout, Band(), window, q_index=index, k_index=index, scatter=False,
-                keep=keep)  # fmt: skip
+                keep=keep, tile=tile)  # fmt: skip
     return attend(q, [part])[0]

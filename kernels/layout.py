@@ -64,6 +64,13 @@ class BlockLayout:
     partial_count: torch.Tensor
     n_kb: int
 
+    @cached_property
+    def full_runs(self) -> bool:
+        """Whether every row's full blocks are one contiguous run (bands, windows,
+        segments, memories): the kernels then walk ``first + t``, an address the
+        software pipeliner can compute ahead, instead of loading each index."""
+        return _runs(self.full, self.full_count)
+
     @property
     def blocks_visited(self) -> int:
         return int(self.full_count.sum() + self.partial_count.sum())
@@ -86,6 +93,14 @@ def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :width]
     keep = torch.arange(width, device=mask.device) < counts[..., None]
     return torch.where(keep, order, -1).to(torch.int32).contiguous(), counts.contiguous()
+
+
+def _runs(packed: torch.Tensor, counts: torch.Tensor) -> bool:
+    """Whether each row of ``packed`` (ascending, -1 padded) is first, first + 1, ..."""
+    if packed.numel() == 0:
+        return True
+    last = packed.gather(-1, (counts.long() - 1).clamp(min=0)[..., None])[..., 0]
+    return bool(((counts == 0) | (last - packed[..., 0] + 1 == counts)).all())
 
 
 def _unpack(packed: torch.Tensor, width: int) -> torch.Tensor:
@@ -165,10 +180,11 @@ def cached_layout(
     n_k: int,
     band: Band,
     window: Window | None,
-    block: int,
+    blocks: tuple[int, int],
     device: torch.device,
     self_pairs: bool = False,
 ) -> BlockLayout:
-    """:func:`build_layout` for masks that depend on positions only (square blocks)."""
-    return build_layout(n_q, n_k, band, window, self_pairs=self_pairs, block_m=block,
-                        block_n=block, device=device)  # fmt: skip
+    """:func:`build_layout` for masks that depend on positions only, for ``blocks`` =
+    (block_m, block_n), cached per block shape."""
+    return build_layout(n_q, n_k, band, window, self_pairs=self_pairs, block_m=blocks[0],
+                        block_n=blocks[1], device=device)  # fmt: skip

@@ -11,8 +11,9 @@ window ``plan.slot_window(s)``, n slots further on per segment.
 from __future__ import annotations
 
 from attn_zoo.kernels.autograd import attend
-from attn_zoo.kernels.flash import Part, Relative, tile_for
+from attn_zoo.kernels.flash import Part, Relative
 from attn_zoo.kernels.layout import BIG, Band, Window, cached_layout
+from attn_zoo.kernels.tuning import tile_for
 
 
 def _band(causal: bool, same_length: bool, mem_len: int) -> Band:
@@ -25,9 +26,10 @@ def _raw_part(q, k, v, plan, same_length=False, relative=None) -> Part:
     seg, mem = plan.segment_len, plan.mem_len
     window = Window(seg_len=seg, step=seg, lo=-mem, hi=seg - 1)
     band = _band(plan.causal, same_length, mem)
-    block = tile_for(q, relative=relative is not None)
-    layout = cached_layout(plan.n_q, plan.n_k, band, window, block, q.device)
-    return Part(k, v, layout, band, window, relative=relative, keep=plan.keep, frozen_memory=True)
+    tile = tile_for(q, "relative" if relative is not None else "plain")
+    layout = cached_layout(plan.n_q, plan.n_k, band, window, tile.blocks, q.device)
+    return Part(k, v, layout, band, window, relative=relative, keep=plan.keep, frozen_memory=True,
+                tile=tile)  # fmt: skip
 
 
 def xl_attention(q, k, v, plan):
@@ -43,6 +45,7 @@ def compressive_attention(q, k, v, ck, cv, plan, slot_keep=None):
         first = -plan.cmem_len - plan.first_slot  # slot_window(s) = s n + first, Mc wide
         window = Window(seg_len=plan.segment_len, step=plan.per_segment, lo=first,
                         hi=first + plan.cmem_len - 1)  # fmt: skip
-        layout = cached_layout(plan.n_q, plan.slots, Band(), window, tile_for(q), q.device)
-        parts.append(Part(ck, cv, layout, Band(), window, keep=slot_keep))
+        tile = tile_for(q)
+        layout = cached_layout(plan.n_q, plan.slots, Band(), window, tile.blocks, q.device)
+        parts.append(Part(ck, cv, layout, Band(), window, keep=slot_keep, tile=tile))
     return attend(q, parts)

@@ -34,8 +34,23 @@ def triton_default_on(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def triton_options() -> dict:
-    """The registration options every ``triton`` implementation shares."""
+def tuned_runner(kind: str):
+    """The ``runner`` of a ``triton`` impl: its call through the autotuner on CUDA
+    (:func:`attn_zoo.kernels.tuning.tuned_call`) with the mechanism's kind."""
+
+    def run(mech, fn, q, k, v, plan):
+        from attn_zoo.kernels.tuning import tuned_call
+
+        config = {name: value for name, value in mech.describe().items() if name != "mechanism"}
+        return tuned_call(kind, mech.name, config, plan.causal, q,
+                          lambda: fn(mech, q, k, v, plan))  # fmt: skip
+
+    return run
+
+
+def triton_options(kind: str = "plain") -> dict:
+    """The registration options every ``triton`` implementation shares; ``kind`` (of
+    :data:`attn_zoo.kernels.tuning.KINDS`) picks the autotuner's candidate tiles."""
     return dict(
         unavailable=triton_unavailable,
         default_on=triton_default_on,
@@ -43,4 +58,5 @@ def triton_options() -> dict:
         dtypes=(torch.float32, torch.float16, torch.bfloat16),
         differentiable=True,
         interpreted=triton_interpreted,
+        runner=tuned_runner(kind),
     )

@@ -17,33 +17,34 @@ from functools import lru_cache
 import torch
 
 from attn_zoo.kernels.autograd import attend
-from attn_zoo.kernels.flash import Part, tile_for
+from attn_zoo.kernels.flash import Part
 from attn_zoo.kernels.layout import BIG, Band, Window, build_layout, cached_layout
+from attn_zoo.kernels.tuning import tile_for
 
 
 @lru_cache(maxsize=16)
-def _columns(n: int, stride: int, causal: bool, block: int, device):
+def _columns(n: int, stride: int, causal: bool, blocks: tuple[int, int], device):
     """Column-major order of the [N / l, l] grid: (order, column of each place, layout)."""
     pos = torch.arange(n, device=device)
     order = torch.argsort((pos % stride) * n + pos)
     column = (order % stride).to(torch.int32)[None]
     band = Band(lo=0) if causal else Band()
-    layout = build_layout(n, n, band, q_groups=column, k_groups=column, block_m=block,
-                          block_n=block, device=device)  # fmt: skip
+    layout = build_layout(n, n, band, q_groups=column, k_groups=column, block_m=blocks[0],
+                          block_n=blocks[1], device=device)  # fmt: skip
     return order.to(torch.int32)[None].contiguous(), column.contiguous(), layout
 
 
 def strided_attention(q, k, v, plan) -> torch.Tensor:
-    n, l, block = plan.n_q, plan.stride, tile_for(q)
+    n, l, tile = plan.n_q, plan.stride, tile_for(q)
     near = Band(lo=1, hi=l - 1) if plan.causal else Band(lo=-(l - 1), hi=l - 1)
-    layout = cached_layout(n, n, near, None, block, q.device, self_pairs=not plan.causal)
+    layout = cached_layout(n, n, near, None, tile.blocks, q.device, self_pairs=not plan.causal)
     self_bias = None if plan.causal else float("-inf")  # i == j is in the column part
-    order, column, columns = _columns(n, l, plan.causal, block, q.device)
+    order, column, columns = _columns(n, l, plan.causal, tile.blocks, q.device)
     far = Band(lo=0) if plan.causal else Band()
     parts = [
-        Part(k, v, layout, near, self_bias=self_bias, keep=plan.keep),
+        Part(k, v, layout, near, self_bias=self_bias, keep=plan.keep, tile=tile),
         Part(k, v, columns, far, q_index=order, k_index=order, groups=(column, column),
-             keep=plan.keep),
+             keep=plan.keep, tile=tile),
     ]  # fmt: skip
     return attend(q, parts)[0]
 
@@ -57,10 +58,11 @@ def _summary(n: int, stride: int, summary: int, device) -> torch.Tensor:
 
 def fixed_attention(q, k, v, plan) -> torch.Tensor:
     n, l, c = plan.n_q, plan.stride, plan.summary
-    block = tile_for(q)
+    tile = tile_for(q)
     band = Band(lo=0) if plan.causal else Band()
     own = Window(seg_len=l, step=l, lo=0, hi=l - 1)
-    parts = [Part(k, v, cached_layout(n, n, band, own, block, q.device), band, own, keep=plan.keep)]
+    own_layout = cached_layout(n, n, band, own, tile.blocks, q.device)
+    parts = [Part(k, v, own_layout, band, own, keep=plan.keep, tile=tile)]
     if c > 0 and n > l - c:
         index = _summary(n, l, c, q.device)
         # summaries of earlier blocks: s < (i // l) c; bidirectional adds the later ones
@@ -68,6 +70,7 @@ def fixed_attention(q, k, v, plan) -> torch.Tensor:
         if not plan.causal:
             windows.append(Window(seg_len=l, step=c, lo=c, hi=BIG))
         for window in windows:
-            layout = cached_layout(n, index.shape[1], Band(), window, block, q.device)
-            parts.append(Part(k, v, layout, Band(), window, k_index=index, keep=plan.keep))
+            layout = cached_layout(n, index.shape[1], Band(), window, tile.blocks, q.device)
+            parts.append(Part(k, v, layout, Band(), window, k_index=index, keep=plan.keep,
+                              tile=tile))  # fmt: skip
     return attend(q, parts)[0]

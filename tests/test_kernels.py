@@ -168,3 +168,21 @@ def test_compile_check_refuses_bad_arguments_in_one_line(args, message, capsys):
 
     assert main(args) == 2
     assert capsys.readouterr().out.strip() == f"compile_check: {message}"
+
+
+def test_strict_gaps_name_new_gaps_and_fixed_known_ones(monkeypatch):
+    """--strict fails on a spill or a missing HGMMA that KNOWN_GAPS does not list, and
+    on a listed gap that is gone (a stale list would hide the next regression)."""
+    from attn_zoo.kernels import compile_check
+
+    monkeypatch.setattr(compile_check, "KNOWN_GAPS", {("bwd_dq", "xl", 64, "spills")})
+    row = dict(kernel="bwd_dq", variant="xl", dtype="fp16", head_dim=64, hgmma=8)
+    assert compile_check._gaps(row | {"spill_store_bytes": 96}) == []
+    assert compile_check._gaps(row | {"spill_store_bytes": 0}) == [
+        "spills is fixed (drop it from KNOWN_GAPS)"
+    ]
+    dense = dict(kernel="fwd", variant="dense / band", dtype="bf16", head_dim=128)
+    assert compile_check._gaps(dense | {"spill_store_bytes": 8, "hgmma": 0}) == [
+        "spills", "no HGMMA"
+    ]  # fmt: skip
+    assert compile_check._gaps(dense | {"dtype": "fp32", "spill_store_bytes": 8, "hgmma": 0}) == []

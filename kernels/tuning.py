@@ -1,0 +1,243 @@
+"""Tiles of the flash core: which one a launch runs, and the autotuner that picks it.
+
+A :class:`Tile` is the (BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward.
+A mechanism asks :func:`tile_for` for its tile, builds its block layouts for that
+tile's block shape (layouts are cached per block shape, never assumed), and hands
+the tile to its parts. Three sources, first match wins:
+
+* a tile forced with :func:`use_tile` (the autotuner while it times a candidate,
+  tests, the compile report);
+* under Triton's interpreter, one small fixed tile (at most 64 x 64, one stage:
+  fast tests, and ragged lengths still cross several blocks);
+* else :func:`default_tile`, the tile the compile report judges
+  (``reports/kernels-sm90``).
+
+On a GPU :func:`tuned_call` runs a ``triton`` impl through the autotuner: the
+first call for a key (mechanism and its config, head_dim, dtype, causality,
+length rounded up to a power of two) times every candidate of :func:`candidates`
+that fits (:func:`fits` prunes by shared memory and accumulator registers) with
+``triton.testing.do_bench``, and later calls run the fastest. It is Triton's
+``triton.autotune`` one level up: ``triton.autotune`` can vary only constexprs
+and launch options, while a tile here also changes the block layout, an argument
+whose shape depends on the block size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from attn_zoo.kernels.runtime import interpreting
+
+SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (H100/H200)
+#: Float32 accumulator values per thread (the [BM, D] output and the [BM, BN] scores)
+#: above which a tile spills (255 registers hold at most this many besides addresses).
+ACCUMULATOR_LIMIT = 128
+
+#: What a launch computes beyond q . k: nothing but a band ("dense"), element masks,
+#: windows, gathers or a ramp ("plain"), xl's relative term (a [2 max(BM, BN), D]
+#: distance tile and its skew), or lsh's duplicate count (a loop over rounds per tile).
+KINDS = ("dense", "plain", "relative", "duplicates")
+
+
+@dataclass(frozen=True)
+class Tile:
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int = 3
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        """(BLOCK_M, BLOCK_N): what a block layout is built for."""
+        return self.block_m, self.block_n
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n} w{self.warps} s{self.stages}"
+
+
+@dataclass(frozen=True)
+class BackwardTile:
+    """The backward's programs (FlashAttention-2's two passes), within the forward's
+    block layout: a dQ program holds ``program`` query rows and walks ``step`` keys
+    at a time; a dK/dV program holds ``program`` keys and walks ``step`` query rows.
+    Both divide the layout's blocks, so a full block's pieces are full."""
+
+    program: int
+    step: int
+    warps: int = 8
+    stages: int = 3
+
+
+def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile) -> BackwardTile:
+    """Per the compile report: programs of at most 64 (two float32 [program, D]
+    accumulators beside the tile fill 8 warps' registers), steps of 32 at head_dim
+    128 and for lsh's round count (a 64 step spills), the whole program for xl (its
+    distance tile is program + step wide, a power of two); 8 warps (4 spill at head_dim
+    64); 2 stages for xl in float32, whose dQ pass needs 256-272 KiB of shared memory
+    with 3 (sm_90 has 227)."""
+    _check_kind(kind)
+    program = min(tile.block_m, tile.block_n, 64)
+    narrow = (head_dim > 64 or kind == "duplicates") and kind != "relative"
+    step = min(32, program) if narrow else program
+    stages = 2 if dtype == torch.float32 and kind == "relative" else 3
+    return BackwardTile(program, step, 8, stages)
+
+
+def kind_of(relative: bool, duplicates: bool, band_only: bool = False) -> str:
+    """The kind of a launch: with xl's relative term, lsh's duplicate count, or a band
+    and nothing else."""
+    if relative or duplicates:
+        return "relative" if relative else "duplicates"
+    return "dense" if band_only else "plain"
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"tuning: unknown kind {kind!r}; accepted: {', '.join(KINDS)}")
+
+
+def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile:
+    """The untuned tile, per the compile report (sm_90 SASS, no GPU):
+
+    * fp16/bf16, dense (key padding or not): 128 x 128 with 8 warps (two warpgroups of HGMMA, the
+      tutorial's tile at head_dim 128), 3 stages: 952 warp-instructions per 4,096
+      scores at head_dim 64 against 1,248 with 64 x 64;
+    * plain: the same up to head_dim 64; 64 x 64 with 4 warps at 128, where the
+      windows', gathers' and ramp's registers spill 8-40 bytes at 128 x 128 and
+      with 8 warps;
+    * xl: 64 x 64 with 4 warps at every head_dim (no spill, HGMMA; 8 warps issue
+      1.5x the instructions per score, 128-row tiles spill); lsh: 64 x 64 with 8
+      warps (the round count spills at 128);
+    * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128.
+    """
+    _check_kind(kind)
+    heavy = kind != "plain"
+    if dtype == torch.float32:
+        block = 32 if head_dim > 64 else 64
+        return Tile(block, block, 8 if heavy else 4)
+    if kind == "relative":
+        return Tile(64, 64, 4)
+    if kind == "duplicates":
+        return Tile(64, 64, 8)
+    if kind == "plain" and head_dim > 64:
+        return Tile(64, 64, 4)
+    return Tile(128, 128, 8)
+
+
+def interpreter_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile:
+    """The fixed tile under the interpreter: the default's shape capped at 64."""
+    tile = default_tile(head_dim, dtype, kind)
+    return Tile(min(tile.block_m, 64), min(tile.block_n, 64), tile.warps, 1)
+
+
+def fits(tile: Tile, head_dim: int, itemsize: int, kind: str = "plain") -> bool:
+    """Whether ``tile`` can run well: K and V tiles per stage and the query tile in
+    shared memory (plus the distance tile for xl) under sm_90's 227 KiB, and the
+    float32 accumulators within :data:`ACCUMULATOR_LIMIT` values per thread."""
+    per_stage = 2 * tile.block_n * head_dim * itemsize
+    if kind == "relative":  # the distance tile's rows of the table
+        per_stage += 2 * max(tile.block_m, tile.block_n) * head_dim * itemsize
+    shared = tile.stages * per_stage + tile.block_m * head_dim * itemsize
+    values = tile.block_m * (head_dim + tile.block_n) / (32 * tile.warps)
+    return shared <= SHARED_LIMIT and values <= ACCUMULATOR_LIMIT
+
+
+def candidates(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> list[Tile]:
+    """The autotuner's configs that :func:`fits`, the default first."""
+    _check_kind(kind)
+    shapes = [(128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 64, 4), (64, 64, 8), (32, 32, 4)]
+    configs = [default_tile(head_dim, dtype, kind)]
+    configs += [Tile(m, n, w, s) for m, n, w in shapes for s in (2, 3, 4)]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    found: list[Tile] = []
+    for tile in configs:
+        if tile not in found and fits(tile, head_dim, itemsize, kind):
+            found.append(tile)
+    return found
+
+
+_FORCED: contextvars.ContextVar[Tile | None] = contextvars.ContextVar("tile", default=None)
+
+
+@contextlib.contextmanager
+def use_tile(tile: Tile) -> Iterator[Tile]:
+    """Every launch inside runs ``tile`` (layouts are built for its block shape)."""
+    token = _FORCED.set(tile)
+    try:
+        yield tile
+    finally:
+        _FORCED.reset(token)
+
+
+def tile_for(q: torch.Tensor, kind: str = "plain") -> Tile:
+    """The tile of a launch on ``q``: forced, interpreter's, or the default."""
+    forced = _FORCED.get()
+    if forced is not None:
+        return forced
+    if interpreting() or q.device.type != "cuda":
+        return interpreter_tile(q.shape[-1], q.dtype, kind)
+    return default_tile(q.shape[-1], q.dtype, kind)
+
+
+#: Chosen tiles by key (see :func:`tune_key`), for this process.
+CHOSEN: dict[tuple, Tile] = {}
+
+
+def tune_key(mechanism: str, config: dict, q: torch.Tensor, causal: bool) -> tuple:
+    """What a tile choice depends on: the mechanism and its config (its layout's
+    kind), head_dim, dtype, causality, and the length rounded up to a power of two."""
+    length = 1 << max(0, q.shape[2] - 1).bit_length()
+    settings = tuple(sorted((name, repr(value)) for name, value in config.items()))
+    return (mechanism, settings, q.shape[-1], str(q.dtype), causal, length)
+
+
+def _time(call: Callable[[], object]) -> float:
+    import triton.testing
+
+    with torch.no_grad():
+        return triton.testing.do_bench(call, warmup=5, rep=25)
+
+
+def autotune(key: tuple, call: Callable[[], torch.Tensor], configs: list[Tile],
+             timer: Callable[[Callable[[], object]], float] = _time) -> Tile:  # fmt: skip
+    """The fastest of ``configs`` for ``call`` (cached under ``key``): each timed with
+    ``timer`` inside :func:`use_tile`; a config that fails to compile or launch
+    (out of resources) is skipped. Raises when none runs."""
+    if key in CHOSEN:
+        return CHOSEN[key]
+    best, best_ms, errors = None, float("inf"), []
+    for tile in configs:
+        try:
+            with use_tile(tile):
+                took = timer(call)
+        except Exception as error:  # a config that cannot run is pruned
+            errors.append(f"{tile}: {type(error).__name__}")
+            continue
+        if took < best_ms:
+            best, best_ms = tile, took
+    if best is None:
+        raise RuntimeError(f"tuning: no tile ran for {key[0]}: {'; '.join(errors)}")
+    CHOSEN[key] = best
+    return best
+
+
+def autotuning() -> bool:
+    """Autotune on CUDA unless ATTN_ZOO_AUTOTUNE=0 (then the default tile runs)."""
+    return os.environ.get("ATTN_ZOO_AUTOTUNE", "1") != "0"
+
+
+def tuned_call(kind: str, mechanism: str, config: dict, causal: bool, q: torch.Tensor,
+               call: Callable[[], torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """``call()`` with the autotuned tile on CUDA (a forced tile wins), else as is."""
+    if q.device.type != "cuda" or _FORCED.get() is not None or not autotuning():
+        return call()
+    key = tune_key(mechanism, config, q, causal)
+    tile = autotune(key, call, candidates(q.shape[-1], q.dtype, kind))
+    with use_tile(tile):
+        return call()

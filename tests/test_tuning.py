@@ -1,0 +1,148 @@
+"""Tiles and the autotuner (attn_zoo.kernels.tuning): the tiles a GPU launch runs
+(128-row, rectangular) give the same results as the interpreter's 64 x 64, the
+candidates fit, the autotuner picks the fastest and skips what cannot run."""
+
+import pytest
+import torch
+
+import attn_zoo
+from attn_zoo.kernels import layout as layout_module
+from attn_zoo.kernels import tuning
+from attn_zoo.kernels.layout import Band, Window, build_layout
+from attn_zoo.kernels.tuning import Tile
+from conftest import check_impl, small
+
+pytest.importorskip("triton")
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@pytest.mark.parametrize("kind", tuning.KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_default_tile_is_the_first_candidate_and_fits(dim, dtype, kind):
+    tile = tuning.default_tile(dim, dtype, kind)
+    found = tuning.candidates(dim, dtype, kind)
+    assert found[0] == tile
+    assert len(set(found)) == len(found) > 1
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    assert all(tuning.fits(t, dim, itemsize, kind) for t in found)
+
+
+def test_fits_prunes_what_cannot_run():
+    # K and V at 128 x 128, 4 stages, fp16: 256 KiB of shared memory
+    assert not tuning.fits(Tile(128, 128, 8, 4), 128, 2)
+    # a 128 x 128 float32 accumulator and scores on 4 warps: 256 values per thread
+    assert not tuning.fits(Tile(128, 128, 4, 2), 128, 2)
+    # xl's table rows beside K and V: 3 x (32 + 32 + 64) KiB at 128 x 128, head_dim 128
+    assert tuning.fits(Tile(128, 128, 8, 3), 128, 2, "plain")
+    assert not tuning.fits(Tile(128, 128, 8, 3), 128, 2, "relative")
+    assert tuning.fits(Tile(128, 128, 8, 3), 128, 2)
+
+
+def test_an_unknown_kind_is_refused():
+    with pytest.raises(ValueError, match="unknown kind 'banded'; accepted: dense, plain"):
+        tuning.default_tile(64, torch.float16, "banded")
+
+
+def test_autotune_picks_the_fastest_skips_failures_and_caches(monkeypatch):
+    monkeypatch.setattr(tuning, "CHOSEN", {})
+    configs = [Tile(128, 128, 8), Tile(64, 64, 4), Tile(32, 32, 4)]
+    times = {Tile(128, 128, 8): 3.0, Tile(64, 64, 4): 1.0}
+    seen = []
+
+    def timer(call):
+        tile = tuning.tile_for(torch.empty(1, 1, 1, 64))  # the tile the call runs
+        seen.append(tile)
+        if tile not in times:
+            raise RuntimeError("out of resources: shared memory")
+        return times[tile]
+
+    key = ("dense", (), 64, "torch.float16", True, 1024)
+    assert tuning.autotune(key, lambda: None, configs, timer) == Tile(64, 64, 4)
+    assert seen == configs
+    assert tuning.autotune(key, lambda: None, configs, timer) == Tile(64, 64, 4)
+    assert len(seen) == 3  # cached: nothing timed again
+    with pytest.raises(RuntimeError, match="no tile ran for lsh: 32x32 w4 s3: RuntimeError"):
+        tuning.autotune(("lsh",), lambda: None, [Tile(32, 32, 4)], timer)
+
+
+def test_tune_key_rounds_the_length_and_names_the_config():
+    q = torch.empty(1, 2, 1500, 64, dtype=torch.float16)
+    key = tuning.tune_key("xl", {"segment_len": 512}, q, True)
+    assert key == ("xl", (("segment_len", "512"),), 64, "torch.float16", True, 2048)
+
+
+def test_off_the_gpu_calls_run_untuned(monkeypatch):
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("autotuned off the GPU")
+
+    monkeypatch.setattr(tuning, "autotune", no_tuning)
+    q = torch.empty(1, 1, 8, 32)
+    assert tuning.tuned_call("plain", "dense", {}, True, q, lambda: "ran") == "ran"
+
+
+def test_triton_impls_run_through_the_tuner():
+    impl = attn_zoo.get("dense").impl("triton")
+    assert impl.runner is not None
+    assert attn_zoo.get("dense").impl("reference").runner is None
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        build_layout(300, 300, Band(lo=0), block_m=128, block_n=64),
+        build_layout(300, 300, Band(lo=0, hi=100), block_m=64, block_n=64),
+        build_layout(256, 256, Band(lo=0), Window(64, 64, -64, 63), block_m=64, block_n=32),
+    ],
+    ids=["causal", "band", "memory window"],
+)
+def test_band_and_window_layouts_are_runs(layout):
+    assert layout.full_runs
+    assert layout.by_key.full_runs
+
+
+def test_scattered_full_blocks_are_not_a_run():
+    packed = torch.tensor([[[0, 1, -1], [0, 2, -1], [-1, -1, -1]]], dtype=torch.int32)
+    assert layout_module._runs(packed[:, [0, 2]], torch.tensor([[2, 0]]))
+    assert not layout_module._runs(packed, torch.tensor([[2, 2, 0]]))  # row 1: blocks 0, 2
+
+
+# The tiles a GPU launch runs, in the interpreter: 128-row and rectangular blocks
+# (the backward's programs then split each layout block), forward and gradients.
+GPU_TILES = [Tile(128, 128, 8), Tile(128, 64, 4), Tile(64, 32, 4)]
+
+
+@pytest.mark.parametrize("tile", GPU_TILES, ids=str)
+@pytest.mark.parametrize("name", ["dense", "sparse_strided", "sparse_fixed", "adaptive_span",
+                                  "compressive", "routing"])  # fmt: skip
+def test_gpu_tiles_match_reference_and_oracle(name, tile):
+    with tuning.use_tile(tile):
+        check_impl(small(name), "triton", 150, 32, torch.float32, True)
+
+
+@pytest.mark.parametrize("tile", GPU_TILES, ids=str)
+@pytest.mark.parametrize("name", ["xl", "lsh"])
+def test_gpu_tiles_for_xl_and_lsh(name, tile):
+    """xl's distance tile is 2 max(BM, BN) wide, skewed through the scratch buffer."""
+    with tuning.use_tile(tile):
+        check_impl(small(name), "triton", 100, 32, torch.float32, False)
+
+
+@pytest.mark.parametrize("tile", GPU_TILES, ids=str)
+@pytest.mark.parametrize("name", ["dense", "sparse_fixed", "adaptive_span", "routing", "xl"])
+def test_gpu_tiles_give_the_reference_gradients(name, tile):
+    mech = small(name)
+    q, k, v = (torch.randn(1, 2, 150, 32, dtype=torch.float64).float().requires_grad_()
+               for _ in range(3))  # fmt: skip
+    plan = mech.plan(q, k, v, True)
+    upstream = torch.randn(1, 2, 150, 32)
+    with tuning.use_tile(tile):
+        mine = torch.autograd.grad(mech(q, k, v, True, "triton", plan), (q, k, v), upstream,
+                                   allow_unused=True)  # fmt: skip
+    reference = torch.autograd.grad(mech(q, k, v, True, "reference", plan), (q, k, v), upstream,
+                                    allow_unused=True)  # fmt: skip
+    for got, want in zip(mine, reference, strict=True):
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
