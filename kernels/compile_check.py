@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         constants = {flag: flags.get(flag, 0 if flag == "DUP" else False)
                      for flag in FLAGS if flag in kernel.arg_names}  # fmt: skip
         constants |= dict(HEAD_DIM=dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
-                          PRECISION="ieee" if dtype == "fp32" else None, RUNS=True)  # fmt: skip
+                          PRECISION="ieee" if dtype == "fp32" else None, RUNS=True,
+                          WIDE=False)  # fmt: skip
         if kernel_name == "fwd":
             options = {"num_warps": tile.warps, "num_stages": tile.stages}
             scores = tile.block_m * tile.block_n

@@ -237,6 +237,16 @@ def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
 
 
 @triton.jit
+def _widen(sqm, skn, svn, som, WIDE: tl.constexpr):
+    """The row strides as int64 when a row's offset within a head can pass 2^31
+    elements (``WIDE``, decided at launch: :func:`wide_offsets`), so that
+    position * stride does not overflow; int32 otherwise (fewer registers)."""
+    if WIDE:
+        return sqm.to(tl.int64), skn.to(tl.int64), svn.to(tl.int64), som.to(tl.int64)
+    return sqm, skn, svn, som
+
+
+@triton.jit
 def _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm, HEAD_DIM: tl.constexpr,
                   GATHER_Q: tl.constexpr, GROUPS: tl.constexpr,
                   REL_TERM: tl.constexpr):  # fmt: skip
@@ -367,7 +377,7 @@ def _flash_fwd(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr, RUNS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -375,6 +385,7 @@ def _flash_fwd(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
         keep_stride)  # fmt: skip
+    sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_in = offs_m < n_q
@@ -510,8 +521,21 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
         DUP=DUP_MODES[dup.mode] if dup is not None else 0, PADDED=part.keep is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else None, RUNS=layout.full_runs,
+        WIDE=wide_offsets(q, k, v, out),
     )  # fmt: skip
     return Launch(args, flags, n_q, n_k, out.shape[2], part_tile(q, part))
+
+
+#: Offsets within one head stay int32 below this many elements.
+OFFSET_LIMIT = 2**31
+
+
+def wide_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether a row offset within one head of any [B, H, N, D] tensor can reach
+    :data:`OFFSET_LIMIT` elements (a transposed [B, N, H, D] view at N H D >= 2^31,
+    such as N = 2^20 tokens of 16 heads of 128)."""
+    return any((t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3) >= OFFSET_LIMIT
+               for t in tensors if t.dim() == 4)  # fmt: skip
 
 
 def part_tile(q: torch.Tensor, part: Part) -> Tile:

@@ -46,6 +46,7 @@ from attn_zoo.kernels.flash import (
     _rel_rows,
     _scores,
     _unskew,
+    _widen,
     launch,
 )
 from attn_zoo.kernels.layout import Window, cached_layout
@@ -82,7 +83,8 @@ def _flash_bwd_dq(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr, RUNS: tl.constexpr, ROWS: tl.constexpr, SUB_N: tl.constexpr,
+    PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr,
+    SUB_N: tl.constexpr,
 ):  # fmt: skip
     """dQ of ROWS query rows of a layout block (kernel order); with REL_TERM dQ through
     (q + v) in DQV and the table's gradient added into DTABLE; with RAMP dz_h into
@@ -93,6 +95,7 @@ def _flash_bwd_dq(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
         keep_stride)  # fmt: skip
+    sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
     m_start = pid_m * ROWS
     offs_m = m_start + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -167,7 +170,8 @@ def _flash_bwd_dkdv(
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr, RUNS: tl.constexpr, KEYS: tl.constexpr, SUB_M: tl.constexpr,
+    PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, KEYS: tl.constexpr,
+    SUB_M: tl.constexpr,
 ):  # fmt: skip
     """dK and dV of KEYS keys of a layout block (kernel order); FULL.. are the
     key-major lists. Each listed query block is taken SUB_M rows at a time (fewer
@@ -178,6 +182,7 @@ def _flash_bwd_dkdv(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
         keep_stride)  # fmt: skip
+    sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
     start = pid_n * KEYS
     offs_n = start + tl.arange(0, KEYS)
     offs_d = tl.arange(0, HEAD_DIM)

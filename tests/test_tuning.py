@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attn_zoo
+import attn_zoo.kernels.flash
 from attn_zoo.kernels import layout as layout_module
 from attn_zoo.kernels import tuning
 from attn_zoo.kernels.layout import Band, Window, build_layout
@@ -146,3 +147,25 @@ def test_gpu_tiles_give_the_reference_gradients(name, tile):
         assert (got is None) == (want is None)
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_row_offsets_widen_past_two_to_the_31_elements():
+    from attn_zoo.kernels.flash import wide_offsets
+
+    heads_inside = torch.empty(1, 16, 2**21, 128, device="meta", dtype=torch.float16)
+    assert not wide_offsets(heads_inside)  # 2^28 elements per head
+    tokens_outside = torch.empty(1, 2**21, 16, 128, device="meta", dtype=torch.float16)
+    assert wide_offsets(tokens_outside.transpose(1, 2))  # row stride 16 x 128
+
+
+@pytest.mark.parametrize("name", ["dense", "lsh", "xl"])
+def test_int64_row_offsets_give_the_same_result(name, monkeypatch):
+    """The WIDE flag's int64 strides, forced on at small N."""
+    monkeypatch.setattr(attn_zoo.kernels.flash, "OFFSET_LIMIT", 1)
+    check_impl(small(name), "triton", 100, 32, torch.float32, True)
+    q, k, v = (torch.randn(1, 2, 70, 32, requires_grad=True) for _ in range(3))
+    mech = small(name)
+    plan = mech.plan(q, k, v, True)
+    got = torch.autograd.grad(mech(q, k, v, True, "triton", plan).sum(), q)[0]
+    want = torch.autograd.grad(mech(q, k, v, True, "reference", plan).sum(), q)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
