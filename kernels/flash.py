@@ -64,7 +64,7 @@ class Ramp:
 @dataclass(frozen=True, eq=False)
 class Relative:
     """Transformer-XL scores (Dai et al. 2019, Sec. 3.3): (q_i + u) . k_j +
-    (q_i + v) . table[i - j]; distances beyond +-max_dist read the last row."""
+    (q_i + v) . table[i - j]; every visible pair has |i - j| <= max_dist."""
 
     u: torch.Tensor  # [H, D]
     v: torch.Tensor  # [H, D]
@@ -74,20 +74,19 @@ class Relative:
 
 @dataclass(frozen=True, eq=False)
 class Duplicates:
-    """Reformer's Eq. 7: every round's groups and sorted places at original
-    positions, [B * H, R, N] int32, and the rule that makes a pair visible in a
-    round (``mode`` of :mod:`attn_zoo.grouped`, over sorted places). For the chunk
-    rules (``buckets``, ``chunks``) ``ranks`` holds each place's chunk,
-    place // chunk, so that the kernel divides nothing."""
+    """Reformer's Eq. 7: one code per round and original position, [B * H, R, N]
+    int32, such that key j is visible to query i in round r exactly when
+    0 <= code[r, i] - code[r, j] <= ``reach`` (:func:`attn_zoo.kernels.grouped.round_codes`
+    folds each rule of :mod:`attn_zoo.grouped`, group and sorted place, into it)."""
 
-    groups: torch.Tensor
-    ranks: torch.Tensor
-    chunk: int
-    mode: str
+    codes: torch.Tensor
+    reach: int
 
-
-#: The ``DUP`` flag of each rule (0: no duplicate correction).
-DUP_MODES = {"buckets": 1, "chunks": 2, "window": 3}
+    @property
+    def log2_counts(self) -> torch.Tensor:
+        """log2 n for n = 0 .. rounds (0 at n = 0: a pair no round shows is masked)."""
+        counts = torch.arange(self.codes.shape[1] + 1, device=self.codes.device)
+        return torch.log2(counts.clamp(min=1).to(torch.float32)).contiguous()
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,36 +136,29 @@ class Part:
 
 
 @triton.jit
-def _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, chunk, DUP: tl.constexpr,
+def _rounds_seen(q_pos, k_pos, RCODE, n_pos, reach, ROUNDS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """N_ij: the rounds in which key k_pos is visible to query q_pos (Eq. 7)."""
-    seen = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for r in range(n_rounds):
-        gq = tl.load(RGRP + r * n_pos + q_pos)
-        gk = tl.load(RGRP + r * n_pos + k_pos)
-        pq = tl.load(RRANK + r * n_pos + q_pos)
-        pk = tl.load(RRANK + r * n_pos + k_pos)
-        same = gq[:, None] == gk[None, :]
-        if DUP == 3:  # window: same group, 0 <= back <= chunk sorted places
-            back = pq[:, None] - pk[None, :]
-            vis = same & (back >= 0) & (back <= chunk)
-        else:  # chunks c - 1 and c (buckets: and the same group); pq, pk are chunks
-            step = pq[:, None] - pk[None, :]
-            vis = (step == 0) | (step == 1)
-            if DUP == 1:
-                vis = vis & same
-        seen += vis.to(tl.float32)
+    """N_ij: the rounds in which key k_pos is visible to query q_pos (Eq. 7), int32:
+    one code per side and round, one difference and one range test per pair (0 <= d
+    <= reach as one unsigned compare). The rounds unroll (ROUNDS is compile-time): a
+    loop nested in the key-block walk would keep the software pipeliner from
+    multi-buffering K and V."""
+    seen = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    for r in tl.static_range(ROUNDS):
+        step = tl.load(RCODE + r * n_pos + q_pos)[:, None] - tl.load(RCODE + r * n_pos + k_pos)
+        seen += (step.to(tl.uint32, bitcast=True) <= reach.to(tl.uint32)).to(tl.int32)
     return seen
 
 
 @triton.jit
-def _rel_rows(m_start, start, offset, max_dist, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows of xl's distance table for the distances of a tile (the BLOCK_M + BLOCK_N - 1
-    it needs, padded to a power of two, 2 max(BLOCK_M, BLOCK_N)): column c holds
-    d = d0 + c, and pair (a, b) reads column a - b + BLOCK_N - 1."""
+def _rel_rows(m_start, start, offset, rel_zero, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows of xl's padded distance table (:func:`padded_table`, distance d at row
+    d + rel_zero) for the distances of a tile (the BLOCK_M + BLOCK_N - 1 it needs,
+    padded to a power of two, 2 max(BLOCK_M, BLOCK_N)): column c holds d = d0 + c,
+    and pair (a, b) reads column a - b + BLOCK_N - 1. Affine in c (no clamp), so the
+    tile's rows load as one block the pipeliner can copy ahead."""
     width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
-    dist = (m_start + offset) - start - (BLOCK_N - 1) + tl.arange(0, width)
-    return tl.minimum(tl.maximum(dist, -max_dist), max_dist) + max_dist
+    return (m_start + offset) - start - (BLOCK_N - 1) + rel_zero + tl.arange(0, width)
 
 
 @triton.jit
@@ -215,7 +207,7 @@ def _ramp_distance(offs_m, offs_n, offset, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
+def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
           sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds,
           n_pos, keep_stride):  # fmt: skip
     """Every input pointer moved to batch/head ``pid_bh`` (int64: b * stride passes
@@ -230,10 +222,9 @@ def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
     QGRP += (pid_bh % n_grouped) * n_q
     KGRP += (pid_bh % n_grouped) * n_k
     REL += h * srh
-    RGRP += pid_bh * n_rounds * n_pos
-    RRANK += pid_bh * n_rounds * n_pos
+    RCODE += pid_bh * n_rounds * n_pos
     KEEP += b * keep_stride
-    return Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h
+    return Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h
 
 
 @triton.jit
@@ -310,15 +301,23 @@ def _block_at(blocks, first, t, RUN: tl.constexpr):
 
 
 @triton.jit
+def _step_start(blocks, first, t, RUN: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """The first index of step t when each listed block of BLOCK indices is walked
+    STEP at a time (STEP divides BLOCK; equal, it is the block's start)."""
+    block = _block_at(blocks, first, t // (BLOCK // STEP), RUN)
+    return block * BLOCK + (t % (BLOCK // STEP)) * STEP
+
+
+@triton.jit
 def _scores(
     q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-    KGRP, REL, SCRATCH, SPANS, RGRP, RRANK, KEEP,
-    srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h, max_dist,
-    qk_scale, n_rounds, n_pos, dup_chunk,
+    KGRP, REL, SCRATCH, SPANS, RCODE, LOGN, KEEP,
+    srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h, rel_zero,
+    qk_scale, n_pos, dup_reach,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr,
     RAMP: tl.constexpr, SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr,
-    PADDED: tl.constexpr, PRECISION: tl.constexpr,
+    ROUNDS: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The scores of one tile before the softmax scale: q . k plus every bias divided
     by ``qk_scale`` (= log2(e) / sqrt(d)), -inf where a pair is not visible, so that
@@ -331,14 +330,15 @@ def _scores(
     if REL_TERM:
         # (q + v) . R_d for the BLOCK_M + BLOCK_N distances of the tile, then each
         # row picks its own diagonal
-        row = _rel_rows(m_start, start, offset, max_dist, BLOCK_M, BLOCK_N)
+        row = _rel_rows(m_start, start, offset, rel_zero, BLOCK_M, BLOCK_N)
         r = tl.load(REL + row[None, :] * srn + tl.arange(0, HEAD_DIM)[:, None])
         s = tl.dot(qv, r, input_precision=PRECISION)
         qk += _skew(s, SCRATCH, BLOCK_M, BLOCK_N)
-    if DUP != 0:
-        seen = _rounds_seen(q_pos, k_pos, RGRP, RRANK, n_rounds, n_pos, dup_chunk, DUP,
-                            BLOCK_M, BLOCK_N)  # fmt: skip
-        qk -= tl.math.log2(tl.maximum(seen, 1.0)) * per_log2
+    if DUP:
+        seen = _rounds_seen(q_pos, k_pos, RCODE, n_pos, dup_reach, ROUNDS, BLOCK_M, BLOCK_N)
+        # log2 N_ij read from a table of log2 n, n <= rounds: a log per score would be
+        # a dozen FMAs (libdevice's exact log2), twice the rest of the tile's work
+        qk -= tl.load(LOGN + seen) * per_log2
     if PADDED:  # key padding, in every block (the layout does not know it)
         kept = tl.load(KEEP + k_pos, mask=in_range, other=0)
         qk = tl.where(kept[None, :] != 0, qk, float("-inf"))
@@ -367,23 +367,25 @@ def _scores(
 @triton.jit
 def _flash_fwd(
     O, MAX, LOGSUM, SCRATCH,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, LOGN, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
-    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, max_dist, qk_scale,
-    n_rounds, n_pos, dup_chunk, keep_stride,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, rel_zero, qk_scale,
+    n_pos, dup_reach, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
-    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, ROUNDS: tl.constexpr,
+    PADDED: tl.constexpr,
+    PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, STEP_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
-        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
-        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
+        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, ROUNDS, n_pos,
         keep_stride)  # fmt: skip
     sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -391,7 +393,7 @@ def _flash_fwd(
     rows_in = offs_m < n_q
     q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
                                         HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
-    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, BLOCK_M, BLOCK_N)
+    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, BLOCK_M, STEP_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -399,19 +401,19 @@ def _flash_fwd(
     for masked in tl.static_range(2):  # the full blocks, then those needing the mask
         blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
                                            max_full, max_partial, masked)  # fmt: skip
-        for t in range(0, count):
-            start = _block_at(blocks, first, t, RUNS and masked == 0) * BLOCK_N
-            offs_n = start + tl.arange(0, BLOCK_N)
+        for t in range(0, count * (BLOCK_N // STEP_N)):
+            start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_N, STEP_N)
+            offs_n = start + tl.arange(0, STEP_N)
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, pid_m * BLOCK_M, k_pos, offs_n, in_range, start,
-                KGRP, REL, SCRATCH, SPANS, RGRP, RRANK, KEEP,
+                KGRP, REL, SCRATCH, SPANS, RCODE, LOGN, KEEP,
                 srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-                max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
-                HEAD_DIM, BLOCK_M, BLOCK_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, PADDED, PRECISION,
+                rel_zero, qk_scale, n_pos, dup_reach,
+                HEAD_DIM, BLOCK_M, STEP_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
+                REL_TERM, DUP, ROUNDS, PADDED, PRECISION,
             )  # fmt: skip
             # the online softmax, in the exp2 domain (m_i in scaled units)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -444,6 +446,13 @@ def _flash_fwd(
     tl.store(LOGSUM + stats, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=rows_in)
 
 
+def padded_table(relative: Relative, dtype: torch.dtype, pad: int) -> torch.Tensor:
+    """xl's table in the launch's dtype with ``pad`` zero rows on each side: a tile's
+    distances reach past +-max_dist only at pairs the mask hides, so the kernel reads
+    its rows without a clamp."""
+    return torch.nn.functional.pad(relative.table.to(dtype), (0, 0, pad, pad)).contiguous()
+
+
 def scratch_for(q: torch.Tensor, part: Part, grid: tuple[int, int], rows: int,
                 cols: int) -> torch.Tensor:  # fmt: skip
     """xl's skew buffer: rows x 2 max(rows, cols) float32 per program of ``grid`` (one
@@ -471,6 +480,7 @@ class Launch:
     n_k: int
     n_out: int
     tile: Tile
+    rel_pad: int  # rows of xl's padded table before distance -max_dist
 
 
 def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout | None = None):
@@ -484,7 +494,8 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
     dummy = torch.empty(1, device=q.device, dtype=torch.int32)
     keep = part.keep.to(torch.int8).contiguous() if part.keep is not None else dummy
     relative, ramp, dup, groups = part.relative, part.ramp, part.duplicates, part.groups
-    rel_table = relative.table.to(q.dtype).contiguous() if relative is not None else q
+    pad = 2 * max(layout.block_m, layout.block_n)  # the widest distance tile of the part
+    rel_table = padded_table(relative, q.dtype, pad) if relative is not None else q
     win = part.window if part.window is not None else Window(1, 0, -BIG, BIG)
     band = part.band
     args = [
@@ -495,7 +506,7 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         *((relative.u.float().contiguous(), relative.v.float().contiguous()) if relative
           else (q, q)), rel_table,
         ramp.spans.float().contiguous() if ramp is not None else q,
-        *((dup.groups, dup.ranks) if dup is not None else (dummy, dummy)),
+        *((dup.codes, dup.log2_counts) if dup is not None else (dummy,) * 2),
         keep,
         layout.full, layout.full_count, layout.partial, layout.partial_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -508,9 +519,8 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         band.lo, band.hi, band.offset, win.seg_len, win.step, win.lo, win.hi,
         (part.self_bias if part.self_bias is not None else 0.0) * dim**0.5,  # / the scale
         ramp.ramp if ramp is not None else 1.0,
-        relative.max_dist if relative is not None else 0, dim**-0.5 * LOG2E,
-        *((dup.groups.shape[1], dup.groups.shape[2], dup.chunk) if dup is not None
-          else (0, 0, 1)),
+        relative.max_dist + pad if relative is not None else 0, dim**-0.5 * LOG2E,
+        *((dup.codes.shape[2], dup.reach) if dup is not None else (0, 1)),
         keep.stride(0) if part.keep is not None else 0,
     ]  # fmt: skip
     flags = dict(
@@ -519,11 +529,13 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         SCATTER_O=part.scatter and part.q_index is not None, WINDOW=part.window is not None,
         GROUPS=groups is not None, SELF=part.self_bias is not None, RAMP=ramp is not None,
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
-        DUP=DUP_MODES[dup.mode] if dup is not None else 0, PADDED=part.keep is not None,
+        DUP=dup is not None, ROUNDS=dup.codes.shape[1] if dup is not None else 0,
+        PADDED=part.keep is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else None, RUNS=layout.full_runs,
         WIDE=wide_offsets(q, k, v, out),
     )  # fmt: skip
-    return Launch(args, flags, n_q, n_k, out.shape[2], part_tile(q, part))
+    return Launch(args, flags, n_q, n_k, out.shape[2], part_tile(q, part),
+                  pad if relative is not None else 0)  # fmt: skip
 
 
 #: Offsets within one head stay int32 below this many elements.
@@ -562,8 +574,9 @@ def forward_with_stats(q: torch.Tensor, parts: Sequence[Part]):
     for i, part in enumerate(parts):
         run = launch(q, part, out)
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
-        scratch = scratch_for(q, part, grid, part.layout.block_m, part.layout.block_n)
+        scratch = scratch_for(q, part, grid, part.layout.block_m, run.tile.step)
         _flash_fwd[grid](out, row_max, row_logsum, scratch, *run.args, **run.flags,
+                         STEP_N=run.tile.step,
                          ACCUMULATE=i > 0, num_warps=run.tile.warps,
                          num_stages=run.tile.stages)  # fmt: skip
     return out, row_max, row_logsum

@@ -36,7 +36,6 @@ import triton.language as tl
 from attn_zoo.kernels import flash
 from attn_zoo.kernels.flash import (
     Part,
-    _block_at,
     _block_list,
     _head,
     _load_keys,
@@ -45,6 +44,7 @@ from attn_zoo.kernels.flash import (
     _ramp_distance,
     _rel_rows,
     _scores,
+    _step_start,
     _unskew,
     _widen,
     launch,
@@ -73,16 +73,17 @@ def _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, 
 @triton.jit
 def _flash_bwd_dq(
     DO, MAX, LOGSUM, DELTA, DQ, DQV, DTABLE, DSPANS, SCRATCH,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, LOGN, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
-    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, max_dist, qk_scale,
-    n_rounds, n_pos, dup_chunk, keep_stride,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, rel_zero, qk_scale,
+    n_pos, dup_reach, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
-    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, ROUNDS: tl.constexpr,
+    PADDED: tl.constexpr,
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr,
     SUB_N: tl.constexpr,
 ):  # fmt: skip
@@ -91,9 +92,9 @@ def _flash_bwd_dq(
     DSPANS. Each listed key block is taken SUB_N keys at a time."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
-        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
-        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
+        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, ROUNDS, n_pos,
         keep_stride)  # fmt: skip
     sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
     m_start = pid_m * ROWS
@@ -114,19 +115,18 @@ def _flash_bwd_dq(
         blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
                                            max_full, max_partial, masked)  # fmt: skip
         for t in range(0, count * (BLOCK_N // SUB_N)):
-            block = _block_at(blocks, first, t // (BLOCK_N // SUB_N), RUNS and masked == 0)
-            start = block * BLOCK_N + (t % (BLOCK_N // SUB_N)) * SUB_N
+            start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_N, SUB_N)
             offs_n = start + tl.arange(0, SUB_N)
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-                KGRP, REL, SCRATCH, SPANS, RGRP, RRANK, KEEP,
+                KGRP, REL, SCRATCH, SPANS, RCODE, LOGN, KEEP,
                 srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-                max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
+                rel_zero, qk_scale, n_pos, dup_reach,
                 HEAD_DIM, ROWS, SUB_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, PADDED, PRECISION,
+                REL_TERM, DUP, ROUNDS, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -136,7 +136,7 @@ def _flash_bwd_dq(
                 # dS spread back over the tile's distances: wide[a, c] = dS[a, b] where
                 # c = a - b + SUB_N - 1 (the forward's diagonal pick, transposed)
                 wide = _unskew(ds, SCRATCH, ROWS, SUB_N)
-                row = _rel_rows(m_start, start, offset, max_dist, ROWS, SUB_N)
+                row = _rel_rows(m_start, start, offset, rel_zero, ROWS, SUB_N)
                 r = tl.load(REL + row[:, None] * srn + offs_d[None, :])  # [width, D]
                 dqv += tl.dot(wide.to(r.dtype), r, input_precision=PRECISION)
                 d_rows = tl.dot(tl.trans(wide.to(qv.dtype)), qv, input_precision=PRECISION)
@@ -160,16 +160,17 @@ def _flash_bwd_dq(
 @triton.jit
 def _flash_bwd_dkdv(
     DO, MAX, LOGSUM, DELTA, DK, DV, SCRATCH,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RGRP, RRANK, KEEP,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, LOGN, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
-    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, max_dist, qk_scale,
-    n_rounds, n_pos, dup_chunk, keep_stride,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, rel_zero, qk_scale,
+    n_pos, dup_reach, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
-    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, ROUNDS: tl.constexpr,
+    PADDED: tl.constexpr,
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, KEYS: tl.constexpr,
     SUB_M: tl.constexpr,
 ):  # fmt: skip
@@ -178,9 +179,9 @@ def _flash_bwd_dkdv(
     live registers beside the two [KEYS, HEAD_DIM] accumulators)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, b, h = _head(
-        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RGRP, RRANK, KEEP, pid_bh,
-        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds, n_pos,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
+        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, ROUNDS, n_pos,
         keep_stride)  # fmt: skip
     sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
     start = pid_n * KEYS
@@ -196,8 +197,7 @@ def _flash_bwd_dkdv(
         blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
                                            max_full, max_partial, masked)  # fmt: skip
         for t in range(0, count * (BLOCK_M // SUB_M)):
-            block = _block_at(blocks, first, t // (BLOCK_M // SUB_M), RUNS and masked == 0)
-            m_start = block * BLOCK_M + (t % (BLOCK_M // SUB_M)) * SUB_M
+            m_start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_M, SUB_M)
             offs_m = m_start + tl.arange(0, SUB_M)
             rows_in = offs_m < n_q
             q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
@@ -208,11 +208,11 @@ def _flash_bwd_dkdv(
                                                     HEAD_DIM)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-                KGRP, REL, SCRATCH, SPANS, RGRP, RRANK, KEEP,
+                KGRP, REL, SCRATCH, SPANS, RCODE, LOGN, KEEP,
                 srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-                max_dist, qk_scale, n_rounds, n_pos, dup_chunk,
+                rel_zero, qk_scale, n_pos, dup_reach,
                 HEAD_DIM, SUB_M, KEYS, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, PADDED, PRECISION,
+                REL_TERM, DUP, ROUNDS, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
@@ -286,7 +286,8 @@ def backward(
         shape = (batch, heads, run.n_q, dim)
         dq_rows = flash.new_output(q, shape, torch.float32)
         dqv_rows = flash.new_output(q, shape, torch.float32) if rel else dq_rows
-        dtable = torch.zeros(rel.table.shape, device=q.device) if rel else dq_rows
+        n_table = rel.table.shape[1] + 2 * run.rel_pad if rel else 0
+        dtable = torch.zeros(heads, n_table, dim, device=q.device) if rel else dq_rows
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
         grid = (triton.cdiv(run.n_q, tile.program), batch * heads)
         scratch = flash.scratch_for(q, part, grid, tile.program, tile.step)
@@ -296,7 +297,7 @@ def backward(
         if rel is not None:  # dQ = dQ through (q + u) + dQ through (q + v)
             _add(grads, rel.u, dq_rows.sum((0, 2)))
             _add(grads, rel.v, dqv_rows.sum((0, 2)))
-            _add(grads, rel.table, dtable)
+            _add(grads, rel.table, dtable[:, run.rel_pad : run.rel_pad + rel.table.shape[1]])
             dq_rows = dq_rows + dqv_rows
         if ramp is not None:
             _add(grads, ramp.spans, dspans)

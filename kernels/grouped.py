@@ -26,15 +26,31 @@ from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.kernels.tuning import tile_for
 
 
-def round_places(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) -> Duplicates:
-    """Every round's groups [B|1, H|1, R, N] and sorted places (their chunks for the
-    chunk rules), for Eq. 7."""
-    rounds = rounds.expand(b, h, -1, -1)
-    _, rank = sort_by_group(rounds)
-    if mode != "window":
-        rank = torch.div(rank, chunk, rounding_mode="floor")
-    flat = lambda x: x.reshape(b * h, *x.shape[2:]).to(torch.int32).contiguous()
-    return Duplicates(flat(rounds), flat(rank), chunk, mode)
+def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) -> Duplicates:
+    """Every round's visibility rule for Eq. 7 as one integer per position, from the
+    groups [B|1, H|1, R, N] and the places p they sort to: key j is visible to query
+    i in a round exactly when 0 <= code_i - code_j <= reach.
+
+    * ``"chunks"``: code = p // chunk, reach 1 (chunks c - 1 and c);
+    * ``"buckets"``: code = group (C + 1) + p // chunk for C chunks, reach 1: within
+      a group it is the chunk rule, across groups the difference is at least 2 or
+      below 0;
+    * ``"window"``: code = group (N + chunk + 1) + p, reach ``chunk`` (0 to chunk
+      places back), the same argument.
+    """
+    rounds = rounds.expand(b, h, -1, -1).long()
+    _, place = sort_by_group(rounds)
+    n = rounds.shape[-1]
+    if mode == "window":
+        codes, reach = rounds * (n + chunk + 1) + place, chunk
+    else:
+        codes, reach = torch.div(place, chunk, rounding_mode="floor"), 1
+        if mode == "buckets":
+            codes = codes + rounds * (-(-n // chunk) + 1)
+    if codes.numel() and int(codes.max()) >= 2**31:
+        raise ValueError(f"lsh: {int(rounds.max()) + 1} buckets at N = {n} overflow the "
+                         "kernel's int32 round codes; use fewer buckets")  # fmt: skip
+    return Duplicates(codes.reshape(b * h, *codes.shape[2:]).to(torch.int32).contiguous(), reach)
 
 
 def sorted_part(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
@@ -46,7 +62,7 @@ def sorted_part(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
     groups = groups.expand(b, h, n).reshape(b * h, n)
     perm, _ = sort_by_group(groups)
     perm = perm.to(torch.int32).contiguous()
-    duplicates = round_places(rounds, b, h, chunk, mode) if rounds is not None else None
+    duplicates = round_codes(rounds, b, h, chunk, mode) if rounds is not None else None
     common = dict(q_index=perm, k_index=perm, self_bias=self_bias, duplicates=duplicates,
                   keep=keep, tile=tile)  # fmt: skip
     ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()

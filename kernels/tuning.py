@@ -47,18 +47,29 @@ KINDS = ("dense", "plain", "relative", "duplicates")
 
 @dataclass(frozen=True)
 class Tile:
+    """The forward's blocks (what the layout is built for), warps and stages, and
+    ``step_n``: keys per inner-loop step when the forward walks a key block in
+    pieces (None: the whole block)."""
+
     block_m: int
     block_n: int
     warps: int
     stages: int = 3
+    step_n: int | None = None
 
     @property
     def blocks(self) -> tuple[int, int]:
         """(BLOCK_M, BLOCK_N): what a block layout is built for."""
         return self.block_m, self.block_n
 
+    @property
+    def step(self) -> int:
+        """Keys per step of the forward's inner loop (it divides block_n)."""
+        return self.step_n or self.block_n
+
     def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_n} w{self.warps} s{self.stages}"
+        step = f" step {self.step_n}" if self.step_n else ""
+        return f"{self.block_m}x{self.block_n}{step} w{self.warps} s{self.stages}"
 
 
 @dataclass(frozen=True)
@@ -77,10 +88,10 @@ class BackwardTile:
 def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile) -> BackwardTile:
     """Per the compile report: programs of at most 64 (two float32 [program, D]
     accumulators beside the tile fill 8 warps' registers), steps of 32 at head_dim
-    128 and for lsh's round count (a 64 step spills), the whole program for xl (its
-    distance tile is program + step wide, a power of two); 8 warps (4 spill at head_dim
-    64); 2 stages for xl in float32, whose dQ pass needs 256-272 KiB of shared memory
-    with 3 (sm_90 has 227)."""
+    128 and for lsh's rounds (a 64 step spills), the whole program for xl (a 32 step
+    spills as much and loses HGMMA); 8 warps (4 spill at head_dim 64); 2 stages for
+    xl in float32, whose dQ pass needs 256-272 KiB of shared memory with 3 (sm_90 has
+    227)."""
     _check_kind(kind)
     program = min(tile.block_m, tile.block_n, 64)
     narrow = (head_dim > 64 or kind == "duplicates") and kind != "relative"
@@ -113,7 +124,8 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       with 8 warps;
     * xl: 64 x 64 with 4 warps at every head_dim (no spill, HGMMA; 8 warps issue
       1.5x the instructions per score, 128-row tiles spill); lsh: 64 x 64 with 8
-      warps (the round count spills at 128);
+      warps, walked 32 keys a step at head_dim 128 (its unrolled rounds spill with
+      64; the backward keeps 64-wide programs, hence HGMMA, in the 64 x 64 layout);
     * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128.
     """
     _check_kind(kind)
@@ -124,7 +136,7 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     if kind == "relative":
         return Tile(64, 64, 4)
     if kind == "duplicates":
-        return Tile(64, 64, 8)
+        return Tile(64, 64, 8, step_n=32 if head_dim > 64 else None)
     if kind == "plain" and head_dim > 64:
         return Tile(64, 64, 4)
     return Tile(128, 128, 8)
@@ -140,11 +152,11 @@ def fits(tile: Tile, head_dim: int, itemsize: int, kind: str = "plain") -> bool:
     """Whether ``tile`` can run well: K and V tiles per stage and the query tile in
     shared memory (plus the distance tile for xl) under sm_90's 227 KiB, and the
     float32 accumulators within :data:`ACCUMULATOR_LIMIT` values per thread."""
-    per_stage = 2 * tile.block_n * head_dim * itemsize
+    per_stage = 2 * tile.step * head_dim * itemsize
     if kind == "relative":  # the distance tile's rows of the table
-        per_stage += 2 * max(tile.block_m, tile.block_n) * head_dim * itemsize
+        per_stage += 2 * max(tile.block_m, tile.step) * head_dim * itemsize
     shared = tile.stages * per_stage + tile.block_m * head_dim * itemsize
-    values = tile.block_m * (head_dim + tile.block_n) / (32 * tile.warps)
+    values = tile.block_m * (head_dim + tile.step) / (32 * tile.warps)
     return shared <= SHARED_LIMIT and values <= ACCUMULATOR_LIMIT
 
 
@@ -154,6 +166,7 @@ def candidates(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> list[T
     shapes = [(128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 64, 4), (64, 64, 8), (32, 32, 4)]
     configs = [default_tile(head_dim, dtype, kind)]
     configs += [Tile(m, n, w, s) for m, n, w in shapes for s in (2, 3, 4)]
+    configs += [Tile(64, 64, 8, s, step_n=32) for s in (2, 3)]
     itemsize = torch.empty((), dtype=dtype).element_size()
     found: list[Tile] = []
     for tile in configs:

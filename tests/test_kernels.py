@@ -1,6 +1,8 @@
 """Triton kernels against the references and the oracle. Without a GPU they
 run in Triton's interpreter (conftest sets TRITON_INTERPRET=1) at small N."""
 
+import math
+
 import pytest
 import torch
 
@@ -186,3 +188,31 @@ def test_strict_gaps_name_new_gaps_and_fixed_known_ones(monkeypatch):
         "spills", "no HGMMA"
     ]  # fmt: skip
     assert compile_check._gaps(dense | {"dtype": "fp32", "spill_store_bytes": 8, "hgmma": 0}) == []
+
+
+@pytest.mark.parametrize("mode", ["buckets", "chunks", "window"])
+def test_round_codes_fold_each_lsh_rule_into_one_range_test(mode):
+    """Eq. 7's per-round visibility from the codes, against the rule stated directly
+    on groups and sorted places (attn_zoo.grouped), for every pair."""
+    from attn_zoo.kernels.grouped import round_codes
+    from attn_zoo.kernels.sorting import sort_by_group
+
+    torch.manual_seed(0)
+    n, chunk = 37, 4
+    rounds = torch.randint(0, 5, (1, 1, 3, n))
+    dup = round_codes(rounds, 1, 1, chunk, mode)
+    _, place = sort_by_group(rounds)
+    for r in range(3):
+        g, p = rounds[0, 0, r], place[0, 0, r]
+        same = g[:, None] == g[None, :]
+        if mode == "window":
+            back = p[:, None] - p[None, :]
+            rule = same & (back >= 0) & (back <= chunk)
+        else:
+            step = (p // chunk)[:, None] - (p // chunk)[None, :]
+            rule = (step == 0) | (step == 1)
+            rule = rule & same if mode == "buckets" else rule
+        code = dup.codes[0, r].long()
+        diff = code[:, None] - code[None, :]
+        assert torch.equal((diff >= 0) & (diff <= dup.reach), rule)
+    assert dup.log2_counts.tolist() == pytest.approx([0.0, 0.0, 1.0, math.log2(3)])
