@@ -137,6 +137,7 @@ def run_case(case: Case, settings: RunSettings) -> dict:
                            setup=setup, cuda_graph=share["cuda_graph"])  # fmt: skip
         row.update(timing_columns(timing.samples_ms))
         row["first_call_ms"] = timing.first_ms
+        row["note"] = _tile_note(case, device)
         if setup is not None:
             setup()
         if device.type == "cuda":
@@ -165,6 +166,16 @@ def run_case(case: Case, settings: RunSettings) -> dict:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return row
+
+
+def _tile_note(case: Case, device: torch.device) -> str:
+    """The autotuner's choice for a triton row on CUDA ("" elsewhere)."""
+    if case.impl != "triton" or device.type != "cuda":
+        return ""
+    from attn_zoo.kernels.tuning import last_tile
+
+    tile = last_tile()
+    return f"tile {tile} (autotuned)" if tile is not None else ""
 
 
 def timing_columns(samples_ms: list[float]) -> dict:

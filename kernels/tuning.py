@@ -200,6 +200,8 @@ def tile_for(q: torch.Tensor, kind: str = "plain") -> Tile:
 
 #: Chosen tiles by key (see :func:`tune_key`), for this process.
 CHOSEN: dict[tuple, Tile] = {}
+#: The tile the latest autotuned call ran (``bench run`` writes it in the row's note).
+LAST: list[Tile] = []
 
 
 def tune_key(mechanism: str, config: dict, q: torch.Tensor, causal: bool) -> tuple:
@@ -218,19 +220,20 @@ def _time(call: Callable[[], object]) -> float:
 
 
 def autotune(key: tuple, call: Callable[[], torch.Tensor], configs: list[Tile],
-             timer: Callable[[Callable[[], object]], float] = _time) -> Tile:  # fmt: skip
+             timer: Callable[[Callable[[], object]], float] | None = None) -> Tile:  # fmt: skip
     """The fastest of ``configs`` for ``call`` (cached under ``key``): each timed with
     ``timer`` inside :func:`use_tile`; a config that fails to compile or launch
     (out of resources) is skipped. Raises when none runs."""
     if key in CHOSEN:
         return CHOSEN[key]
+    timer = timer or _time
     best, best_ms, errors = None, float("inf"), []
     for tile in configs:
         try:
             with use_tile(tile):
                 took = timer(call)
         except Exception as error:  # a config that cannot run is pruned
-            errors.append(f"{tile}: {type(error).__name__}")
+            errors.append(f"{tile}: {type(error).__name__}: {str(error)[:80]}")
             continue
         if took < best_ms:
             best, best_ms = tile, took
@@ -252,5 +255,11 @@ def tuned_call(kind: str, mechanism: str, config: dict, causal: bool, q: torch.T
         return call()
     key = tune_key(mechanism, config, q, causal)
     tile = autotune(key, call, candidates(q.shape[-1], q.dtype, kind))
+    LAST[:] = [tile]
     with use_tile(tile):
         return call()
+
+
+def last_tile() -> Tile | None:
+    """The tile the latest autotuned call ran, None when none was autotuned."""
+    return LAST[0] if LAST else None

@@ -64,7 +64,7 @@ def test_autotune_picks_the_fastest_skips_failures_and_caches(monkeypatch):
     assert seen == configs
     assert tuning.autotune(key, lambda: None, configs, timer) == Tile(64, 64, 4)
     assert len(seen) == 3  # cached: nothing timed again
-    with pytest.raises(RuntimeError, match="no tile ran for lsh: 32x32 w4 s3: RuntimeError"):
+    with pytest.raises(RuntimeError, match="no tile ran for lsh: 32x32 w4 s3: RuntimeError: out"):
         tuning.autotune(("lsh",), lambda: None, [Tile(32, 32, 4)], timer)
 
 
@@ -170,3 +170,30 @@ def test_int64_row_offsets_give_the_same_result(name, monkeypatch):
     got = torch.autograd.grad(mech(q, k, v, True, "triton", plan).sum(), q)[0]
     want = torch.autograd.grad(mech(q, k, v, True, "reference", plan).sum(), q)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_tuned_call_on_cuda_runs_and_records_the_fastest_candidate(monkeypatch):
+    """tuned_call's CUDA path with a stand-in for q (only its device, shape and dtype
+    are read) and a timer that prefers 64 x 64 with 4 warps."""
+    from types import SimpleNamespace
+
+    chosen: dict = {}
+    monkeypatch.setattr(tuning, "CHOSEN", chosen)
+
+    def timer(call):
+        call()
+        return 1.0 if tuning._FORCED.get() == Tile(64, 64, 4) else 2.0
+
+    monkeypatch.setattr(tuning, "_time", timer)
+    q = SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(1, 8, 1000, 64),
+                        dtype=torch.float16)  # fmt: skip
+    ran = []
+    out = tuning.tuned_call("plain", "sparse_fixed", {"stride": 128}, True, q,
+                            lambda: ran.append(tuning._FORCED.get()) or "out")  # fmt: skip
+    assert out == "out"
+    assert ran[-1] == Tile(64, 64, 4) == tuning.last_tile()
+    assert len(ran) == len(tuning.candidates(64, torch.float16, "plain")) + 1
+    key = ("sparse_fixed", (("stride", "128"),), 64, "torch.float16", True, 1024)
+    assert chosen == {key: Tile(64, 64, 4)}
+    monkeypatch.setenv("ATTN_ZOO_AUTOTUNE", "0")  # off: the default tile, nothing timed
+    assert tuning.tuned_call("plain", "dense", {}, True, q, lambda: tuning._FORCED.get()) is None
