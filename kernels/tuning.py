@@ -223,22 +223,26 @@ def autotune(key: tuple, call: Callable[[], torch.Tensor], configs: list[Tile],
              timer: Callable[[Callable[[], object]], float] | None = None) -> Tile:  # fmt: skip
     """The fastest of ``configs`` for ``call`` (cached under ``key``): each timed with
     ``timer`` inside :func:`use_tile`; a config that fails to compile or launch
-    (out of resources) is skipped. Raises when none runs."""
+    (out of resources) is skipped. When none runs, the first config's own error is
+    raised (a call that fails whatever the tile keeps its type and message), with a
+    note listing every config's."""
     if key in CHOSEN:
         return CHOSEN[key]
     timer = timer or _time
-    best, best_ms, errors = None, float("inf"), []
+    best, best_ms, errors, first = None, float("inf"), [], None
     for tile in configs:
         try:
             with use_tile(tile):
                 took = timer(call)
         except Exception as error:  # a config that cannot run is pruned
             errors.append(f"{tile}: {type(error).__name__}: {str(error)[:80]}")
+            first = first or error
             continue
         if took < best_ms:
             best, best_ms = tile, took
-    if best is None:
-        raise RuntimeError(f"tuning: no tile ran for {key[0]}: {'; '.join(errors)}")
+    if best is None:  # the call itself fails (bad input, Unsupported): its own error
+        first.add_note(f"tuning: no tile ran for {key[0]}: {'; '.join(errors)}")
+        raise first
     CHOSEN[key] = best
     return best
 

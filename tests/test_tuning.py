@@ -64,8 +64,12 @@ def test_autotune_picks_the_fastest_skips_failures_and_caches(monkeypatch):
     assert seen == configs
     assert tuning.autotune(key, lambda: None, configs, timer) == Tile(64, 64, 4)
     assert len(seen) == 3  # cached: nothing timed again
-    with pytest.raises(RuntimeError, match="no tile ran for lsh: 32x32 w4 s3: RuntimeError: out"):
-        tuning.autotune(("lsh",), lambda: None, [Tile(32, 32, 4)], timer)
+    with pytest.raises(RuntimeError, match="out of resources: shared memory") as failed:
+        tuning.autotune(("lsh",), lambda: None, [Tile(32, 32, 4), Tile(16, 16, 4)], timer)
+    assert failed.value.__notes__ == [
+        "tuning: no tile ran for lsh: 32x32 w4 s3: RuntimeError: out of resources: shared "
+        "memory; 16x16 w4 s3: RuntimeError: out of resources: shared memory"
+    ]
 
 
 def test_tune_key_rounds_the_length_and_names_the_config():
