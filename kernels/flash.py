@@ -328,7 +328,7 @@ def _scores(
     qk = tl.dot(q, k, input_precision=PRECISION)
     per_log2 = 1.0 / qk_scale  # a bias b in log2 units is b * per_log2 in these
     if REL_TERM:
-        # (q + v) . R_d for the BLOCK_M + BLOCK_N distances of the tile, then each
+        # (q + v) . R_d for the distances of the tile (_rel_rows), then each
         # row picks its own diagonal
         row = _rel_rows(m_start, start, offset, rel_zero, BLOCK_M, BLOCK_N)
         r = tl.load(REL + row[None, :] * srn + tl.arange(0, HEAD_DIM)[:, None])
