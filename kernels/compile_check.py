@@ -45,17 +45,15 @@ VARIANTS: dict[str, dict[str, bool | int]] = {
     "adaptive span, bidirectional": {"RAMP": True, "SYMMETRIC": True, "SELF": True},
     "xl": {"WINDOW": True, "REL_TERM": True},
     "lsh buckets": dict.fromkeys(
-        ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "ACCUMULATE"), True
-    )
-    | {"DUP": True},
+        ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "DUP", "ACCUMULATE"),
+        True,
+    ),
     "lsh across buckets": dict.fromkeys(
-        ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "SELF", "ACCUMULATE"), True
-    )
-    | {"DUP": True},
+        ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "SELF", "DUP", "ACCUMULATE"), True
+    ),
     "lsh causal": dict.fromkeys(
-        ("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS", "SELF", "ACCUMULATE"), True
-    )
-    | {"DUP": True},
+        ("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS", "SELF", "DUP", "ACCUMULATE"), True
+    ),
     "routing causal clusters": dict.fromkeys(("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS"), True),
     "routing member lists": dict.fromkeys(("GATHER_Q", "GATHER_K", "WINDOW"), True),
     "dense, key padding": {"PADDED": True},
@@ -152,11 +150,10 @@ def hot_loop(sass: str) -> int | None:
 ASYNC_COPIES = ("LDGSTS", "UTMALDG", "UBLKCP")
 
 
-def async_copies(sass: str) -> int | None:
-    """Asynchronous copies issued in the hot loop's body: K/V tiles for a later
-    iteration, the sign that the pipeliner multi-buffers them."""
-    body = hot_loop_body(sass)
-    return None if body is None else sum(any(op in t for op in ASYNC_COPIES) for t in body)
+def async_copies(body: list[str]) -> int:
+    """Asynchronous copies issued in a hot loop's body (:func:`hot_loop_body`): K/V
+    tiles for a later iteration, the sign that the pipeliner multi-buffers them."""
+    return sum(any(op in text for op in ASYNC_COPIES) for text in body)
 
 
 def hot_loop_body(sass: str) -> list[str] | None:
@@ -206,8 +203,9 @@ def analyze(compiled, arch: int) -> dict:
         if sass:
             found["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
             found["hmma"] = len(re.findall(r"\bHMMA\b", sass))
-            found["loop_instructions"] = hot_loop(sass)
-            found["loop_async_copies"] = async_copies(sass)
+            if (body := hot_loop_body(sass)) is not None:
+                found["loop_instructions"] = len(body)
+                found["loop_async_copies"] = async_copies(body)
     return found
 
 
@@ -298,26 +296,16 @@ def buffering(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _found_gaps(row: dict) -> list[str]:
-    """What a fast fp16/bf16 variant at head_dim >= 64 lacks."""
+def _gaps(row: dict) -> list[str]:
+    """What a fast fp16/bf16 variant at head_dim >= 64 lacks beyond KNOWN_GAPS, and
+    known gaps that are gone (the list must shrink when a fix lands, or it would hide
+    the next regression)."""
     if row["dtype"] == "fp32" or row["head_dim"] < 64:
         return []
-    found = []
-    if row.get("spill_store_bytes"):
-        found.append("spills")
-    if not row.get("hgmma"):
-        found.append("no HGMMA")
-    return found
-
-
-def _gaps(row: dict) -> list[str]:
-    """Gaps beyond KNOWN_GAPS, and known gaps that are gone (the list must shrink
-    when a fix lands, or it would hide the next regression)."""
+    found = [gap for gap, missing in (("spills", row.get("spill_store_bytes")),
+                                      ("no HGMMA", not row.get("hgmma"))) if missing]  # fmt: skip
     where = (row["kernel"], row["variant"], row["head_dim"])
-    found = _found_gaps(row)
     new = [g for g in found if (*where, g) not in KNOWN_GAPS]
-    if row["dtype"] == "fp32" or row["head_dim"] < 64:
-        return new
     gone = [f"{g} is fixed (drop it from KNOWN_GAPS)" for kernel, variant, dim, g in KNOWN_GAPS
             if (kernel, variant, dim) == where and g not in found]  # fmt: skip
     return new + gone

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import triton
@@ -82,7 +83,7 @@ class Duplicates:
     codes: torch.Tensor
     reach: int
 
-    @property
+    @cached_property
     def log2_counts(self) -> torch.Tensor:
         """log2 n for n = 0 .. rounds (0 at n = 0: a pair no round shows is masked)."""
         counts = torch.arange(self.codes.shape[1] + 1, device=self.codes.device)

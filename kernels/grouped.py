@@ -53,16 +53,16 @@ def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) -> 
     return Duplicates(codes.reshape(b * h, *codes.shape[2:]).to(torch.int32).contiguous(), reach)
 
 
-def sorted_part(q, k, v, groups, chunk: int, mode: str, self_bias, rounds=None,
-                keep=None) -> Part:  # fmt: skip
-    """One round for groups [B, H, N], output in original order; with ``rounds``
-    [B|1, H|1, R, N], every round's groups, the duplicate correction."""
+def sorted_part(q, k, v, groups, chunk: int, mode: str, self_bias,
+                duplicates: Duplicates | None = None, keep=None) -> Part:  # fmt: skip
+    """One round for groups [B, H, N], output in original order; with ``duplicates``
+    (:func:`round_codes` of every round, computed once for all of them), the
+    duplicate correction."""
     b, h, n, _ = q.shape
-    tile = tile_for(q, "duplicates" if rounds is not None else "plain")
+    tile = tile_for(q, "duplicates" if duplicates is not None else "plain")
     groups = groups.expand(b, h, n).reshape(b * h, n)
     perm, _ = sort_by_group(groups)
     perm = perm.to(torch.int32).contiguous()
-    duplicates = round_codes(rounds, b, h, chunk, mode) if rounds is not None else None
     common = dict(q_index=perm, k_index=perm, self_bias=self_bias, duplicates=duplicates,
                   keep=keep, tile=tile)  # fmt: skip
     ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()
