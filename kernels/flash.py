@@ -163,23 +163,41 @@ def _rel_rows(m_start, start, offset, rel_zero, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _program_scratch(SCRATCH, pid, pid_bh, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """This program's own float32 tile of the scratch buffer (:func:`scratch_for`),
-    ROWS x 2 max(ROWS, COLS), where xl's distance scores are skewed."""
-    width: tl.constexpr = 2 * ROWS if ROWS >= COLS else 2 * COLS
-    return SCRATCH + (pid_bh * tl.num_programs(0) + pid) * (ROWS * width)
+def _rel_table(REL, m_start, start, offset, rel_zero, srn, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REL_TERM: tl.constexpr):  # fmt: skip
+    """xl's W_R R_d for the distances of a tile, [width, HEAD_DIM] (:func:`_rel_rows`):
+    loaded once per tile, for the scores and, in the dQ pass, for their gradient
+    (0 without the relative term)."""
+    rel = 0
+    if REL_TERM:
+        row = _rel_rows(m_start, start, offset, rel_zero, BLOCK_M, BLOCK_N)
+        rel = tl.load(REL + row[:, None] * srn + tl.arange(0, HEAD_DIM)[None, :])
+    return rel
 
 
 @triton.jit
-def _skew(s, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _program_scratch(SCRATCH, pid, pid_bh, ROWS: tl.constexpr, COLS: tl.constexpr,
+                     TILES: tl.constexpr):  # fmt: skip
+    """This program's TILES float32 tiles of the scratch buffer (:func:`scratch_for`),
+    each ROWS x 2 max(ROWS, COLS), where xl's distance scores are skewed: tile 0 for
+    the scores (:func:`_skew`), tile 1 for the dQ pass's :func:`_unskew`."""
+    width: tl.constexpr = 2 * ROWS if ROWS >= COLS else 2 * COLS
+    return SCRATCH + (pid_bh * tl.num_programs(0) + pid) * (TILES * ROWS * width)
+
+
+@triton.jit
+def _skew(s, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FENCE: tl.constexpr):
     """t[a, b] = s[a, a - b + BLOCK_N - 1]: each row of the distance scores
     [BLOCK_M, width] read at its own diagonal (Transformer-XL's relative shift, Dai et
-    al. 2019, App. B), as a shifted load from the program's scratch tile: s is stored
-    once and read back skewed. A register gather (tl.gather) costs ~350 shuffles and
-    selects per tile and spills the backward (the compile report)."""
+    al. 2019, App. B), as a shifted load from the program's scratch tile 0: s is
+    stored once and read back skewed. A register gather (tl.gather) costs ~350
+    shuffles and selects per tile and spills the backward (the compile report).
+    A barrier between store and load; ``FENCE``, one before the store too (no other
+    barrier separates it from the previous tile's reads)."""
     width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
     a = tl.arange(0, BLOCK_M)[:, None]
-    tl.debug_barrier()  # every thread has read the previous tile
+    if FENCE:
+        tl.debug_barrier()  # every thread has read the previous tile
     tl.store(SCRATCH + a * width + tl.arange(0, width)[None, :], s)
     tl.debug_barrier()
     return tl.load(SCRATCH + a * width + (a + BLOCK_N - 1) - tl.arange(0, BLOCK_N)[None, :])
@@ -188,14 +206,17 @@ def _skew(s, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _unskew(ds, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The transpose of :func:`_skew`'s pick: wide[a, c] = ds[a, a + BLOCK_N - 1 - c]
-    where that is a column of ds, else 0 ([BLOCK_M, width] as :func:`_rel_rows`)."""
+    where that is a column of ds, else 0 ([BLOCK_M, width] as :func:`_rel_rows`), in
+    ds's dtype, through the program's scratch tile 1. Called after :func:`_skew` of
+    the same step (no fence: the skew's barrier follows this tile's previous reads,
+    and this barrier precedes the next skew's store)."""
     width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
+    TILE = (SCRATCH + BLOCK_M * width).to(tl.pointer_type(ds.dtype))
     a = tl.arange(0, BLOCK_M)[:, None]
     b = a + BLOCK_N - 1 - tl.arange(0, width)[None, :]
+    tl.store(TILE + a * width + tl.arange(0, BLOCK_N)[None, :], ds)
     tl.debug_barrier()
-    tl.store(SCRATCH + a * width + tl.arange(0, BLOCK_N)[None, :], ds)
-    tl.debug_barrier()
-    return tl.load(SCRATCH + a * width + b, mask=(b >= 0) & (b < BLOCK_N), other=0.0)
+    return tl.load(TILE + a * width + b, mask=(b >= 0) & (b < BLOCK_N), other=0.0)
 
 
 @triton.jit
@@ -312,29 +333,28 @@ def _step_start(blocks, first, t, RUN: tl.constexpr, BLOCK: tl.constexpr, STEP: 
 @triton.jit
 def _scores(
     q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-    KGRP, REL, SCRATCH, SPANS, RCODE, LOGN, KEEP,
-    srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h, rel_zero,
+    KGRP, rel, SCRATCH, SPANS, RCODE, LOGN, KEEP,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
     qk_scale, n_pos, dup_reach,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr,
     RAMP: tl.constexpr, SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr,
-    ROUNDS: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr,
+    ROUNDS: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr, FENCE: tl.constexpr,
 ):  # fmt: skip
     """The scores of one tile before the softmax scale: q . k plus every bias divided
     by ``qk_scale`` (= log2(e) / sqrt(d)), -inf where a pair is not visible, so that
     the softmax weight is exp2(score * qk_scale - m), one FMA and an exp2 per score
     (the scale is folded into the exponent's argument, not a separate multiply).
-    ``k`` is k^T [HEAD_DIM, BLOCK_N]. The forward and both backward passes score
-    tiles here, so they cannot disagree."""
+    ``k`` is k^T [HEAD_DIM, BLOCK_N]; ``rel`` xl's table rows (:func:`_rel_table`),
+    skewed through ``SCRATCH`` (``FENCE``: see :func:`_skew`).
+    The forward and both backward passes score tiles here, so they cannot disagree."""
     qk = tl.dot(q, k, input_precision=PRECISION)
     per_log2 = 1.0 / qk_scale  # a bias b in log2 units is b * per_log2 in these
     if REL_TERM:
-        # (q + v) . R_d for the distances of the tile (_rel_rows), then each
-        # row picks its own diagonal
-        row = _rel_rows(m_start, start, offset, rel_zero, BLOCK_M, BLOCK_N)
-        r = tl.load(REL + row[None, :] * srn + tl.arange(0, HEAD_DIM)[:, None])
-        s = tl.dot(qv, r, input_precision=PRECISION)
-        qk += _skew(s, SCRATCH, BLOCK_M, BLOCK_N)
+        # (q + v) . R_d for the distances of the tile (rel, from _rel_table), then
+        # each row picks its own diagonal
+        s = tl.dot(qv, tl.trans(rel), input_precision=PRECISION)
+        qk += _skew(s, SCRATCH, BLOCK_M, BLOCK_N, FENCE)
     if DUP:
         seen = _rounds_seen(q_pos, k_pos, RCODE, n_pos, dup_reach, ROUNDS, BLOCK_M, BLOCK_N)
         # log2 N_ij read from a table of log2 n, n <= rounds: a log per score would be
@@ -394,7 +414,7 @@ def _flash_fwd(
     rows_in = offs_m < n_q
     q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
                                         HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
-    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, BLOCK_M, STEP_N)
+    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, BLOCK_M, STEP_N, 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -408,13 +428,15 @@ def _flash_fwd(
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
+            rel = _rel_table(REL, pid_m * BLOCK_M, start, offset, rel_zero, srn, HEAD_DIM,
+                             BLOCK_M, STEP_N, REL_TERM)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, pid_m * BLOCK_M, k_pos, offs_n, in_range, start,
-                KGRP, REL, SCRATCH, SPANS, RCODE, LOGN, KEEP,
-                srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-                rel_zero, qk_scale, n_pos, dup_reach,
+                KGRP, rel, SCRATCH, SPANS, RCODE, LOGN, KEEP,
+                lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
+                qk_scale, n_pos, dup_reach,
                 HEAD_DIM, BLOCK_M, STEP_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, ROUNDS, PADDED, PRECISION,
+                REL_TERM, DUP, ROUNDS, PADDED, PRECISION, True,
             )  # fmt: skip
             # the online softmax, in the exp2 domain (m_i in scaled units)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -454,14 +476,15 @@ def padded_table(relative: Relative, dtype: torch.dtype, pad: int) -> torch.Tens
     return torch.nn.functional.pad(relative.table.to(dtype), (0, 0, pad, pad)).contiguous()
 
 
-def scratch_for(q: torch.Tensor, part: Part, grid: tuple[int, int], rows: int,
-                cols: int) -> torch.Tensor:  # fmt: skip
-    """xl's skew buffer: rows x 2 max(rows, cols) float32 per program of ``grid`` (one
-    distance-score tile each, L2-resident: 32 KiB at 64 x 64), or a placeholder."""
+def scratch_for(q: torch.Tensor, part: Part, grid: tuple[int, int], rows: int, cols: int,
+                tiles: int = 1) -> torch.Tensor:  # fmt: skip
+    """xl's skew buffer: ``tiles`` tiles of rows x 2 max(rows, cols) float32 per program
+    of ``grid`` (:func:`_program_scratch`: 1 for the forward and dK/dV, 2 for dQ;
+    L2-resident, 32 KiB a tile at 64 x 64), or a placeholder."""
     if part.relative is None:
         return torch.empty(1, device=q.device, dtype=torch.float32)
-    return torch.empty(grid[0] * grid[1] * rows * 2 * max(rows, cols), device=q.device,
-                       dtype=torch.float32)  # fmt: skip
+    size = grid[0] * grid[1] * tiles * rows * 2 * max(rows, cols)
+    return torch.empty(size, device=q.device, dtype=torch.float32)
 
 
 def new_output(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

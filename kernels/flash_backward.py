@@ -43,6 +43,7 @@ from attn_zoo.kernels.flash import (
     _program_scratch,
     _ramp_distance,
     _rel_rows,
+    _rel_table,
     _scores,
     _step_start,
     _unskew,
@@ -106,7 +107,7 @@ def _flash_bwd_dq(
     o_rows = q_pos if SCATTER_O else offs_m
     do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
                                             rows_in, sob, soh, som, n_out, HEAD_DIM)  # fmt: skip
-    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, ROWS, SUB_N)
+    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, ROWS, SUB_N, 2)
     dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     dqv = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     dz = tl.zeros([ROWS], tl.float32)
@@ -120,13 +121,15 @@ def _flash_bwd_dq(
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
+            rel = _rel_table(REL, m_start, start, offset, rel_zero, srn, HEAD_DIM, ROWS, SUB_N,
+                             REL_TERM)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-                KGRP, REL, SCRATCH, SPANS, RCODE, LOGN, KEEP,
-                srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-                rel_zero, qk_scale, n_pos, dup_reach,
+                KGRP, rel, SCRATCH, SPANS, RCODE, LOGN, KEEP,
+                lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
+                qk_scale, n_pos, dup_reach,
                 HEAD_DIM, ROWS, SUB_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, ROUNDS, PADDED, PRECISION,
+                REL_TERM, DUP, ROUNDS, PADDED, PRECISION, False,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -135,13 +138,12 @@ def _flash_bwd_dq(
             if REL_TERM:
                 # dS spread back over the tile's distances: wide[a, c] = dS[a, b] where
                 # c = a - b + SUB_N - 1 (the forward's diagonal pick, transposed)
-                wide = _unskew(ds, SCRATCH, ROWS, SUB_N)
+                wide = _unskew(ds.to(k.dtype), SCRATCH, ROWS, SUB_N)
                 row = _rel_rows(m_start, start, offset, rel_zero, ROWS, SUB_N)
-                r = tl.load(REL + row[:, None] * srn + offs_d[None, :])  # [width, D]
-                dqv += tl.dot(wide.to(r.dtype), r, input_precision=PRECISION)
-                d_rows = tl.dot(tl.trans(wide.to(qv.dtype)), qv, input_precision=PRECISION)
+                dqv += tl.dot(wide, rel, input_precision=PRECISION)
+                d_rows = tl.dot(tl.trans(wide), qv, input_precision=PRECISION)
                 d_ptrs = DTABLE + h * srh + row[:, None] * srn + offs_d[None, :]
-                tl.atomic_add(d_ptrs, d_rows * (qk_scale * LN2))
+                tl.atomic_add(d_ptrs, d_rows * (qk_scale * LN2), sem="relaxed")
             if RAMP and masked == 1:  # d log m / dz = 1 / (R + z - x) where 0 < m < 1
                 x = _ramp_distance(offs_m, offs_n, offset, SYMMETRIC)
                 edge = ramp + tl.load(SPANS + h) - x
@@ -154,7 +156,7 @@ def _flash_bwd_dq(
         rows = DQV + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(rows, dqv * scale, mask=rows_in[:, None])
     if RAMP:
-        tl.atomic_add(DSPANS + h, tl.sum(dz, 0))
+        tl.atomic_add(DSPANS + h, tl.sum(dz, 0), sem="relaxed")
 
 
 @triton.jit
@@ -189,7 +191,7 @@ def _flash_bwd_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     in_range = offs_n < n_k
     k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM, True, GATHER_K)
-    SCRATCH = _program_scratch(SCRATCH, pid_n, pid_bh, SUB_M, KEYS)
+    SCRATCH = _program_scratch(SCRATCH, pid_n, pid_bh, SUB_M, KEYS, 1)
     dk = tl.zeros([KEYS, HEAD_DIM], tl.float32)
     dv = tl.zeros([KEYS, HEAD_DIM], tl.float32)
     lay = (pid_bh % n_layouts) * tl.cdiv(n_k, BLOCK_N) + start // BLOCK_N
@@ -206,13 +208,15 @@ def _flash_bwd_dkdv(
             do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
                                                     rows_in, sob, soh, som, n_out,
                                                     HEAD_DIM)  # fmt: skip
+            rel = _rel_table(REL, m_start, start, offset, rel_zero, srn, HEAD_DIM, SUB_M, KEYS,
+                             REL_TERM)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-                KGRP, REL, SCRATCH, SPANS, RCODE, LOGN, KEEP,
-                srn, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-                rel_zero, qk_scale, n_pos, dup_reach,
+                KGRP, rel, SCRATCH, SPANS, RCODE, LOGN, KEEP,
+                lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
+                qk_scale, n_pos, dup_reach,
                 HEAD_DIM, SUB_M, KEYS, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, ROUNDS, PADDED, PRECISION,
+                REL_TERM, DUP, ROUNDS, PADDED, PRECISION, True,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
@@ -290,7 +294,7 @@ def backward(
         dtable = torch.zeros(heads, n_table, dim, device=q.device) if rel else dq_rows
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
         grid = (triton.cdiv(run.n_q, tile.program), batch * heads)
-        scratch = flash.scratch_for(q, part, grid, tile.program, tile.step)
+        scratch = flash.scratch_for(q, part, grid, tile.program, tile.step, tiles=2)
         _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, dqv_rows, dtable, dspans, scratch,
                             *run.args, **run.flags, ROWS=tile.program, SUB_N=tile.step,
                             **options)  # fmt: skip
