@@ -185,7 +185,8 @@ def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
         duplicates = round_codes(plan.rounds, *q.shape[:2], plan.bucket_size, plan.mode)
     parts = [
         sorted_part(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
-                    plan.self_penalty, duplicates=duplicates, keep=plan.keep)
+                    plan.self_penalty, keep=plan.keep,
+                    duplicates=duplicates.for_round(r) if duplicates is not None else None)
         for r in range(plan.buckets.shape[2])
     ]  # fmt: skip
     return attend(q, parts)[0]

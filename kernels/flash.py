@@ -22,8 +22,9 @@ What a launch may add to plain attention (all decided at compile time):
 * the Transformer-XL relative term (q_i + v) . W_R R_(i-j) (Dai et al. 2019,
   Sec. 3.3), with the content term (q_i + u) . k_j;
 * key padding: keys whose position is marked padded are never seen;
-* Reformer's duplicate correction, bias -log N_ij for a pair visible in N_ij
-  hash rounds (Kitaev et al. 2020, Eq. 7);
+* Reformer's duplicate correction (Kitaev et al. 2020, Eq. 7): a pair seen in
+  N_ij hash rounds counts once, in the first round that shows it (the union the
+  bias -log N_ij on every copy gives, without a count or a log per score);
 * accumulation into a partial (out, lse) already in the output, merged by
   log-sum-exp, so a mechanism's parts need no extra N x D buffers.
 
@@ -37,9 +38,9 @@ by log-sum-exp. Structure after Liger-Kernel: kernels (here, and the backward in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 import triton
@@ -75,19 +76,22 @@ class Relative:
 
 @dataclass(frozen=True, eq=False)
 class Duplicates:
-    """Reformer's Eq. 7: one code per round and original position, [B * H, R, N]
-    int32, such that key j is visible to query i in round r exactly when
-    0 <= code[r, i] - code[r, j] <= ``reach`` (:func:`attn_zoo.kernels.grouped.round_codes`
-    folds each rule of :mod:`attn_zoo.grouped`, group and sorted place, into it)."""
+    """Reformer's Eq. 7 for the part of hash round ``round``: one code per round and
+    original position, [B * H, R, N] int32, such that key j is visible to query i in
+    round r exactly when 0 <= code[r, i] - code[r, j] <= ``reach``
+    (:func:`attn_zoo.kernels.grouped.round_codes` folds each rule of
+    :mod:`attn_zoo.grouped`, group and sorted place, into it). The part hides the
+    pairs a round before ``round`` shows, so each pair of the rounds' union is
+    counted once: sum_r sum_(j in P_i^r) exp(s_ij - log N_ij) = sum_(j in union)
+    exp(s_ij), Eq. 7's softmax, with no N_ij to count or log to take per score."""
 
     codes: torch.Tensor
     reach: int
+    round: int = 0
 
-    @cached_property
-    def log2_counts(self) -> torch.Tensor:
-        """log2 n for n = 0 .. rounds (0 at n = 0: a pair no round shows is masked)."""
-        counts = torch.arange(self.codes.shape[1] + 1, device=self.codes.device)
-        return torch.log2(counts.clamp(min=1).to(torch.float32)).contiguous()
+    def for_round(self, r: int) -> Duplicates:
+        """The same codes for the part of round ``r``."""
+        return dataclasses.replace(self, round=r)
 
 
 @dataclass(frozen=True, eq=False)
@@ -137,17 +141,16 @@ class Part:
 
 
 @triton.jit
-def _rounds_seen(q_pos, k_pos, RCODE, n_pos, reach, ROUNDS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """N_ij: the rounds in which key k_pos is visible to query q_pos (Eq. 7), int32:
-    one code per side and round, one difference and one range test per pair (0 <= d
-    <= reach as one unsigned compare). The rounds unroll (ROUNDS is compile-time): a
-    loop nested in the key-block walk would keep the software pipeliner from
-    multi-buffering K and V."""
-    seen = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-    for r in tl.static_range(ROUNDS):
+def _seen_before(q_pos, k_pos, RCODE, n_pos, reach, DUP: tl.constexpr):
+    """Whether key k_pos is visible to query q_pos in one of the DUP rounds before
+    this part's (Eq. 7, :class:`Duplicates`): one code per side and round, one
+    difference and one range test per pair (0 <= d <= reach as one unsigned
+    compare). The rounds unroll (DUP is compile-time): a loop nested in the key-block
+    walk would keep the software pipeliner from multi-buffering K and V."""
+    seen = tl.zeros([q_pos.shape[0], k_pos.shape[0]], tl.int32) != 0
+    for r in tl.static_range(DUP):
         step = tl.load(RCODE + r * n_pos + q_pos)[:, None] - tl.load(RCODE + r * n_pos + k_pos)
-        seen += (step.to(tl.uint32, bitcast=True) <= reach.to(tl.uint32)).to(tl.int32)
+        seen |= step.to(tl.uint32, bitcast=True) <= reach.to(tl.uint32)
     return seen
 
 
@@ -230,8 +233,8 @@ def _ramp_distance(offs_m, offs_n, offset, SYMMETRIC: tl.constexpr):
 
 @triton.jit
 def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
-          sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, n_rounds,
-          n_pos, keep_stride):  # fmt: skip
+          sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
+          keep_stride):  # fmt: skip
     """Every input pointer moved to batch/head ``pid_bh`` (int64: b * stride passes
     2^31 elements on large inputs; offsets within one head stay 32-bit)."""
     b = pid_bh // H
@@ -244,7 +247,7 @@ def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
     QGRP += (pid_bh % n_grouped) * n_q
     KGRP += (pid_bh % n_grouped) * n_k
     REL += h * srh
-    RCODE += pid_bh * n_rounds * n_pos
+    RCODE += pid_bh * dup_stride
     KEEP += b * keep_stride
     return Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h
 
@@ -333,13 +336,13 @@ def _step_start(blocks, first, t, RUN: tl.constexpr, BLOCK: tl.constexpr, STEP: 
 @triton.jit
 def _scores(
     q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-    KGRP, rel, SCRATCH, SPANS, RCODE, LOGN, KEEP,
+    KGRP, rel, SCRATCH, SPANS, RCODE, KEEP,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
     qk_scale, n_pos, dup_reach,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr,
     RAMP: tl.constexpr, SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr,
-    ROUNDS: tl.constexpr, PADDED: tl.constexpr, PRECISION: tl.constexpr, FENCE: tl.constexpr,
+    PADDED: tl.constexpr, PRECISION: tl.constexpr, FENCE: tl.constexpr,
 ):  # fmt: skip
     """The scores of one tile before the softmax scale: q . k plus every bias divided
     by ``qk_scale`` (= log2(e) / sqrt(d)), -inf where a pair is not visible, so that
@@ -355,11 +358,9 @@ def _scores(
         # each row picks its own diagonal
         s = tl.dot(qv, tl.trans(rel), input_precision=PRECISION)
         qk += _skew(s, SCRATCH, BLOCK_M, BLOCK_N, FENCE)
-    if DUP:
-        seen = _rounds_seen(q_pos, k_pos, RCODE, n_pos, dup_reach, ROUNDS, BLOCK_M, BLOCK_N)
-        # log2 N_ij read from a table of log2 n, n <= rounds: a log per score would be
-        # a dozen FMAs (libdevice's exact log2), twice the rest of the tile's work
-        qk -= tl.load(LOGN + seen) * per_log2
+    if DUP:  # a pair an earlier round shows was counted there
+        qk = tl.where(_seen_before(q_pos, k_pos, RCODE, n_pos, dup_reach, DUP), float("-inf"),
+                      qk)  # fmt: skip
     if PADDED:  # key padding, in every block (the layout does not know it)
         kept = tl.load(KEEP + k_pos, mask=in_range, other=0)
         qk = tl.where(kept[None, :] != 0, qk, float("-inf"))
@@ -388,17 +389,16 @@ def _scores(
 @triton.jit
 def _flash_fwd(
     O, MAX, LOGSUM, SCRATCH,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, LOGN, KEEP,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, rel_zero, qk_scale,
-    n_pos, dup_reach, keep_stride,
+    n_pos, dup_reach, dup_stride, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
-    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, ROUNDS: tl.constexpr,
-    PADDED: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, STEP_N: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
@@ -406,7 +406,7 @@ def _flash_fwd(
     pid_bh = tl.program_id(1).to(tl.int64)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
-        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, ROUNDS, n_pos,
+        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
         keep_stride)  # fmt: skip
     sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -432,11 +432,11 @@ def _flash_fwd(
                              BLOCK_M, STEP_N, REL_TERM)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, pid_m * BLOCK_M, k_pos, offs_n, in_range, start,
-                KGRP, rel, SCRATCH, SPANS, RCODE, LOGN, KEEP,
+                KGRP, rel, SCRATCH, SPANS, RCODE, KEEP,
                 lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 qk_scale, n_pos, dup_reach,
                 HEAD_DIM, BLOCK_M, STEP_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, ROUNDS, PADDED, PRECISION, True,
+                REL_TERM, DUP, PADDED, PRECISION, True,
             )  # fmt: skip
             # the online softmax, in the exp2 domain (m_i in scaled units)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -530,7 +530,7 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         *((relative.u.float().contiguous(), relative.v.float().contiguous()) if relative
           else (q, q)), rel_table,
         ramp.spans.float().contiguous() if ramp is not None else q,
-        *((dup.codes, dup.log2_counts) if dup is not None else (dummy,) * 2),
+        dup.codes if dup is not None else dummy,
         keep,
         layout.full, layout.full_count, layout.partial, layout.partial_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -544,7 +544,8 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         (part.self_bias if part.self_bias is not None else 0.0) * dim**0.5,  # / the scale
         ramp.ramp if ramp is not None else 1.0,
         relative.max_dist + pad if relative is not None else 0, dim**-0.5 * LOG2E,
-        *((dup.codes.shape[2], dup.reach) if dup is not None else (0, 1)),
+        *((dup.codes.shape[2], dup.reach, dup.codes.stride(0)) if dup is not None
+          else (0, 1, 0)),
         keep.stride(0) if part.keep is not None else 0,
     ]  # fmt: skip
     flags = dict(
@@ -553,8 +554,7 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         SCATTER_O=part.scatter and part.q_index is not None, WINDOW=part.window is not None,
         GROUPS=groups is not None, SELF=part.self_bias is not None, RAMP=ramp is not None,
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
-        DUP=dup is not None, ROUNDS=dup.codes.shape[1] if dup is not None else 0,
-        PADDED=part.keep is not None,
+        DUP=dup.round if dup is not None else 0, PADDED=part.keep is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else None, RUNS=layout.full_runs,
         WIDE=wide_offsets(q, k, v, out),
     )  # fmt: skip

@@ -74,17 +74,16 @@ def _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, 
 @triton.jit
 def _flash_bwd_dq(
     DO, MAX, LOGSUM, DELTA, DQ, DQV, DTABLE, DSPANS, SCRATCH,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, LOGN, KEEP,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, rel_zero, qk_scale,
-    n_pos, dup_reach, keep_stride,
+    n_pos, dup_reach, dup_stride, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
-    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, ROUNDS: tl.constexpr,
-    PADDED: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr,
     SUB_N: tl.constexpr,
 ):  # fmt: skip
@@ -95,7 +94,7 @@ def _flash_bwd_dq(
     pid_bh = tl.program_id(1).to(tl.int64)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
-        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, ROUNDS, n_pos,
+        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
         keep_stride)  # fmt: skip
     sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
     m_start = pid_m * ROWS
@@ -125,11 +124,11 @@ def _flash_bwd_dq(
                              REL_TERM)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-                KGRP, rel, SCRATCH, SPANS, RCODE, LOGN, KEEP,
+                KGRP, rel, SCRATCH, SPANS, RCODE, KEEP,
                 lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 qk_scale, n_pos, dup_reach,
                 HEAD_DIM, ROWS, SUB_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, ROUNDS, PADDED, PRECISION, False,
+                REL_TERM, DUP, PADDED, PRECISION, False,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -162,17 +161,16 @@ def _flash_bwd_dq(
 @triton.jit
 def _flash_bwd_dkdv(
     DO, MAX, LOGSUM, DELTA, DK, DV, SCRATCH,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, LOGN, KEEP,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, rel_zero, qk_scale,
-    n_pos, dup_reach, keep_stride,
+    n_pos, dup_reach, dup_stride, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
-    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, ROUNDS: tl.constexpr,
-    PADDED: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, KEYS: tl.constexpr,
     SUB_M: tl.constexpr,
 ):  # fmt: skip
@@ -183,7 +181,7 @@ def _flash_bwd_dkdv(
     pid_bh = tl.program_id(1).to(tl.int64)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
-        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, ROUNDS, n_pos,
+        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
         keep_stride)  # fmt: skip
     sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
     start = pid_n * KEYS
@@ -212,11 +210,11 @@ def _flash_bwd_dkdv(
                              REL_TERM)  # fmt: skip
             qk = _scores(
                 q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-                KGRP, rel, SCRATCH, SPANS, RCODE, LOGN, KEEP,
+                KGRP, rel, SCRATCH, SPANS, RCODE, KEEP,
                 lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 qk_scale, n_pos, dup_reach,
                 HEAD_DIM, SUB_M, KEYS, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, ROUNDS, PADDED, PRECISION, True,
+                REL_TERM, DUP, PADDED, PRECISION, True,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)

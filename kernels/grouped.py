@@ -12,7 +12,9 @@ the output goes back to each token's position. The modes of
 * ``"window"``: a token sees its own group's members at most ``chunk`` sorted
   places back (a band plus group equality).
 
-Given every round's groups, the kernel subtracts log N_ij (Reformer, Eq. 7).
+Given every round's groups, round r's part hides the pairs an earlier round
+shows, so each pair of the rounds' union counts once (Reformer, Eq. 7:
+:class:`~attn_zoo.kernels.flash.Duplicates`).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) -> 
 def sorted_part(q, k, v, groups, chunk: int, mode: str, self_bias,
                 duplicates: Duplicates | None = None, keep=None) -> Part:  # fmt: skip
     """One round for groups [B, H, N], output in original order; with ``duplicates``
-    (:func:`round_codes` of every round, computed once for all of them), the
-    duplicate correction."""
+    (:func:`round_codes` of every round, computed once for all of them, for this
+    round: :meth:`~attn_zoo.kernels.flash.Duplicates.for_round`), the duplicate
+    correction."""
     b, h, n, _ = q.shape
     tile = tile_for(q, "duplicates" if duplicates is not None else "plain")
     groups = groups.expand(b, h, n).reshape(b * h, n)

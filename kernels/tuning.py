@@ -123,9 +123,11 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       windows', gathers' and ramp's registers spill 8-40 bytes at 128 x 128 and
       with 8 warps;
     * xl: 64 x 64 with 4 warps at every head_dim (no spill, HGMMA; 8 warps issue
-      1.5x the instructions per score, 128-row tiles spill); lsh: 64 x 64 with 8
-      warps, walked 32 keys a step at head_dim 128 (its unrolled rounds spill with
-      64; the backward keeps 64-wide programs, hence HGMMA, in the 64 x 64 layout);
+      1.5x the instructions per score, 128-row tiles spill); lsh: 64 x 64 with 4
+      warps at every head_dim (2,712 and 3,120 warp-instructions per 4,096 scores
+      at head_dim 64 and 128 against 5,296 and 5,904 with 8 warps; 128-row tiles
+      issue fewer per score but score a third more pairs than its 64-place chunks
+      need);
     * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128.
     """
     _check_kind(kind)
@@ -133,11 +135,7 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     if dtype == torch.float32:
         block = 32 if head_dim > 64 else 64
         return Tile(block, block, 8 if heavy else 4)
-    if kind == "relative":
-        return Tile(64, 64, 4)
-    if kind == "duplicates":
-        return Tile(64, 64, 8, step_n=32 if head_dim > 64 else None)
-    if kind == "plain" and head_dim > 64:
+    if kind in ("relative", "duplicates") or (kind == "plain" and head_dim > 64):
         return Tile(64, 64, 4)
     return Tile(128, 128, 8)
 

@@ -115,7 +115,7 @@ def test_scattered_full_blocks_are_not_a_run():
 
 # The tiles a GPU launch runs, in the interpreter: 128-row and rectangular blocks (the
 # backward's programs then split each layout block) and a forward that walks each key
-# block in two steps (lsh's at head_dim 128), forward and gradients.
+# block in two steps (an autotuner candidate), forward and gradients.
 GPU_TILES = [Tile(128, 128, 8), Tile(128, 64, 4), Tile(64, 32, 4), Tile(64, 64, 8, step_n=32)]
 
 
