@@ -39,6 +39,7 @@ by log-sum-exp. Structure after Liger-Kernel: kernels (here, and the backward in
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -188,26 +189,54 @@ def _program_scratch(SCRATCH, pid, pid_bh, ROWS: tl.constexpr, COLS: tl.constexp
     return SCRATCH + (pid_bh * tl.num_programs(0) + pid) * (TILES * ROWS * width)
 
 
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+
+    @triton.jit
+    def _cta_barrier(x, ASM: tl.constexpr):
+        """The interpreter runs one program at a time: a plain barrier, x unchanged."""
+        tl.debug_barrier()
+        return x
+
+else:
+
+    @triton.jit
+    def _cta_barrier(x, ASM: tl.constexpr):
+        """A barrier of every thread of the program (memory ordered at CTA scope),
+        then the int32 x: a load whose address uses the result cannot move above it.
+        ``ASM`` (16-bit inputs): bar.sync in inline asm rather than tl.debug_barrier,
+        whose gpu.barrier makes Triton's software pipeliner leave the loop alone, so
+        that K, V and the table rows stay multi-buffered; the asm has side effects,
+        as Triton's stores do, so a store stays on its side. In float32 (IEEE dots on
+        FMA units) the pipelined loop spills 2-5x more, so it keeps tl.debug_barrier."""
+        if ASM:
+            return tl.inline_asm_elementwise("bar.sync 0;\n\tmov.b32 $0, $1;", "=r,r",
+                                             [tl.full([], x, tl.int32)], dtype=tl.int32,
+                                             is_pure=False, pack=1)  # fmt: skip
+        tl.debug_barrier()
+        return x
+
+
 @triton.jit
-def _skew(s, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FENCE: tl.constexpr):
+def _skew(s, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FENCE: tl.constexpr,
+          ASM: tl.constexpr):  # fmt: skip
     """t[a, b] = s[a, a - b + BLOCK_N - 1]: each row of the distance scores
     [BLOCK_M, width] read at its own diagonal (Transformer-XL's relative shift, Dai et
     al. 2019, App. B), as a shifted load from the program's scratch tile 0: s is
     stored once and read back skewed. A register gather (tl.gather) costs ~350
     shuffles and selects per tile and spills the backward (the compile report).
-    A barrier between store and load; ``FENCE``, one before the store too (no other
-    barrier separates it from the previous tile's reads)."""
+    A barrier (:func:`_cta_barrier`) between store and load; ``FENCE``, one before
+    the store too (no other barrier separates it from the previous tile's reads)."""
     width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
     a = tl.arange(0, BLOCK_M)[:, None]
     if FENCE:
-        tl.debug_barrier()  # every thread has read the previous tile
+        _cta_barrier(0, ASM)  # every thread has read the previous tile
     tl.store(SCRATCH + a * width + tl.arange(0, width)[None, :], s)
-    tl.debug_barrier()
-    return tl.load(SCRATCH + a * width + (a + BLOCK_N - 1) - tl.arange(0, BLOCK_N)[None, :])
+    zero = _cta_barrier(0, ASM)
+    return tl.load(SCRATCH + zero + a * width + (a + BLOCK_N - 1) - tl.arange(0, BLOCK_N)[None, :])
 
 
 @triton.jit
-def _unskew(ds, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _unskew(ds, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
     """The transpose of :func:`_skew`'s pick: wide[a, c] = ds[a, a + BLOCK_N - 1 - c]
     where that is a column of ds, else 0 ([BLOCK_M, width] as :func:`_rel_rows`), in
     ds's dtype, through the program's scratch tile 1. Called after :func:`_skew` of
@@ -218,8 +247,8 @@ def _unskew(ds, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     a = tl.arange(0, BLOCK_M)[:, None]
     b = a + BLOCK_N - 1 - tl.arange(0, width)[None, :]
     tl.store(TILE + a * width + tl.arange(0, BLOCK_N)[None, :], ds)
-    tl.debug_barrier()
-    return tl.load(TILE + a * width + b, mask=(b >= 0) & (b < BLOCK_N), other=0.0)
+    zero = _cta_barrier(0, ASM)
+    return tl.load(TILE + zero + a * width + b, mask=(b >= 0) & (b < BLOCK_N), other=0.0)
 
 
 @triton.jit
@@ -357,7 +386,7 @@ def _scores(
         # (q + v) . R_d for the distances of the tile (rel, from _rel_table), then
         # each row picks its own diagonal
         s = tl.dot(qv, tl.trans(rel), input_precision=PRECISION)
-        qk += _skew(s, SCRATCH, BLOCK_M, BLOCK_N, FENCE)
+        qk += _skew(s, SCRATCH, BLOCK_M, BLOCK_N, FENCE, PRECISION is None)
     if DUP:  # a pair an earlier round shows was counted there
         qk = tl.where(_seen_before(q_pos, k_pos, RCODE, n_pos, dup_reach, DUP), float("-inf"),
                       qk)  # fmt: skip

@@ -137,7 +137,7 @@ def _flash_bwd_dq(
             if REL_TERM:
                 # dS spread back over the tile's distances: wide[a, c] = dS[a, b] where
                 # c = a - b + SUB_N - 1 (the forward's diagonal pick, transposed)
-                wide = _unskew(ds.to(k.dtype), SCRATCH, ROWS, SUB_N)
+                wide = _unskew(ds.to(k.dtype), SCRATCH, ROWS, SUB_N, PRECISION is None)
                 row = _rel_rows(m_start, start, offset, rel_zero, ROWS, SUB_N)
                 dqv += tl.dot(wide, rel, input_precision=PRECISION)
                 d_rows = tl.dot(tl.trans(wide), qv, input_precision=PRECISION)

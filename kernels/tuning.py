@@ -41,7 +41,7 @@ ACCUMULATOR_LIMIT = 128
 
 #: What a launch computes beyond q . k: nothing but a band ("dense"), element masks,
 #: windows, gathers or a ramp ("plain"), xl's relative term (a [2 max(BM, BN), D]
-#: distance tile and its skew), or lsh's duplicate count (a loop over rounds per tile).
+#: distance tile and its skew), or lsh's duplicate rule (the earlier rounds, per pair).
 KINDS = ("dense", "plain", "relative", "duplicates")
 
 
@@ -89,14 +89,16 @@ def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile) -> B
     """Per the compile report: programs of at most 64 (two float32 [program, D]
     accumulators beside the tile fill 8 warps' registers), steps of 32 at head_dim
     128 and for lsh's rounds (a 64 step spills), the whole program for xl (a 32 step
-    spills as much and loses HGMMA); 8 warps (4 spill at head_dim 64); 2 stages for
-    xl in float32, whose dQ pass needs 256-272 KiB of shared memory with 3 (sm_90 has
-    227)."""
+    spills as much and loses HGMMA); 8 warps (4 spill at head_dim 64); for xl 2
+    stages at head_dim <= 64 in 16 bits and 1 otherwise (its dQ pass's K, V and
+    table tiles need 256 KiB of shared memory with 2 at head_dim 128; sm_90 has 227)."""
     _check_kind(kind)
     program = min(tile.block_m, tile.block_n, 64)
     narrow = (head_dim > 64 or kind == "duplicates") and kind != "relative"
     step = min(32, program) if narrow else program
-    stages = 2 if dtype == torch.float32 and kind == "relative" else 3
+    stages = 3
+    if kind == "relative":
+        stages = 2 if head_dim <= 64 and dtype != torch.float32 else 1
     return BackwardTile(program, step, 8, stages)
 
 
@@ -122,20 +124,24 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     * plain: the same up to head_dim 64; 64 x 64 with 4 warps at 128, where the
       windows', gathers' and ramp's registers spill 8-40 bytes at 128 x 128 and
       with 8 warps;
-    * xl: 64 x 64 with 4 warps at every head_dim (no spill, HGMMA; 8 warps issue
-      1.5x the instructions per score, 128-row tiles spill); lsh: 64 x 64 with 4
+    * xl: 64 x 64 with 4 warps and 2 stages at every head_dim (no spill, HGMMA, K, V
+      and the table rows double-buffered; 8 warps issue 1.5x the instructions per
+      score, 128-row tiles spill, 3 stages need 256 KiB at head_dim 128); lsh: 64 x 64 with 4
       warps at every head_dim (2,712 and 3,120 warp-instructions per 4,096 scores
       at head_dim 64 and 128 against 5,296 and 5,904 with 8 warps; 128-row tiles
       issue fewer per score but score a third more pairs than its 64-place chunks
       need);
-    * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128.
+    * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128
+      (xl in 1 stage: its skew's barrier is tl.debug_barrier there).
     """
     _check_kind(kind)
     heavy = kind != "plain"
     if dtype == torch.float32:
         block = 32 if head_dim > 64 else 64
-        return Tile(block, block, 8 if heavy else 4)
-    if kind in ("relative", "duplicates") or (kind == "plain" and head_dim > 64):
+        return Tile(block, block, 8 if heavy else 4, 1 if kind == "relative" else 3)
+    if kind == "relative":
+        return Tile(64, 64, 4, 2)
+    if kind == "duplicates" or (kind == "plain" and head_dim > 64):
         return Tile(64, 64, 4)
     return Tile(128, 128, 8)
 
