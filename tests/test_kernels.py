@@ -171,8 +171,9 @@ def test_compile_check_refuses_bad_arguments_in_one_line(args, message, capsys):
 
 
 def test_strict_gaps_name_new_gaps_and_fixed_known_ones(monkeypatch):
-    """--strict fails on a spill or a missing HGMMA that KNOWN_GAPS does not list, and
-    on a listed gap that is gone (a stale list would hide the next regression)."""
+    """--strict fails on a spill, a missing HGMMA or a single-buffered band forward
+    that KNOWN_GAPS does not list, and on a listed gap that is gone (a stale list
+    would hide the next regression)."""
     from attn_zoo.kernels import compile_check
 
     monkeypatch.setattr(compile_check, "KNOWN_GAPS", {("bwd_dq", "xl", 64, "spills")})
@@ -181,10 +182,18 @@ def test_strict_gaps_name_new_gaps_and_fixed_known_ones(monkeypatch):
     assert compile_check._gaps(row | {"spill_store_bytes": 0}) == [
         "spills is fixed (drop it from KNOWN_GAPS)"
     ]
-    dense = dict(kernel="fwd", variant="dense / band", dtype="bf16", head_dim=128)
+    dense = dict(kernel="fwd", variant="dense / band", dtype="bf16", head_dim=128, stages=3,
+                 loop_async_copies=16)  # fmt: skip
     assert compile_check._gaps(dense | {"spill_store_bytes": 8, "hgmma": 0}) == [
         "spills", "no HGMMA"
     ]  # fmt: skip
+    # a band forward whose K/V loads the pipeliner left synchronous (xl's, behind a
+    # tl.debug_barrier), or that runs one stage
+    for single in ({"loop_async_copies": 0}, {"stages": 1}):
+        row = dense | {"variant": "xl", "spill_store_bytes": 0, "hgmma": 8} | single
+        assert compile_check._gaps(row) == ["K/V single-buffered"]
+    gathered = dense | {"variant": "lsh buckets", "spill_store_bytes": 0, "hgmma": 8}
+    assert compile_check._gaps(gathered | {"loop_async_copies": 0}) == []
     assert compile_check._gaps(dense | {"dtype": "fp32", "spill_store_bytes": 8, "hgmma": 0}) == []
 
 
