@@ -83,8 +83,11 @@ SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 #: Known gaps of the fp16/bf16 kernels at head_dim >= 64 that --strict tolerates until
 #: they are fixed (kernel, variant, head_dim, what): anything else is a regression.
 KNOWN_GAPS = {
-    # the backward of xl's relative term: dS spread over the tile's distances ([64, 128]
-    # float32) and the table rows' gradient beside dQ's two accumulators
+    # the backward of xl's relative term: the distance scores ([64, 128] float32), dS
+    # spread over the distances and the table rows' gradient ([128, D] float32) beside
+    # dQ's two accumulators (64 and 648 bytes); dK/dV at 128 (168): the [128, D] table
+    # rows beside two [64, 128] accumulators. Without the table's gradient the dQ pass
+    # spills nothing at 64, but a pass of its own would score every tile again.
     ("bwd_dq", "xl", 64, "spills"),
     ("bwd_dq", "xl", 128, "spills"),
     ("bwd_dkdv", "xl", 128, "spills"),

@@ -498,6 +498,18 @@ def _flash_fwd(
     tl.store(LOGSUM + stats, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=rows_in)
 
 
+def table_pad(block_m: int, block_n: int) -> int:
+    """Zero rows on each side of xl's table for a layout of block_m x block_n blocks.
+    A tile of BM rows from m0 and S keys from s, inside a listed block pair (forward
+    steps and backward programs: BM, S <= B = max(block_m, block_n)), reads rows
+    rel_zero + m0 - s - (S - 1) + c for c < 2 max(BM, S) (:func:`_rel_rows`). The
+    block pair has a visible pair, |i - j| <= max_dist, so m0 - s lies within
+    max_dist + block_m + block_n of 0 and the rows stay in the padded table,
+    [0, 2 max_dist + 2 pad], when pad = 3B. (2B let a 32-key step of a 64 x 64 block
+    read 30 rows past its end, and the dQ pass add to them.)"""
+    return 3 * max(block_m, block_n)
+
+
 def padded_table(relative: Relative, dtype: torch.dtype, pad: int) -> torch.Tensor:
     """xl's table in the launch's dtype with ``pad`` zero rows on each side: a tile's
     distances reach past +-max_dist only at pairs the mask hides, so the kernel reads
@@ -547,7 +559,7 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
     dummy = torch.empty(1, device=q.device, dtype=torch.int32)
     keep = part.keep.to(torch.int8).contiguous() if part.keep is not None else dummy
     relative, ramp, dup, groups = part.relative, part.ramp, part.duplicates, part.groups
-    pad = 2 * max(layout.block_m, layout.block_n)  # the widest distance tile of the part
+    pad = table_pad(layout.block_m, layout.block_n)
     rel_table = padded_table(relative, q.dtype, pad) if relative is not None else q
     win = part.window if part.window is not None else Window(1, 0, -BIG, BIG)
     band = part.band

@@ -138,6 +138,36 @@ def test_gpu_tiles_for_xl_and_lsh(name, tile):
 @pytest.mark.parametrize("tile", GPU_TILES, ids=str)
 @pytest.mark.parametrize("name", ["dense", "sparse_fixed", "adaptive_span", "routing", "xl"])
 def test_gpu_tiles_give_the_reference_gradients(name, tile):
+    _same_gradients(name, tile)
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_xl_tiles_read_inside_the_padded_table(dim, dtype):
+    """Every tile the autotuner may run for xl, as the forward walks it (BM rows, key
+    steps) and as the backward's programs split it: the table rows _rel_rows reads
+    (rel_zero + m0 + offset - s - (S - 1) + c, c < 2 max(R, S), for R rows from m0
+    and S keys from s) stay inside the padded table at the extreme block pairs a
+    layout can list (some |i + offset - j| <= max_dist). Pads of 2 max(BM, BN) let a
+    32-key step of a 64 x 64 block read 30 rows past the end."""
+    from attn_zoo.kernels.flash import table_pad
+
+    max_dist = 300
+    for tile in tuning.candidates(dim, dtype, "relative"):
+        bm, bn = tile.block_m, tile.block_n
+        pad = table_pad(bm, bn)
+        back = tuning.backward_tile(dim, dtype, "relative", tile)
+        walks = [(bm, tile.step), (back.program, back.step), (back.step, back.program)]
+        for rows, keys in walks:  # forward, dQ programs, dK/dV programs
+            for pair in (-max_dist - bm + 1, max_dist + bn - 1):  # m0 + offset - s, blocks
+                for dm in range(0, bm, rows):
+                    for ds in range(0, bn, keys):
+                        first = max_dist + pad + pair + dm - ds - (keys - 1)
+                        last = first + 2 * max(rows, keys) - 1
+                        assert first >= 0 and last <= 2 * max_dist + 2 * pad, (tile, rows, keys)
+
+
+def _same_gradients(name, tile):
     mech = small(name)
     q, k, v = (torch.randn(1, 2, 150, 32, dtype=torch.float64).float().requires_grad_()
                for _ in range(3))  # fmt: skip
