@@ -144,15 +144,17 @@ class Part:
 @triton.jit
 def _seen_before(q_pos, k_pos, RCODE, n_pos, reach, DUP: tl.constexpr):
     """Whether key k_pos is visible to query q_pos in one of the DUP rounds before
-    this part's (Eq. 7, :class:`Duplicates`): one code per side and round, one
-    difference and one range test per pair (0 <= d <= reach as one unsigned
-    compare). The rounds unroll (DUP is compile-time): a loop nested in the key-block
-    walk would keep the software pipeliner from multi-buffering K and V."""
-    seen = tl.zeros([q_pos.shape[0], k_pos.shape[0]], tl.int32) != 0
+    this part's (Eq. 7, :class:`Duplicates`): one code per side and round, and per
+    pair one difference d and one unsigned minimum per round, then one compare:
+    0 <= d <= reach in some round exactly when min over the rounds of d, read as
+    unsigned (negative d wraps past every reach), is at most reach. The rounds unroll
+    (DUP is compile-time): a loop nested in the key-block walk would keep the
+    software pipeliner from multi-buffering K and V."""
+    nearest = tl.full([q_pos.shape[0], k_pos.shape[0]], 0xFFFFFFFF, tl.uint32)
     for r in tl.static_range(DUP):
         step = tl.load(RCODE + r * n_pos + q_pos)[:, None] - tl.load(RCODE + r * n_pos + k_pos)
-        seen |= step.to(tl.uint32, bitcast=True) <= reach.to(tl.uint32)
-    return seen
+        nearest = tl.minimum(nearest, step.to(tl.uint32, bitcast=True))
+    return nearest <= reach.to(tl.uint32)
 
 
 @triton.jit

@@ -263,6 +263,7 @@ SWITCHES = [
                      "compression": "conv", "attend_initial_memory": True}),
     ("compressive", {"segment_len": 16, "mem_len": 0, "cmem_len": 4,
                      "attend_initial_memory": True}),
+    ("lsh", {"bucket_size": 8, "n_hashes": 4}),  # Eq. 7 over 3 earlier rounds, own buckets
     ("lsh", {"bucket_size": 8, "n_hashes": 3, "attend_across_buckets": True}),
     ("lsh", {"bucket_size": 8, "n_hashes": 3, "allow_duplicate_attention": True}),
     ("lsh", {"bucket_size": 8, "n_hashes": 2, "attend_across_buckets": True,
