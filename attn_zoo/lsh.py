@@ -12,7 +12,10 @@ only bound the work). A token does not attend to itself unless nothing else
 is visible (``self_penalty``, public code: -1e5). Rounds are combined by
 their log-sum-exp (Sec. 2.3) after subtracting log N_ij, the number of rounds
 in which j is visible to i (Eq. 7), so a key found twice counts once: the
-result is one softmax over the union of the rounds' sets.
+result is one softmax over the union of the rounds' sets. The reference
+subtracts log N_ij as written; the triton impl counts each pair in the first
+round that shows it instead (the same union, no count per score:
+:class:`attn_zoo.kernels.flash.Duplicates`).
 
 Switches reproducing public code: ``attend_across_buckets=True`` drops the
 bucket test inside the chunks (trax's option of that name; most ports do
