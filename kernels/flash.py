@@ -91,7 +91,10 @@ class Duplicates:
     round: int = 0
 
     def for_round(self, r: int) -> Duplicates:
-        """The same codes for the part of round ``r``."""
+        """The same codes for the part of round ``r`` (the kernel reads rounds 0..r-1)."""
+        rounds = self.codes.shape[1]
+        if not 0 <= r < rounds:
+            raise ValueError(f"lsh: round {r} of {rounds}; accepted: 0 to {rounds - 1}")
         return dataclasses.replace(self, round=r)
 
 

@@ -126,11 +126,11 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       with 8 warps;
     * xl: 64 x 64 with 4 warps and 2 stages at every head_dim (no spill, HGMMA, K, V
       and the table rows double-buffered; 8 warps issue 1.5x the instructions per
-      score, 128-row tiles spill, 3 stages need 256 KiB at head_dim 128); lsh: 64 x 64 with 4
-      warps at every head_dim (2,296 and 2,704 warp-instructions per 4,096 scores
-      at head_dim 64 and 128 against 4,464 and 5,072 with 8 warps; 128-row tiles
-      issue fewer per score but score a third more pairs than its 64-place chunks
-      need);
+      score, 128-row tiles spill, 3 stages need 256 KiB at head_dim 128);
+    * lsh: 64 x 64 with 4 warps at every head_dim (2,296 and 2,704 warp-instructions
+      per 4,096 scores at head_dim 64 and 128 against 4,464 and 5,072 with 8 warps;
+      128-row tiles issue fewer per score but score a third more pairs than its
+      64-place chunks need);
     * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128
       (xl in 1 stage: its skew's barrier is tl.debug_barrier there).
     """

@@ -224,3 +224,12 @@ def test_round_codes_fold_each_lsh_rule_into_one_range_test(mode):
         assert torch.equal((diff >= 0) & (diff <= dup.reach), rule)
     assert dup.round == 0 and dup.for_round(2).round == 2
     assert dup.for_round(2).codes is dup.codes
+
+
+def test_a_round_outside_the_codes_is_refused():
+    """A part for round r reads the codes of rounds 0..r-1: r must be one of them."""
+    from attn_zoo.kernels.flash import Duplicates
+
+    dup = Duplicates(torch.zeros(1, 3, 5, dtype=torch.int32), reach=1)
+    with pytest.raises(ValueError, match="lsh: round 3 of 3; accepted: 0 to 2"):
+        dup.for_round(3)
