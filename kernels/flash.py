@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -185,13 +185,21 @@ def _rel_table(REL, m_start, start, offset, rel_zero, srn, HEAD_DIM: tl.constexp
 
 
 @triton.jit
-def _program_scratch(SCRATCH, pid, pid_bh, ROWS: tl.constexpr, COLS: tl.constexpr,
-                     TILES: tl.constexpr):  # fmt: skip
-    """This program's TILES float32 tiles of the scratch buffer (:func:`scratch_for`),
+def _program_ids(first_block, first_bh):
+    """(block, batch-head) of this program: the launch's grid is a window of the whole
+    one starting at (first_block, first_bh) (:func:`launches`)."""
+    return tl.program_id(0) + first_block, (tl.program_id(1) + first_bh).to(tl.int64)
+
+
+@triton.jit
+def _program_scratch(SCRATCH, ROWS: tl.constexpr, COLS: tl.constexpr, TILES: tl.constexpr):
+    """This program's TILES float32 tiles of the scratch buffer (:func:`launches`),
     each ROWS x 2 max(ROWS, COLS), where xl's distance scores are skewed: tile 0 for
-    the scores (:func:`_skew`), tile 1 for the dQ pass's :func:`_unskew`."""
+    the scores (:func:`_skew`), tile 1 for the dQ pass's :func:`_unskew`. Indexed by
+    the program's place in its launch, so the buffer is one launch's size."""
     width: tl.constexpr = 2 * ROWS if ROWS >= COLS else 2 * COLS
-    return SCRATCH + (pid_bh * tl.num_programs(0) + pid) * (TILES * ROWS * width)
+    slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    return SCRATCH + slot * (TILES * ROWS * width)
 
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -422,7 +430,7 @@ def _scores(
 
 @triton.jit
 def _flash_fwd(
-    O, MAX, LOGSUM, SCRATCH,
+    O, MAX, LOGSUM, SCRATCH, first_block, first_bh,
     Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
@@ -436,8 +444,7 @@ def _flash_fwd(
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, STEP_N: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _program_ids(first_block, first_bh)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
@@ -448,7 +455,7 @@ def _flash_fwd(
     rows_in = offs_m < n_q
     q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
                                         HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
-    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, BLOCK_M, STEP_N, 1)
+    SCRATCH = _program_scratch(SCRATCH, BLOCK_M, STEP_N, 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -522,15 +529,36 @@ def padded_table(relative: Relative, dtype: torch.dtype, pad: int) -> torch.Tens
     return torch.nn.functional.pad(relative.table.to(dtype), (0, 0, pad, pad)).contiguous()
 
 
-def scratch_for(q: torch.Tensor, part: Part, grid: tuple[int, int], rows: int, cols: int,
-                tiles: int = 1) -> torch.Tensor:  # fmt: skip
-    """xl's skew buffer: ``tiles`` tiles of rows x 2 max(rows, cols) float32 per program
-    of ``grid`` (:func:`_program_scratch`: 1 for the forward and dK/dV, 2 for dQ;
-    L2-resident, 32 KiB a tile at 64 x 64), or a placeholder."""
+#: The most bytes of xl's skew scratch one launch takes (:func:`launches`): 2,048
+#: forward programs of 64 x 64 (32 KiB each), several waves of an H100's 132 SMs.
+SCRATCH_BYTES = 64 * 2**20
+
+
+Grid = tuple[int, int]
+
+
+def launches(q: torch.Tensor, part: Part, grid: Grid, rows: int, cols: int,
+             tiles: int = 1) -> Iterator[tuple[Grid, Grid, torch.Tensor]]:  # fmt: skip
+    """The launches that cover ``grid`` (blocks, batch-heads): (their grid, their first
+    (block, batch-head), scratch). xl's skew takes ``tiles`` float32 tiles of
+    rows x 2 max(rows, cols) per program (:func:`_program_scratch`: 1 for the forward
+    and dK/dV, 2 for dQ); one launch holds at most :data:`SCRATCH_BYTES` of them, and
+    the launches, in order on one stream, share one buffer, so the scratch stays the
+    same size whatever N and the heads (64 sequences of 16 heads of 8,192 tokens would
+    otherwise take 4 GiB in the forward). Without xl: one launch, a placeholder."""
     if part.relative is None:
-        return torch.empty(1, device=q.device, dtype=torch.float32)
-    size = grid[0] * grid[1] * tiles * rows * 2 * max(rows, cols)
-    return torch.empty(size, device=q.device, dtype=torch.float32)
+        yield grid, (0, 0), torch.empty(1, device=q.device, dtype=torch.float32)
+        return
+    per_program = tiles * rows * 2 * max(rows, cols)  # float32 elements
+    programs = max(1, SCRATCH_BYTES // (4 * per_program))
+    blocks = min(grid[0], programs)
+    heads = max(1, programs // grid[0]) if blocks == grid[0] else 1
+    scratch = torch.empty(blocks * min(heads, grid[1]) * per_program, device=q.device,
+                          dtype=torch.float32)  # fmt: skip
+    for first_bh in range(0, grid[1], heads):
+        for first_block in range(0, grid[0], blocks):
+            shape = (min(blocks, grid[0] - first_block), min(heads, grid[1] - first_bh))
+            yield shape, (first_block, first_bh), scratch
 
 
 def new_output(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -644,11 +672,11 @@ def forward_with_stats(q: torch.Tensor, parts: Sequence[Part]):
     for i, part in enumerate(parts):
         run = launch(q, part, out)
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
-        scratch = scratch_for(q, part, grid, part.layout.block_m, run.tile.step)
-        _flash_fwd[grid](out, row_max, row_logsum, scratch, *run.args, **run.flags,
-                         STEP_N=run.tile.step,
-                         ACCUMULATE=i > 0, num_warps=run.tile.warps,
-                         num_stages=run.tile.stages)  # fmt: skip
+        for window, first, scratch in launches(q, part, grid, part.layout.block_m,
+                                               run.tile.step):  # fmt: skip
+            _flash_fwd[window](out, row_max, row_logsum, scratch, *first, *run.args,
+                               **run.flags, STEP_N=run.tile.step, ACCUMULATE=i > 0,
+                               num_warps=run.tile.warps, num_stages=run.tile.stages)  # fmt: skip
     return out, row_max, row_logsum
 
 

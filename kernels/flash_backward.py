@@ -40,6 +40,7 @@ from attn_zoo.kernels.flash import (
     _head,
     _load_keys,
     _load_queries,
+    _program_ids,
     _program_scratch,
     _ramp_distance,
     _rel_rows,
@@ -73,7 +74,7 @@ def _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, 
 
 @triton.jit
 def _flash_bwd_dq(
-    DO, MAX, LOGSUM, DELTA, DQ, DQV, DTABLE, DSPANS, SCRATCH,
+    DO, MAX, LOGSUM, DELTA, DQ, DQV, DTABLE, DSPANS, SCRATCH, first_block, first_bh,
     Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
@@ -90,8 +91,7 @@ def _flash_bwd_dq(
     """dQ of ROWS query rows of a layout block (kernel order); with REL_TERM dQ through
     (q + v) in DQV and the table's gradient added into DTABLE; with RAMP dz_h into
     DSPANS. Each listed key block is taken SUB_N keys at a time."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _program_ids(first_block, first_bh)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
@@ -106,7 +106,7 @@ def _flash_bwd_dq(
     o_rows = q_pos if SCATTER_O else offs_m
     do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
                                             rows_in, sob, soh, som, n_out, HEAD_DIM)  # fmt: skip
-    SCRATCH = _program_scratch(SCRATCH, pid_m, pid_bh, ROWS, SUB_N, 2)
+    SCRATCH = _program_scratch(SCRATCH, ROWS, SUB_N, 2)
     dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     dqv = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     dz = tl.zeros([ROWS], tl.float32)
@@ -160,7 +160,7 @@ def _flash_bwd_dq(
 
 @triton.jit
 def _flash_bwd_dkdv(
-    DO, MAX, LOGSUM, DELTA, DK, DV, SCRATCH,
+    DO, MAX, LOGSUM, DELTA, DK, DV, SCRATCH, first_block, first_bh,
     Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
@@ -177,8 +177,7 @@ def _flash_bwd_dkdv(
     """dK and dV of KEYS keys of a layout block (kernel order); FULL.. are the
     key-major lists. Each listed query block is taken SUB_M rows at a time (fewer
     live registers beside the two [KEYS, HEAD_DIM] accumulators)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_n, pid_bh = _program_ids(first_block, first_bh)
     Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
         Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
@@ -189,7 +188,7 @@ def _flash_bwd_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     in_range = offs_n < n_k
     k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM, True, GATHER_K)
-    SCRATCH = _program_scratch(SCRATCH, pid_n, pid_bh, SUB_M, KEYS, 1)
+    SCRATCH = _program_scratch(SCRATCH, SUB_M, KEYS, 1)
     dk = tl.zeros([KEYS, HEAD_DIM], tl.float32)
     dv = tl.zeros([KEYS, HEAD_DIM], tl.float32)
     lay = (pid_bh % n_layouts) * tl.cdiv(n_k, BLOCK_N) + start // BLOCK_N
@@ -292,10 +291,11 @@ def backward(
         dtable = torch.zeros(heads, n_table, dim, device=q.device) if rel else dq_rows
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
         grid = (triton.cdiv(run.n_q, tile.program), batch * heads)
-        scratch = flash.scratch_for(q, part, grid, tile.program, tile.step, tiles=2)
-        _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, dqv_rows, dtable, dspans, scratch,
-                            *run.args, **run.flags, ROWS=tile.program, SUB_N=tile.step,
-                            **options)  # fmt: skip
+        for window, first, scratch in flash.launches(q, part, grid, tile.program, tile.step,
+                                                     tiles=2):  # fmt: skip
+            _flash_bwd_dq[window](dout, *stats, delta, dq_rows, dqv_rows, dtable, dspans,
+                                  scratch, *first, *run.args, **run.flags, ROWS=tile.program,
+                                  SUB_N=tile.step, **options)  # fmt: skip
         if rel is not None:  # dQ = dQ through (q + u) + dQ through (q + v)
             _add(grads, rel.u, dq_rows.sum((0, 2)))
             _add(grads, rel.v, dqv_rows.sum((0, 2)))
@@ -310,10 +310,10 @@ def backward(
         dk_rows, dv_rows = (flash.new_output(q, (batch, heads, run.n_k, dim), torch.float32)
                             for _ in range(2))  # fmt: skip
         grid = (triton.cdiv(run.n_k, tile.program), batch * heads)
-        scratch = flash.scratch_for(q, part, grid, tile.step, tile.program)
-        _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, scratch, *run.args,
-                              **run.flags, KEYS=tile.program, SUB_M=tile.step,
-                              **options)  # fmt: skip
+        for window, first, scratch in flash.launches(q, part, grid, tile.step, tile.program):
+            _flash_bwd_dkdv[window](dout, *stats, delta, dk_rows, dv_rows, scratch, *first,
+                                    *run.args, **run.flags, KEYS=tile.program,
+                                    SUB_M=tile.step, **options)  # fmt: skip
         for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
             grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
                                           tensor.shape[2])  # fmt: skip
