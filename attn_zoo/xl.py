@@ -35,6 +35,7 @@ import torch
 from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.layout import BIG
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
 from attn_zoo.tiles import (
@@ -69,17 +70,61 @@ class XLPlan(Plan):
     v: torch.Tensor  # [H, D]
     rel: torch.Tensor  # [H, 2 * max_dist + 1, D]: W_R R_d for d = -max_dist .. max_dist
     max_dist: int
+    w_r: torch.Tensor  # [H, D, D'] (the kernels' form of the term: relative_terms)
+    clamp_len: int | None = None
 
     def rel_at(self, distance: torch.Tensor) -> torch.Tensor:
         """W_R R_d for integer distances d (any shape): [H, *shape, D]."""
         return self.rel[:, distance + self.max_dist]
 
 
+def angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """d w_t for w_t = 1 / 10000^(2t / dim), t < dim / 2, float64 [len, dim / 2]."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    return positions.double()[:, None] * inv_freq.to(positions.device)[None, :]
+
+
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """R_d = [sin(d w), cos(d w)], w_t = 1 / 10000^(2t / dim) (Vaswani et al. 2017)."""
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    angles = positions.double()[:, None] * inv_freq[None, :]
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+    theta = angles(positions, dim)
+    return torch.cat([theta.sin(), theta.cos()], dim=-1)
+
+
+Term = tuple[int, int, torch.Tensor, torch.Tensor]
+
+
+def relative_terms(q: torch.Tensor, plan: XLPlan) -> list[Term]:
+    """The relative term (q_i + v) . W_R R_(i-j) (Sec. 3.3) as products f_i . g_j of
+    per-position features, for the kernels: (lo, hi, f [B, H, N, D'] float32,
+    g [N, D']) for the pairs with lo <= i - j <= hi.
+
+    With a_i = W_R^T (q_i + v) = [a_s, a_c] (its parts on R's sines and cosines), the
+    angle-difference identities sin((i-j)w) = sin(iw) cos(jw) - cos(iw) sin(jw) and
+    cos((i-j)w) = cos(iw) cos(jw) + sin(iw) sin(jw) give
+
+        a_i . R_(i-j) = f_i . g_j,  f_i = [a_s sin(iw) + a_c cos(iw), a_c sin(iw) - a_s cos(iw)],
+                                     g_j = [cos(jw), sin(jw)],
+
+    exactly, for every distance of either sign: no distance table and no shift, one
+    more product beside q . k. Beyond ``clamp_len`` c, R is R_(+-c) whatever the
+    distance, so there f = a and g = R_(+-c) for every key: a term each for
+    i - j > c and i - j < -c."""
+    dim = plan.w_r.shape[-1]
+    qv = q.float() + plan.v.float()[:, None, :]
+    a = torch.einsum("bhnd,hdp->bhnp", qv, plan.w_r.float())
+    sines, cosines = a.chunk(2, dim=-1)
+    theta = angles(torch.arange(q.shape[2], device=q.device), dim)
+    sin_i, cos_i = theta.sin().float(), theta.cos().float()
+    f = torch.cat([sines * sin_i + cosines * cos_i, cosines * sin_i - sines * cos_i], dim=-1)
+    g = torch.cat([cos_i, sin_i], dim=-1)  # keys and queries share positions (n_q = n_k)
+    clamp = plan.clamp_len
+    if clamp is None or clamp <= 0 or clamp >= plan.max_dist:
+        return [(-BIG, BIG, f, g)]
+    terms = [(-clamp, clamp, f, g)]
+    for lo, hi, d in ((clamp + 1, BIG, clamp), (-BIG, -clamp - 1, -clamp)):
+        row = sinusoid(torch.tensor([d], device=q.device), dim).float()
+        terms.append((lo, hi, a, row.expand(q.shape[2], dim)))
+    return terms
 
 
 def rel_shift(x: torch.Tensor, klen: int) -> torch.Tensor:
@@ -143,17 +188,19 @@ class XL(Mechanism):
         if cfg.clamp_len is not None and cfg.clamp_len > 0:
             dist = dist.clamp(-cfg.clamp_len, cfg.clamp_len)
         rel = torch.einsum("hdp,np->hnd", w_r, sinusoid(dist, dim + dim % 2).to(w_r.device))
-        rel = rel.to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+        real = torch.float64 if u.dtype == torch.float64 else torch.float32
         n = q.shape[2]
         device = q.device
         return XLPlan(
             q.shape[0], heads, n, n, causal, cfg.segment_len, cfg.mem_len, cfg.same_length,
-            u.to(device), vb.to(device), rel.to(device), max_dist,
+            u.to(device), vb.to(device), rel.to(real).to(device), max_dist,
+            w_r.to(real).to(device), cfg.clamp_len,
         )  # fmt: skip
 
     def scaled(self, q, k, plan: XLPlan, factor: float):
-        """Every score term has a k or a W_R R factor: scale k and the table."""
-        return q, k * factor, dataclasses.replace(plan, rel=plan.rel * factor)
+        """Every score term has a k or a W_R R factor: scale k, the table and W_R."""
+        return q, k * factor, dataclasses.replace(plan, rel=plan.rel * factor,
+                                                  w_r=plan.w_r * factor)  # fmt: skip
 
     def visible(self, plan: XLPlan, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Pair visibility from positions (broadcasting): memory + segment (+ causal)."""
@@ -216,10 +263,11 @@ def xl_reference(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
 
 @XL.implementation("triton", **triton_options("relative"))
 def xl_triton(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
-    """Segment window + the relative term inside the kernel (kernels/memory.py)."""
+    """Segment window + the relative term inside the kernel as feature products
+    (:func:`relative_terms`; kernels/memory.py)."""
     from attn_zoo.kernels.memory import xl_attention
 
-    return xl_attention(q, k, v, plan)
+    return xl_attention(q, k, v, plan, relative_terms(q, plan))
 
 
 @XL.implementation("flex", **flex_options(differentiable=False))

@@ -19,8 +19,9 @@ What a launch may add to plain attention (all decided at compile time):
   equality);
 * a bias on the pair i == j of positions (Reformer's self penalty, or -inf);
 * the adaptive-span ramp, bias log m_z(x) (Sukhbaatar et al. 2019, Eq. 4-5);
-* the Transformer-XL relative term (q_i + v) . W_R R_(i-j) (Dai et al. 2019,
-  Sec. 3.3), with the content term (q_i + u) . k_j;
+* a second product of per-position features, f_i . g_j, beside the content term
+  (q_i + u) . k_j: the Transformer-XL relative term (q_i + v) . W_R R_(i-j) (Dai et
+  al. 2019, Sec. 3.3) in the form :mod:`attn_zoo.xl` rewrites it to;
 * key padding: keys whose position is marked padded are never seen;
 * Reformer's duplicate correction (Kitaev et al. 2020, Eq. 7): a pair seen in
   N_ij hash rounds counts once, in the first round that shows it (the union the
@@ -39,8 +40,7 @@ by log-sum-exp. Structure after Liger-Kernel: kernels (here, and the backward in
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -66,13 +66,22 @@ class Ramp:
 
 @dataclass(frozen=True, eq=False)
 class Relative:
-    """Transformer-XL scores (Dai et al. 2019, Sec. 3.3): (q_i + u) . k_j +
-    (q_i + v) . table[i - j]; every visible pair has |i - j| <= max_dist."""
+    """Scores q_i . k_j + f_i . g_j: a second product, of query features f and key
+    features g, chained into the same MMA accumulator as q . k (one more MMA a tile,
+    nothing per score). Transformer-XL's relative term (q_i + v) . W_R R_(i-j) (Dai
+    et al. 2019, Sec. 3.3) is such a product by the angle-difference identities of
+    its sinusoids (:func:`attn_zoo.xl.relative_terms`; its content bias u is added
+    to q before the launch). ``f`` gets a gradient (through it q, v and W_R do);
+    ``g`` is a constant of the positions, rows of one table shared by every batch
+    and head (a stride-0 view for a row every key shares)."""
 
-    u: torch.Tensor  # [H, D]
-    v: torch.Tensor  # [H, D]
-    table: torch.Tensor  # [H, 2 max_dist + 1, D]: W_R R_d for d = -max_dist .. max_dist
-    max_dist: int
+    f: torch.Tensor  # [B, H, Nq, D] at the query's position
+    g: torch.Tensor  # [Nk, D] at the key's position
+
+    def __post_init__(self):
+        if self.g.requires_grad:
+            raise ValueError("flash: the key features g of a Relative get no gradient; "
+                             "accepted: a tensor that does not require grad")  # fmt: skip
 
 
 @dataclass(frozen=True, eq=False)
@@ -134,11 +143,11 @@ class Part:
     tile: Tile | None = None  # warps and stages (None: the layout's default)
 
     def differentiable(self) -> list[torch.Tensor]:
-        """The tensors a gradient can reach besides q: k, v, xl's u, v and table, the
+        """The tensors a gradient can reach besides q: k, v, the relative term's u and f, the
         ramp's spans."""
         found = [self.k, self.v]
         if self.relative is not None:
-            found += [self.relative.u, self.relative.v, self.relative.table]
+            found.append(self.relative.f)
         if self.ramp is not None:
             found.append(self.ramp.spans)
         return found
@@ -161,107 +170,20 @@ def _seen_before(q_pos, k_pos, RCODE, n_pos, reach, DUP: tl.constexpr):
 
 
 @triton.jit
-def _rel_rows(m_start, start, offset, rel_zero, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows of xl's padded distance table (:func:`padded_table`, distance d at row
-    d + rel_zero) for the distances of a tile (the BLOCK_M + BLOCK_N - 1 it needs,
-    padded to a power of two, 2 max(BLOCK_M, BLOCK_N)): column c holds d = d0 + c,
-    and pair (a, b) reads column a - b + BLOCK_N - 1. Affine in c (no clamp), so the
-    tile's rows load as one block the pipeliner can copy ahead."""
-    width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
-    return (m_start + offset) - start - (BLOCK_N - 1) + rel_zero + tl.arange(0, width)
-
-
-@triton.jit
-def _rel_table(REL, m_start, start, offset, rel_zero, srn, HEAD_DIM: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REL_TERM: tl.constexpr):  # fmt: skip
-    """xl's W_R R_d for the distances of a tile, [width, HEAD_DIM] (:func:`_rel_rows`):
-    loaded once per tile, for the scores and, in the dQ pass, for their gradient
-    (0 without the relative term)."""
-    rel = 0
+def _key_features(KF, k_pos, in_range, sgn, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                  REL_TERM: tl.constexpr):  # fmt: skip
+    """The key features g [BLOCK_N, HEAD_DIM] of a key block (:class:`Relative`; 0
+    without) at the keys' positions, read as :func:`_load_keys` reads v (only a
+    masked block can pass the last key): affine in the block's start, so the
+    pipeliner copies them ahead with K and V."""
+    g = 0
     if REL_TERM:
-        row = _rel_rows(m_start, start, offset, rel_zero, BLOCK_M, BLOCK_N)
-        rel = tl.load(REL + row[:, None] * srn + tl.arange(0, HEAD_DIM)[None, :])
-    return rel
-
-
-@triton.jit
-def _program_ids(first_block, first_bh):
-    """(block, batch-head) of this program: the launch's grid is a window of the whole
-    one starting at (first_block, first_bh) (:func:`launches`)."""
-    return tl.program_id(0) + first_block, (tl.program_id(1) + first_bh).to(tl.int64)
-
-
-@triton.jit
-def _program_scratch(SCRATCH, ROWS: tl.constexpr, COLS: tl.constexpr, TILES: tl.constexpr):
-    """This program's TILES float32 tiles of the scratch buffer (:func:`launches`),
-    each ROWS x 2 max(ROWS, COLS), where xl's distance scores are skewed: tile 0 for
-    the scores (:func:`_skew`), tile 1 for the dQ pass's :func:`_unskew`. Indexed by
-    the program's place in its launch, so the buffer is one launch's size."""
-    width: tl.constexpr = 2 * ROWS if ROWS >= COLS else 2 * COLS
-    slot = tl.program_id(1).to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
-    return SCRATCH + slot * (TILES * ROWS * width)
-
-
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-
-    @triton.jit
-    def _cta_barrier(x, ASM: tl.constexpr):
-        """The interpreter runs one program at a time: a plain barrier, x unchanged."""
-        tl.debug_barrier()
-        return x
-
-else:
-
-    @triton.jit
-    def _cta_barrier(x, ASM: tl.constexpr):
-        """A barrier of every thread of the program (memory ordered at CTA scope),
-        then the int32 x: a load whose address uses the result cannot move above it.
-        ``ASM`` (16-bit inputs): bar.sync in inline asm rather than tl.debug_barrier,
-        whose gpu.barrier makes Triton's software pipeliner leave the loop alone, so
-        that K, V and the table rows stay multi-buffered; the asm has side effects,
-        as Triton's stores do, so a store stays on its side. In float32 (IEEE dots on
-        FMA units) the pipelined loop spills 2-5x more, so it keeps tl.debug_barrier."""
-        if ASM:
-            return tl.inline_asm_elementwise("bar.sync 0;\n\tmov.b32 $0, $1;", "=r,r",
-                                             [tl.full([], x, tl.int32)], dtype=tl.int32,
-                                             is_pure=False, pack=1)  # fmt: skip
-        tl.debug_barrier()
-        return x
-
-
-@triton.jit
-def _skew(s, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FENCE: tl.constexpr,
-          ASM: tl.constexpr):  # fmt: skip
-    """t[a, b] = s[a, a - b + BLOCK_N - 1]: each row of the distance scores
-    [BLOCK_M, width] read at its own diagonal (Transformer-XL's relative shift, Dai et
-    al. 2019, App. B), as a shifted load from the program's scratch tile 0: s is
-    stored once and read back skewed. A register gather (tl.gather) costs ~350
-    shuffles and selects per tile and spills the backward (the compile report).
-    A barrier (:func:`_cta_barrier`) between store and load; ``FENCE``, one before
-    the store too (no other barrier separates it from the previous tile's reads)."""
-    width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
-    a = tl.arange(0, BLOCK_M)[:, None]
-    if FENCE:
-        _cta_barrier(0, ASM)  # every thread has read the previous tile
-    tl.store(SCRATCH + a * width + tl.arange(0, width)[None, :], s)
-    zero = _cta_barrier(0, ASM)
-    return tl.load(SCRATCH + zero + a * width + (a + BLOCK_N - 1) - tl.arange(0, BLOCK_N)[None, :])
-
-
-@triton.jit
-def _unskew(ds, SCRATCH, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ASM: tl.constexpr):
-    """The transpose of :func:`_skew`'s pick: wide[a, c] = ds[a, a + BLOCK_N - 1 - c]
-    where that is a column of ds, else 0 ([BLOCK_M, width] as :func:`_rel_rows`), in
-    ds's dtype, through the program's scratch tile 1. Called after :func:`_skew` of
-    the same step (no fence: the skew's barrier follows this tile's previous reads,
-    and this barrier precedes the next skew's store)."""
-    width: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N
-    TILE = (SCRATCH + BLOCK_M * width).to(tl.pointer_type(ds.dtype))
-    a = tl.arange(0, BLOCK_M)[:, None]
-    b = a + BLOCK_N - 1 - tl.arange(0, width)[None, :]
-    tl.store(TILE + a * width + tl.arange(0, BLOCK_N)[None, :], ds)
-    zero = _cta_barrier(0, ASM)
-    return tl.load(TILE + zero + a * width + b, mask=(b >= 0) & (b < BLOCK_N), other=0.0)
+        g_ptrs = KF + k_pos[:, None] * sgn + tl.arange(0, HEAD_DIM)[None, :]
+        if MASKED:
+            g = tl.load(g_ptrs, mask=in_range[:, None], other=0.0)
+        else:
+            g = tl.load(g_ptrs)
+    return g
 
 
 @triton.jit
@@ -274,8 +196,8 @@ def _ramp_distance(offs_m, offs_n, offset, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
-          sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
+def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, pid_bh,
+          sqb, sqh, skb, skh, svb, svh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
           keep_stride):  # fmt: skip
     """Every input pointer moved to batch/head ``pid_bh`` (int64: b * stride passes
     2^31 elements on large inputs; offsets within one head stay 32-bit)."""
@@ -288,42 +210,43 @@ def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
     KIDX += (pid_bh % n_indexed) * n_k
     QGRP += (pid_bh % n_grouped) * n_q
     KGRP += (pid_bh % n_grouped) * n_k
-    REL += h * srh
+    QF += b * sqb + h * sqh  # laid out as q (:func:`launch`)
     RCODE += pid_bh * dup_stride
     KEEP += b * keep_stride
-    return Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h
+    return Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, b, h
 
 
 @triton.jit
-def _widen(sqm, skn, svn, som, WIDE: tl.constexpr):
+def _widen(sqm, skn, svn, som, sgn, WIDE: tl.constexpr):
     """The row strides as int64 when a row's offset within a head can pass 2^31
     elements (``WIDE``, decided at launch: :func:`wide_offsets`), so that
     position * stride does not overflow; int32 otherwise (fewer registers)."""
     if WIDE:
-        return sqm.to(tl.int64), skn.to(tl.int64), svn.to(tl.int64), som.to(tl.int64)
-    return sqm, skn, svn, som
+        return (sqm.to(tl.int64), skn.to(tl.int64), svn.to(tl.int64), som.to(tl.int64),
+                sgn.to(tl.int64))  # fmt: skip
+    return sqm, skn, svn, som, sgn
 
 
 @triton.jit
-def _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm, HEAD_DIM: tl.constexpr,
+def _load_queries(Q, QIDX, QGRP, QF, offs_m, rows_in, sqm, HEAD_DIM: tl.constexpr,
                   GATHER_Q: tl.constexpr, GROUPS: tl.constexpr,
                   REL_TERM: tl.constexpr):  # fmt: skip
-    """A query block: (q, q for the relative term, positions, groups). For xl, q
-    is q + u and the second q + v (Dai et al. 2019, Sec. 3.3)."""
+    """A query block: (q, its features f [BLOCK_M, HEAD_DIM] at the queries'
+    positions with a :class:`Relative` term (else q again), positions, groups)."""
     offs_d = tl.arange(0, HEAD_DIM)
     if GATHER_Q:
         q_pos = tl.load(QIDX + offs_m, mask=rows_in, other=0)
     else:
         q_pos = offs_m
     q = tl.load(Q + q_pos[:, None] * sqm + offs_d[None, :], mask=rows_in[:, None], other=0.0)
-    qv = q
+    f = q
     if REL_TERM:
-        qv = (q.to(tl.float32) + tl.load(VB + h * HEAD_DIM + offs_d)[None, :]).to(q.dtype)
-        q = (q.to(tl.float32) + tl.load(U + h * HEAD_DIM + offs_d)[None, :]).to(q.dtype)
+        f = tl.load(QF + q_pos[:, None] * sqm + offs_d[None, :], mask=rows_in[:, None],
+                    other=0.0)  # fmt: skip
     q_grp = offs_m
     if GROUPS:
         q_grp = tl.load(QGRP + offs_m, mask=rows_in, other=-2)
-    return q, qv, q_pos, q_grp
+    return q, f, q_pos, q_grp
 
 
 @triton.jit
@@ -377,29 +300,25 @@ def _step_start(blocks, first, t, RUN: tl.constexpr, BLOCK: tl.constexpr, STEP: 
 
 @triton.jit
 def _scores(
-    q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-    KGRP, rel, SCRATCH, SPANS, RCODE, KEEP,
+    q, f, k, g, q_pos, offs_m, q_grp, k_pos, offs_n, in_range,
+    KGRP, SPANS, RCODE, KEEP,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
     qk_scale, n_pos, dup_reach,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr,
     RAMP: tl.constexpr, SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr,
-    PADDED: tl.constexpr, PRECISION: tl.constexpr, FENCE: tl.constexpr,
+    PADDED: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The scores of one tile before the softmax scale: q . k plus every bias divided
     by ``qk_scale`` (= log2(e) / sqrt(d)), -inf where a pair is not visible, so that
     the softmax weight is exp2(score * qk_scale - m), one FMA and an exp2 per score
     (the scale is folded into the exponent's argument, not a separate multiply).
-    ``k`` is k^T [HEAD_DIM, BLOCK_N]; ``rel`` xl's table rows (:func:`_rel_table`),
-    skewed through ``SCRATCH`` (``FENCE``: see :func:`_skew`).
+    ``k`` is k^T [HEAD_DIM, BLOCK_N]; with ``REL_TERM`` the features f . g^T
+    (:class:`Relative`) accumulate onto q . k in the same MMA accumulator.
     The forward and both backward passes score tiles here, so they cannot disagree."""
     qk = tl.dot(q, k, input_precision=PRECISION)
-    per_log2 = 1.0 / qk_scale  # a bias b in log2 units is b * per_log2 in these
     if REL_TERM:
-        # (q + v) . R_d for the distances of the tile (rel, from _rel_table), then
-        # each row picks its own diagonal
-        s = tl.dot(qv, tl.trans(rel), input_precision=PRECISION)
-        qk += _skew(s, SCRATCH, BLOCK_M, BLOCK_N, FENCE, PRECISION is None)
+        qk = tl.dot(f, tl.trans(g), qk, input_precision=PRECISION)
+    per_log2 = 1.0 / qk_scale  # a bias b in log2 units is b * per_log2 in these
     if DUP:  # a pair an earlier round shows was counted there
         qk = tl.where(_seen_before(q_pos, k_pos, RCODE, n_pos, dup_reach, DUP), float("-inf"),
                       qk)  # fmt: skip
@@ -430,12 +349,12 @@ def _scores(
 
 @triton.jit
 def _flash_fwd(
-    O, MAX, LOGSUM, SCRATCH, first_block, first_bh,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, KEEP,
+    O, MAX, LOGSUM,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, KF, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
-    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, rel_zero, qk_scale,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, qk_scale,
     n_pos, dup_reach, dup_stride, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
@@ -444,18 +363,18 @@ def _flash_fwd(
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, STEP_N: tl.constexpr,
     ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bh = _program_ids(first_block, first_bh)
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
-        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
-        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, pid_bh,
+        sqb, sqh, skb, skh, svb, svh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
         keep_stride)  # fmt: skip
-    sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
+    sqm, skn, svn, som, sgn = _widen(sqm, skn, svn, som, sgn, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_in = offs_m < n_q
-    q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
-                                        HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
-    SCRATCH = _program_scratch(SCRATCH, BLOCK_M, STEP_N, 1)
+    q, f, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, QF, offs_m, rows_in, sqm,
+                                       HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -469,15 +388,14 @@ def _flash_fwd(
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
-            rel = _rel_table(REL, pid_m * BLOCK_M, start, offset, rel_zero, srn, HEAD_DIM,
-                             BLOCK_M, STEP_N, REL_TERM)  # fmt: skip
+            g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, masked == 1, REL_TERM)
             qk = _scores(
-                q, qv, k, q_pos, offs_m, q_grp, pid_m * BLOCK_M, k_pos, offs_n, in_range, start,
-                KGRP, rel, SCRATCH, SPANS, RCODE, KEEP,
+                q, f, k, g, q_pos, offs_m, q_grp, k_pos, offs_n, in_range,
+                KGRP, SPANS, RCODE, KEEP,
                 lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 qk_scale, n_pos, dup_reach,
-                HEAD_DIM, BLOCK_M, STEP_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, PADDED, PRECISION, True,
+                masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED,
+                PRECISION,
             )  # fmt: skip
             # the online softmax, in the exp2 domain (m_i in scaled units)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -510,57 +428,6 @@ def _flash_fwd(
     tl.store(LOGSUM + stats, tl.math.log2(tl.where(empty, 1.0, l_i)), mask=rows_in)
 
 
-def table_pad(block_m: int, block_n: int) -> int:
-    """Zero rows on each side of xl's table for a layout of block_m x block_n blocks.
-    A tile of BM rows from m0 and S keys from s, inside a listed block pair (forward
-    steps and backward programs: BM, S <= B = max(block_m, block_n)), reads rows
-    rel_zero + m0 - s - (S - 1) + c for c < 2 max(BM, S) (:func:`_rel_rows`). The
-    block pair has a visible pair, |i - j| <= max_dist, so m0 - s lies within
-    max_dist + block_m + block_n of 0 and the rows stay in the padded table,
-    [0, 2 max_dist + 2 pad], when pad = 3B. (2B let a 32-key step of a 64 x 64 block
-    read 30 rows past its end, and the dQ pass add to them.)"""
-    return 3 * max(block_m, block_n)
-
-
-def padded_table(relative: Relative, dtype: torch.dtype, pad: int) -> torch.Tensor:
-    """xl's table in the launch's dtype with ``pad`` zero rows on each side: a tile's
-    distances reach past +-max_dist only at pairs the mask hides, so the kernel reads
-    its rows without a clamp."""
-    return torch.nn.functional.pad(relative.table.to(dtype), (0, 0, pad, pad)).contiguous()
-
-
-#: The most bytes of xl's skew scratch one launch takes (:func:`launches`): 2,048
-#: forward programs of 64 x 64 (32 KiB each), several waves of an H100's 132 SMs.
-SCRATCH_BYTES = 64 * 2**20
-
-
-Grid = tuple[int, int]
-
-
-def launches(q: torch.Tensor, part: Part, grid: Grid, rows: int, cols: int,
-             tiles: int = 1) -> Iterator[tuple[Grid, Grid, torch.Tensor]]:  # fmt: skip
-    """The launches that cover ``grid`` (blocks, batch-heads): (their grid, their first
-    (block, batch-head), scratch). xl's skew takes ``tiles`` float32 tiles of
-    rows x 2 max(rows, cols) per program (:func:`_program_scratch`: 1 for the forward
-    and dK/dV, 2 for dQ); one launch holds at most :data:`SCRATCH_BYTES` of them, and
-    the launches, in order on one stream, share one buffer, so the scratch stays the
-    same size whatever N and the heads (64 sequences of 16 heads of 8,192 tokens would
-    otherwise take 4 GiB in the forward). Without xl: one launch, a placeholder."""
-    if part.relative is None:
-        yield grid, (0, 0), torch.empty(1, device=q.device, dtype=torch.float32)
-        return
-    per_program = tiles * rows * 2 * max(rows, cols)  # float32 elements
-    programs = max(1, SCRATCH_BYTES // (4 * per_program))
-    blocks = min(grid[0], programs)
-    heads = max(1, programs // grid[0]) if blocks == grid[0] else 1
-    scratch = torch.empty(blocks * min(heads, grid[1]) * per_program, device=q.device,
-                          dtype=torch.float32)  # fmt: skip
-    for first_bh in range(0, grid[1], heads):
-        for first_block in range(0, grid[0], blocks):
-            shape = (min(blocks, grid[0] - first_block), min(heads, grid[1] - first_bh))
-            yield shape, (first_block, first_bh), scratch
-
-
 def new_output(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Allocates the kernels' outputs and gradient buffers (tests swap in NaN-filled
     ones, so a row a kernel forgets to write cannot pass)."""
@@ -578,7 +445,6 @@ class Launch:
     n_k: int
     n_out: int
     tile: Tile
-    rel_pad: int  # rows of xl's padded table before distance -max_dist
 
 
 def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout | None = None):
@@ -592,8 +458,7 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
     dummy = torch.empty(1, device=q.device, dtype=torch.int32)
     keep = part.keep.to(torch.int8).contiguous() if part.keep is not None else dummy
     relative, ramp, dup, groups = part.relative, part.ramp, part.duplicates, part.groups
-    pad = table_pad(layout.block_m, layout.block_n)
-    rel_table = padded_table(relative, q.dtype, pad) if relative is not None else q
+    f, g = features(q, relative) if relative is not None else (q, q[0, 0])
     win = part.window if part.window is not None else Window(1, 0, -BIG, BIG)
     band = part.band
     args = [
@@ -601,15 +466,14 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         part.q_index if part.q_index is not None else dummy,
         part.k_index if part.k_index is not None else dummy,
         *(groups if groups is not None else (dummy, dummy)),
-        *((relative.u.float().contiguous(), relative.v.float().contiguous()) if relative
-          else (q, q)), rel_table,
+        f, g,
         ramp.spans.float().contiguous() if ramp is not None else q,
         dup.codes if dup is not None else dummy,
         keep,
         layout.full, layout.full_count, layout.partial, layout.partial_count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        rel_table.stride(0), rel_table.stride(1),
+        g.stride(0),
         heads, n_q, n_k, out.shape[2], layout.full.shape[0],
         next((x.shape[0] for x in (part.q_index, part.k_index) if x is not None), 1),
         groups[0].shape[0] if groups is not None else 1,
@@ -617,7 +481,7 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         band.lo, band.hi, band.offset, win.seg_len, win.step, win.lo, win.hi,
         (part.self_bias if part.self_bias is not None else 0.0) * dim**0.5,  # / the scale
         ramp.ramp if ramp is not None else 1.0,
-        relative.max_dist + pad if relative is not None else 0, dim**-0.5 * LOG2E,
+        dim**-0.5 * LOG2E,
         *((dup.codes.shape[2], dup.reach, dup.codes.stride(0)) if dup is not None
           else (0, 1, 0)),
         keep.stride(0) if part.keep is not None else 0,
@@ -630,10 +494,24 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         SYMMETRIC=bool(ramp is not None and ramp.symmetric), REL_TERM=relative is not None,
         DUP=dup.round if dup is not None else 0, PADDED=part.keep is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else None, RUNS=layout.full_runs,
-        WIDE=wide_offsets(q, k, v, out),
+        WIDE=wide_offsets(q, k, v, out, g[None, None]),
     )  # fmt: skip
-    return Launch(args, flags, n_q, n_k, out.shape[2], part_tile(q, part),
-                  pad if relative is not None else 0)  # fmt: skip
+    return Launch(args, flags, n_q, n_k, out.shape[2], part_tile(q, part))
+
+
+def features(q: torch.Tensor, relative: Relative) -> tuple[torch.Tensor, torch.Tensor]:
+    """A :class:`Relative`'s features in q's dtype: f laid out as q (the kernels read
+    it with q's strides), g with unit stride along D."""
+    f = relative.f.to(q.dtype)
+    if f.shape != q.shape:
+        raise ValueError(f"flash: query features {tuple(f.shape)}; accepted: q's shape "
+                         f"{tuple(q.shape)}")  # fmt: skip
+    if f.stride() != q.stride():
+        f = torch.empty_strided(q.shape, q.stride(), device=q.device, dtype=q.dtype).copy_(f)
+    g = relative.g.to(q.dtype)
+    if g.dim() != 2 or g.shape[1] != q.shape[3]:
+        raise ValueError(f"flash: key features {tuple(g.shape)}; accepted: [N_k, {q.shape[3]}]")
+    return f, g if g.stride(1) == 1 else g.contiguous()
 
 
 #: Offsets within one head stay int32 below this many elements.
@@ -672,11 +550,9 @@ def forward_with_stats(q: torch.Tensor, parts: Sequence[Part]):
     for i, part in enumerate(parts):
         run = launch(q, part, out)
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
-        for window, first, scratch in launches(q, part, grid, part.layout.block_m,
-                                               run.tile.step):  # fmt: skip
-            _flash_fwd[window](out, row_max, row_logsum, scratch, *first, *run.args,
-                               **run.flags, STEP_N=run.tile.step, ACCUMULATE=i > 0,
-                               num_warps=run.tile.warps, num_stages=run.tile.stages)  # fmt: skip
+        _flash_fwd[grid](out, row_max, row_logsum, *run.args, **run.flags,
+                         STEP_N=run.tile.step, ACCUMULATE=i > 0, num_warps=run.tile.warps,
+                         num_stages=run.tile.stages)  # fmt: skip
     return out, row_max, row_logsum
 
 

@@ -6,10 +6,11 @@ per row, and every tile recomputes P = exp(S - L) from the same
 :func:`~attn_zoo.kernels.flash._scores` as the forward (every modifier included):
 
 * ``_flash_bwd_dq``, one program per query block over the key blocks its layout
-  lists: dS = P * (dO V^T - D) and dQ = scale * dS K. For Transformer-XL the
-  same dS also gives q's gradient through (q + v) . R and, by atomic adds, the
-  distance table's; for adaptive span the gradient of the ramp's spans z_h
-  (d log m / dz = 1 / (R + z - x) on the ramp, Eq. 4).
+  lists: dS = P * (dO V^T - D) and dQ = scale * dS K. With a relative term the
+  same dS gives the query features' gradient, dF = scale * dS G (for
+  Transformer-XL, autograd carries it on to q, v and W_R); for adaptive span the
+  gradient of the ramp's spans z_h (d log m / dz = 1 / (R + z - x) on the ramp,
+  Eq. 4).
 * ``_flash_bwd_dkdv``, one program per key block over the query blocks that see
   it (:attr:`~attn_zoo.kernels.layout.BlockLayout.by_key`): dV = P^T dO and
   dK = scale * dS^T Q.
@@ -38,16 +39,12 @@ from attn_zoo.kernels.flash import (
     Part,
     _block_list,
     _head,
+    _key_features,
     _load_keys,
     _load_queries,
-    _program_ids,
-    _program_scratch,
     _ramp_distance,
-    _rel_rows,
-    _rel_table,
     _scores,
     _step_start,
-    _unskew,
     _widen,
     launch,
 )
@@ -74,12 +71,12 @@ def _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, 
 
 @triton.jit
 def _flash_bwd_dq(
-    DO, MAX, LOGSUM, DELTA, DQ, DQV, DTABLE, DSPANS, SCRATCH, first_block, first_bh,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, KEEP,
+    DO, MAX, LOGSUM, DELTA, DQ, DQF, DSPANS,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, KF, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
-    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, rel_zero, qk_scale,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, qk_scale,
     n_pos, dup_reach, dup_stride, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
@@ -88,27 +85,27 @@ def _flash_bwd_dq(
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr,
     SUB_N: tl.constexpr,
 ):  # fmt: skip
-    """dQ of ROWS query rows of a layout block (kernel order); with REL_TERM dQ through
-    (q + v) in DQV and the table's gradient added into DTABLE; with RAMP dz_h into
-    DSPANS. Each listed key block is taken SUB_N keys at a time."""
-    pid_m, pid_bh = _program_ids(first_block, first_bh)
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
-        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
-        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
+    """dQ of ROWS query rows of a layout block (kernel order); with REL_TERM the query
+    features' gradient in DQF; with RAMP dz_h into DSPANS. Each listed key block is
+    taken SUB_N keys at a time."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, pid_bh,
+        sqb, sqh, skb, skh, svb, svh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
         keep_stride)  # fmt: skip
-    sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
+    sqm, skn, svn, som, sgn = _widen(sqm, skn, svn, som, sgn, WIDE)
     m_start = pid_m * ROWS
     offs_m = m_start + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_in = offs_m < n_q
-    q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
-                                        HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
+    q, f, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, QF, offs_m, rows_in, sqm,
+                                       HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
     o_rows = q_pos if SCATTER_O else offs_m
     do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
                                             rows_in, sob, soh, som, n_out, HEAD_DIM)  # fmt: skip
-    SCRATCH = _program_scratch(SCRATCH, ROWS, SUB_N, 2)
     dq = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    dqv = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+    df = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     dz = tl.zeros([ROWS], tl.float32)
     lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + m_start // BLOCK_M
     for masked in tl.static_range(2):
@@ -120,29 +117,21 @@ def _flash_bwd_dq(
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
-            rel = _rel_table(REL, m_start, start, offset, rel_zero, srn, HEAD_DIM, ROWS, SUB_N,
-                             REL_TERM)  # fmt: skip
+            g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, masked == 1, REL_TERM)
             qk = _scores(
-                q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-                KGRP, rel, SCRATCH, SPANS, RCODE, KEEP,
+                q, f, k, g, q_pos, offs_m, q_grp, k_pos, offs_n, in_range,
+                KGRP, SPANS, RCODE, KEEP,
                 lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 qk_scale, n_pos, dup_reach,
-                HEAD_DIM, ROWS, SUB_N, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, PADDED, PRECISION, False,
+                masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED,
+                PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])  # dS, the gradient of the natural-log scores
             dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)
             if REL_TERM:
-                # dS spread back over the tile's distances: wide[a, c] = dS[a, b] where
-                # c = a - b + SUB_N - 1 (the forward's diagonal pick, transposed)
-                wide = _unskew(ds.to(k.dtype), SCRATCH, ROWS, SUB_N, PRECISION is None)
-                row = _rel_rows(m_start, start, offset, rel_zero, ROWS, SUB_N)
-                dqv += tl.dot(wide, rel, input_precision=PRECISION)
-                d_rows = tl.dot(tl.trans(wide), qv, input_precision=PRECISION)
-                d_ptrs = DTABLE + h * srh + row[:, None] * srn + offs_d[None, :]
-                tl.atomic_add(d_ptrs, d_rows * (qk_scale * LN2), sem="relaxed")
+                df += tl.dot(ds.to(k.dtype), g, input_precision=PRECISION)
             if RAMP and masked == 1:  # d log m / dz = 1 / (R + z - x) where 0 < m < 1
                 x = _ramp_distance(offs_m, offs_n, offset, SYMMETRIC)
                 edge = ramp + tl.load(SPANS + h) - x
@@ -152,20 +141,20 @@ def _flash_bwd_dq(
     rows = DQ + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(rows, dq * scale, mask=rows_in[:, None])
     if REL_TERM:
-        rows = DQV + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(rows, dqv * scale, mask=rows_in[:, None])
+        rows = DQF + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(rows, df * scale, mask=rows_in[:, None])
     if RAMP:
         tl.atomic_add(DSPANS + h, tl.sum(dz, 0), sem="relaxed")
 
 
 @triton.jit
 def _flash_bwd_dkdv(
-    DO, MAX, LOGSUM, DELTA, DK, DV, SCRATCH, first_block, first_bh,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, U, VB, REL, SPANS, RCODE, KEEP,
+    DO, MAX, LOGSUM, DELTA, DK, DV,
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, KF, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
-    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, srh, srn,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
-    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, rel_zero, qk_scale,
+    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, qk_scale,
     n_pos, dup_reach, dup_stride, keep_stride,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
@@ -177,18 +166,19 @@ def _flash_bwd_dkdv(
     """dK and dV of KEYS keys of a layout block (kernel order); FULL.. are the
     key-major lists. Each listed query block is taken SUB_M rows at a time (fewer
     live registers beside the two [KEYS, HEAD_DIM] accumulators)."""
-    pid_n, pid_bh = _program_ids(first_block, first_bh)
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, b, h = _head(
-        Q, K, V, QIDX, KIDX, QGRP, KGRP, REL, RCODE, KEEP, pid_bh,
-        sqb, sqh, skb, skh, svb, svh, srh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, pid_bh,
+        sqb, sqh, skb, skh, svb, svh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
         keep_stride)  # fmt: skip
-    sqm, skn, svn, som = _widen(sqm, skn, svn, som, WIDE)
+    sqm, skn, svn, som, sgn = _widen(sqm, skn, svn, som, sgn, WIDE)
     start = pid_n * KEYS
     offs_n = start + tl.arange(0, KEYS)
     offs_d = tl.arange(0, HEAD_DIM)
     in_range = offs_n < n_k
     k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM, True, GATHER_K)
-    SCRATCH = _program_scratch(SCRATCH, SUB_M, KEYS, 1)
+    g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, True, REL_TERM)
     dk = tl.zeros([KEYS, HEAD_DIM], tl.float32)
     dv = tl.zeros([KEYS, HEAD_DIM], tl.float32)
     lay = (pid_bh % n_layouts) * tl.cdiv(n_k, BLOCK_N) + start // BLOCK_N
@@ -199,21 +189,19 @@ def _flash_bwd_dkdv(
             m_start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_M, SUB_M)
             offs_m = m_start + tl.arange(0, SUB_M)
             rows_in = offs_m < n_q
-            q, qv, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, U, VB, h, offs_m, rows_in, sqm,
-                                                HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
+            q, f, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, QF, offs_m, rows_in, sqm,
+                                               HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
             o_rows = q_pos if SCATTER_O else offs_m
             do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
                                                     rows_in, sob, soh, som, n_out,
                                                     HEAD_DIM)  # fmt: skip
-            rel = _rel_table(REL, m_start, start, offset, rel_zero, srn, HEAD_DIM, SUB_M, KEYS,
-                             REL_TERM)  # fmt: skip
             qk = _scores(
-                q, qv, k, q_pos, offs_m, q_grp, m_start, k_pos, offs_n, in_range, start,
-                KGRP, rel, SCRATCH, SPANS, RCODE, KEEP,
+                q, f, k, g, q_pos, offs_m, q_grp, k_pos, offs_n, in_range,
+                KGRP, SPANS, RCODE, KEEP,
                 lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
                 qk_scale, n_pos, dup_reach,
-                HEAD_DIM, SUB_M, KEYS, masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC,
-                REL_TERM, DUP, PADDED, PRECISION, True,
+                masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED,
+                PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
@@ -286,21 +274,14 @@ def backward(
         options = dict(num_warps=tile.warps, num_stages=tile.stages)
         shape = (batch, heads, run.n_q, dim)
         dq_rows = flash.new_output(q, shape, torch.float32)
-        dqv_rows = flash.new_output(q, shape, torch.float32) if rel else dq_rows
-        n_table = rel.table.shape[1] + 2 * run.rel_pad if rel else 0
-        dtable = torch.zeros(heads, n_table, dim, device=q.device) if rel else dq_rows
+        df_rows = flash.new_output(q, shape, torch.float32) if rel else dq_rows
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
         grid = (triton.cdiv(run.n_q, tile.program), batch * heads)
-        for window, first, scratch in flash.launches(q, part, grid, tile.program, tile.step,
-                                                     tiles=2):  # fmt: skip
-            _flash_bwd_dq[window](dout, *stats, delta, dq_rows, dqv_rows, dtable, dspans,
-                                  scratch, *first, *run.args, **run.flags, ROWS=tile.program,
-                                  SUB_N=tile.step, **options)  # fmt: skip
-        if rel is not None:  # dQ = dQ through (q + u) + dQ through (q + v)
-            _add(grads, rel.u, dq_rows.sum((0, 2)))
-            _add(grads, rel.v, dqv_rows.sum((0, 2)))
-            _add(grads, rel.table, dtable[:, run.rel_pad : run.rel_pad + rel.table.shape[1]])
-            dq_rows = dq_rows + dqv_rows
+        _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, df_rows, dspans, *run.args,
+                            **run.flags, ROWS=tile.program, SUB_N=tile.step,
+                            **options)  # fmt: skip
+        if rel is not None:  # f is read where q is
+            grads[id(rel.f)] = _add_rows(grads.get(id(rel.f)), df_rows, part.q_index, n)
         if ramp is not None:
             _add(grads, ramp.spans, dspans)
         dq = _add_rows(dq, dq_rows, part.q_index, n)
@@ -310,10 +291,8 @@ def backward(
         dk_rows, dv_rows = (flash.new_output(q, (batch, heads, run.n_k, dim), torch.float32)
                             for _ in range(2))  # fmt: skip
         grid = (triton.cdiv(run.n_k, tile.program), batch * heads)
-        for window, first, scratch in flash.launches(q, part, grid, tile.step, tile.program):
-            _flash_bwd_dkdv[window](dout, *stats, delta, dk_rows, dv_rows, scratch, *first,
-                                    *run.args, **run.flags, KEYS=tile.program,
-                                    SUB_M=tile.step, **options)  # fmt: skip
+        _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, *run.args, **run.flags,
+                              KEYS=tile.program, SUB_M=tile.step, **options)  # fmt: skip
         for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
             grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
                                           tensor.shape[2])  # fmt: skip

@@ -40,8 +40,9 @@ SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (H100/H200)
 ACCUMULATOR_LIMIT = 128
 
 #: What a launch computes beyond q . k: nothing but a band ("dense"), element masks,
-#: windows, gathers or a ramp ("plain"), xl's relative term (a [2 max(BM, BN), D]
-#: distance tile and its skew), or lsh's duplicate rule (the earlier rounds, per pair).
+#: windows, gathers or a ramp ("plain"), xl's relative term (a second product, of
+#: [BM, D] query and [BN, D] key features), or lsh's duplicate rule (the earlier
+#: rounds, per pair).
 KINDS = ("dense", "plain", "relative", "duplicates")
 
 
@@ -88,17 +89,15 @@ class BackwardTile:
 def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile) -> BackwardTile:
     """Per the compile report: programs of at most 64 (two float32 [program, D]
     accumulators beside the tile fill 8 warps' registers), steps of 32 at head_dim
-    128 and for lsh's rounds (a 64 step spills), the whole program for xl (a 32 step
-    spills as much and loses HGMMA); 8 warps (4 spill at head_dim 64); for xl 2
-    stages at head_dim <= 64 in 16 bits and 1 otherwise (its dQ pass's K, V and
-    table tiles need 256 KiB of shared memory with 2 at head_dim 128; sm_90 has 227)."""
+    128 and for lsh's rounds (a 64 step spills); 8 warps (4 spill at head_dim 64);
+    3 stages, but 1 for xl at head_dim 128 (its dK/dV pass holds the keys' features
+    beside k, v and the two accumulators: 20 bytes spill with 3 stages, none with 1,
+    which also issues fewer instructions per step in its dQ pass)."""
     _check_kind(kind)
     program = min(tile.block_m, tile.block_n, 64)
-    narrow = (head_dim > 64 or kind == "duplicates") and kind != "relative"
+    narrow = head_dim > 64 or kind == "duplicates"
     step = min(32, program) if narrow else program
-    stages = 3
-    if kind == "relative":
-        stages = 2 if head_dim <= 64 and dtype != torch.float32 else 1
+    stages = 1 if kind == "relative" and head_dim > 64 else 3
     return BackwardTile(program, step, 8, stages)
 
 
@@ -124,23 +123,23 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     * plain: the same up to head_dim 64; 64 x 64 with 4 warps at 128, where the
       windows', gathers' and ramp's registers spill 8-40 bytes at 128 x 128 and
       with 8 warps;
-    * xl: 64 x 64 with 4 warps and 2 stages at every head_dim (no spill, HGMMA, K, V
-      and the table rows double-buffered; 8 warps issue 1.5x the instructions per
-      score, 128-row tiles spill, 3 stages need 256 KiB at head_dim 128);
+    * xl: 128 x 128 with 8 warps up to head_dim 64; 128 x 64 with 2 stages at 128
+      (3 spill 12 bytes there; 128 x 128 spills and needs 256 KiB of shared memory
+      with 2): 1,056 and 1,788 warp-instructions per 4,096 scores at head_dim 64
+      and 128, against 1,416 and 1,900 with 64 x 64 and 4 warps;
     * lsh: 64 x 64 with 4 warps at every head_dim (2,296 and 2,704 warp-instructions
       per 4,096 scores at head_dim 64 and 128 against 4,464 and 5,072 with 8 warps;
       128-row tiles issue fewer per score but score a third more pairs than its
       64-place chunks need);
-    * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128
-      (xl in 1 stage: its skew's barrier is tl.debug_barrier there).
+    * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128.
     """
     _check_kind(kind)
     heavy = kind != "plain"
     if dtype == torch.float32:
         block = 32 if head_dim > 64 else 64
-        return Tile(block, block, 8 if heavy else 4, 1 if kind == "relative" else 3)
+        return Tile(block, block, 8 if heavy else 4)
     if kind == "relative":
-        return Tile(64, 64, 4, 2)
+        return Tile(128, 128, 8) if head_dim <= 64 else Tile(128, 64, 8, 2)
     if kind == "duplicates" or (kind == "plain" and head_dim > 64):
         return Tile(64, 64, 4)
     return Tile(128, 128, 8)
@@ -154,12 +153,14 @@ def interpreter_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> 
 
 def fits(tile: Tile, head_dim: int, itemsize: int, kind: str = "plain") -> bool:
     """Whether ``tile`` can run well: K and V tiles per stage and the query tile in
-    shared memory (plus the distance tile for xl) under sm_90's 227 KiB, and the
+    shared memory (plus xl's key and query features) under sm_90's 227 KiB, and the
     float32 accumulators within :data:`ACCUMULATOR_LIMIT` values per thread."""
     per_stage = 2 * tile.step * head_dim * itemsize
-    if kind == "relative":  # the distance tile's rows of the table
-        per_stage += 2 * max(tile.block_m, tile.step) * head_dim * itemsize
-    shared = tile.stages * per_stage + tile.block_m * head_dim * itemsize
+    queries = tile.block_m * head_dim * itemsize
+    if kind == "relative":  # g beside K and V, f beside q
+        per_stage += tile.step * head_dim * itemsize
+        queries *= 2
+    shared = tile.stages * per_stage + queries
     values = tile.block_m * (head_dim + tile.step) / (32 * tile.warps)
     return shared <= SHARED_LIMIT and values <= ACCUMULATOR_LIMIT
 

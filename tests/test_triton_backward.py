@@ -121,36 +121,6 @@ def test_triton_gradients_reach_module_parameters(name, config, causal):
     assert all(g.abs().sum() > 0 for g in grads["triton"].values())
 
 
-@pytest.mark.parametrize("budget", [1, 3], ids=["a-program-a-launch", "whole-heads"])
-def test_xl_scratch_stays_one_launch_size(monkeypatch, budget):
-    """xl's skew scratch is capped (SCRATCH_BYTES): a grid larger than the cap runs as
-    several launches sharing one buffer, each program at its own place in the whole
-    grid. With room for 1 program (a launch per query block) or 3 (whole heads per
-    launch), forward and gradients match the oracle as with one launch."""
-    per_program = 64 * 128 * 4  # bytes of the forward's tile (the interpreter's 64 x 64)
-    monkeypatch.setattr(attn_zoo.kernels.flash, "SCRATCH_BYTES", budget * per_program)
-    made = []
-    real = attn_zoo.kernels.flash.launches
-
-    def counted(*args, **kwargs):
-        windows = list(real(*args, **kwargs))
-        made.append((args[2], windows))
-        return iter(windows)
-
-    monkeypatch.setattr(attn_zoo.kernels.flash, "launches", counted)
-    check_gradients(attn_zoo.get("xl", segment_len=32, mem_len=32), 100, 32, torch.float32,
-                    causal=True, batch=2)  # fmt: skip
-    for grid, windows in made:
-        covered = sorted((first[0] + m, first[1] + bh) for window, first, _ in windows
-                         for m in range(window[0]) for bh in range(window[1]))  # fmt: skip
-        assert covered == [(m, bh) for m in range(grid[0]) for bh in range(grid[1])]
-        scratches = {id(scratch): scratch for _, _, scratch in windows}
-        assert len(scratches) == 1  # one buffer for all the launches
-        largest = max(w[0] * w[1] for w, _, _ in windows)
-        assert next(iter(scratches.values())).numel() * 4 <= budget * per_program or largest == 1
-    assert any(len(windows) > 1 for _, windows in made)
-
-
 def test_memories_are_stop_gradient_in_the_kernel():
     """xl: the last segment's keys get gradient only from their own segment, so a
     loss on the first segment's rows gives no gradient to later keys and none to
