@@ -21,7 +21,9 @@ The reference computes the relative term the paper's way: one product
 (q + v) R^T over all distances, then the relative shift. Its position
 sequence runs from klen down to -(L - 1) (as in XLNet), so the shifted matrix
 is exact in every entry, masked or not; the oracle builds the term pair by
-pair, so a wrong shift shows.
+pair, so a wrong shift shows. The triton impl needs neither table nor shift:
+R's sinusoids turn the term into a product of query and key features
+(:func:`relative_terms`), a second MMA beside q . k.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ FlashAttention-2 backward of :mod:`attn_zoo.kernels.flash_backward`.
 
 :func:`attend` is what the mechanism families call. It returns (out, lse) for
 the parts merged by log-sum-exp, differentiable in q and in every tensor a part
-reads (:meth:`~attn_zoo.kernels.flash.Part.differentiable`: keys, values,
-Transformer-XL's u, v and distance table, the adaptive-span spans z_h). Without
+reads (:meth:`~attn_zoo.kernels.flash.Part.differentiable`: keys, values, the
+query features of a relative term, the adaptive-span spans z_h). Without
 a tensor that needs a gradient it is the forward alone.
 """
 

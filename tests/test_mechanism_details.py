@@ -6,7 +6,7 @@ import torch
 import attn_zoo
 from attn_zoo import oracle
 from attn_zoo.compressive import COMPRESSIONS, attention_reconstruction_loss
-from attn_zoo.xl import rel_shift
+from attn_zoo.xl import rel_shift, relative_terms
 from conftest import qkv, small
 
 
@@ -46,6 +46,35 @@ def test_rel_shift_puts_each_distance_in_place():
     assert torch.equal(shifted[:, seen], expected.expand(2, -1, -1)[:, seen])
     with pytest.raises(ValueError, match="accepted: klen \\+ 1 or klen \\+ qlen"):
         rel_shift(torch.zeros(qlen, klen), klen)
+
+
+@pytest.mark.parametrize("clamp", [None, 5])
+@pytest.mark.parametrize("causal", [True, False])
+def test_xl_feature_products_equal_the_table(clamp, causal):
+    """The kernels' form of Sec. 3.3's term, f_i . g_j over each term's distances,
+    equals (q_i + v) . W_R R_(i-j) read from the plan's table, for every pair and
+    distance of either sign; with clamp_len 5 the pairs beyond +-5 read R_(+-5) (the
+    table's clamped rows), through the two extra terms. Each pair is in one term; the
+    table holds the distances up to M + L, every visible pair's."""
+    mech = attn_zoo.get("xl", segment_len=8, mem_len=12, clamp_len=clamp)
+    q = torch.randn(1, 2, 40, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    plan = mech.plan(q, q, q, causal)
+    i, j = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    expected = torch.einsum(
+        "bhid,hijd->bhij",
+        q + plan.v[:, None, :].double(),
+        plan.rel_at((i - j).clamp(-plan.max_dist, plan.max_dist)).double(),
+    )
+    got, covered = torch.zeros_like(expected), torch.zeros(40, 40, dtype=torch.int64)
+    terms = relative_terms(q, plan)
+    assert len(terms) == (1 if clamp is None else 3)
+    for lo, hi, f, g in terms:
+        inside = ((i - j) >= lo) & ((i - j) <= hi)
+        got += torch.where(inside, f.double() @ g.double().T, 0.0)
+        covered += inside
+    assert torch.equal(covered, torch.ones_like(covered))
+    table = (i - j).abs() <= plan.max_dist  # the distances the table holds
+    torch.testing.assert_close(got[..., table], expected[..., table], rtol=1e-5, atol=1e-5)
 
 
 def test_reconstruction_loss_trains_only_the_compression():
