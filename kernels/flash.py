@@ -399,7 +399,10 @@ def _flash_fwd(
             )  # fmt: skip
             # the online softmax, in the exp2 domain (m_i in scaled units)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            if masked == 0 and not PADDED and not DUP:
+                m_safe = m_new  # no mask in a full block: every score, so m_new, finite
+            else:  # a row may have seen no key yet: exp2(-inf - -inf) would be NaN
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
