@@ -118,15 +118,15 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     """The untuned tile, per the compile report (sm_90 SASS, no GPU):
 
     * fp16/bf16, dense (key padding or not): 128 x 128 with 8 warps (two warpgroups of HGMMA, the
-      tutorial's tile at head_dim 128), 3 stages: 952 warp-instructions per 4,096
-      scores at head_dim 64 against 1,248 with 64 x 64;
+      tutorial's tile at head_dim 128), 3 stages: 944 warp-instructions per 4,096
+      scores at head_dim 64 against 1,232 with 64 x 64;
     * plain: the same up to head_dim 64; 64 x 64 with 4 warps at 128, where the
       windows', gathers' and ramp's registers spill 8-40 bytes at 128 x 128 and
       with 8 warps;
     * xl: 128 x 128 with 8 warps up to head_dim 64; 128 x 64 with 2 stages at 128
       (3 spill 12 bytes there; 128 x 128 spills and needs 256 KiB of shared memory
-      with 2): 1,056 and 1,788 warp-instructions per 4,096 scores at head_dim 64
-      and 128, against 1,416 and 1,900 with 64 x 64 and 4 warps;
+      with 2): 1,048 and 1,772 warp-instructions per 4,096 scores at head_dim 64
+      and 128, against 1,408 and 1,888 with 64 x 64, 4 warps and 3 stages;
     * lsh: 64 x 64 with 4 warps at every head_dim (2,296 and 2,704 warp-instructions
       per 4,096 scores at head_dim 64 and 128 against 4,464 and 5,072 with 8 warps;
       128-row tiles issue fewer per score but score a third more pairs than its
