@@ -97,8 +97,8 @@ Term = tuple[int, int, torch.Tensor, torch.Tensor]
 
 def relative_terms(q: torch.Tensor, plan: XLPlan) -> list[Term]:
     """The relative term (q_i + v) . W_R R_(i-j) (Sec. 3.3) as products f_i . g_j of
-    per-position features, for the kernels: (lo, hi, f [B, H, N, D'] float32,
-    g [N, D']) for the pairs with lo <= i - j <= hi.
+    per-position features, for the kernels: (lo, hi, f [B, H, N, D'], g [N, D']), in
+    q's dtype (computed in float32), for the pairs with lo <= i - j <= hi.
 
     With a_i = W_R^T (q_i + v) = [a_s, a_c] (its parts on R's sines and cosines), the
     angle-difference identities sin((i-j)w) = sin(iw) cos(jw) - cos(iw) sin(jw) and
@@ -119,12 +119,14 @@ def relative_terms(q: torch.Tensor, plan: XLPlan) -> list[Term]:
     sin_i, cos_i = theta.sin().float(), theta.cos().float()
     f = torch.cat([sines * sin_i + cosines * cos_i, cosines * sin_i - sines * cos_i], dim=-1)
     g = torch.cat([cos_i, sin_i], dim=-1)  # keys and queries share positions (n_q = n_k)
+    f, g = f.to(q.dtype), g.to(q.dtype)  # once, not at each of the three launches
     clamp = plan.clamp_len
     if clamp is None or clamp <= 0 or clamp >= plan.max_dist:
         return [(-BIG, BIG, f, g)]
     terms = [(-clamp, clamp, f, g)]
+    a = a.to(q.dtype)  # one tensor for both clamped parts
     for lo, hi, d in ((clamp + 1, BIG, clamp), (-BIG, -clamp - 1, -clamp)):
-        row = sinusoid(torch.tensor([d], device=q.device), dim).float()
+        row = sinusoid(torch.tensor([d], device=q.device), dim).to(q.dtype)
         terms.append((lo, hi, a, row.expand(q.shape[2], dim)))
     return terms
 

@@ -143,7 +143,7 @@ class Part:
     tile: Tile | None = None  # warps and stages (None: the layout's default)
 
     def differentiable(self) -> list[torch.Tensor]:
-        """The tensors a gradient can reach besides q: k, v, the relative term's u and f, the
+        """The tensors a gradient can reach besides q: k, v, the relative term's f, the
         ramp's spans."""
         found = [self.k, self.v]
         if self.relative is not None:
