@@ -68,7 +68,7 @@ POINTERS = dict.fromkeys(
     ("MAX", "LOGSUM", "DELTA", "DQ", "DQF", "DSPANS", "DK", "DV", "SPANS"),
     "fp32",
 ) | dict.fromkeys(
-    ("QIDX", "KIDX", "QGRP", "KGRP", "RCODE", "FULL", "FULL_COUNT", "PARTIAL",
+    ("QIDX", "KIDX", "GLO", "GHI", "RCODE", "FULL", "FULL_COUNT", "PARTIAL",
      "PARTIAL_COUNT"), "i32"
 ) | {"KEEP": "i8"}  # fmt: skip
 #: Integer arguments that are multiples of 16 in a launch on aligned shapes: strides and

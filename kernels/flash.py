@@ -18,7 +18,8 @@ What a launch may add to plain attention (all decided at compile time):
 * the element masks of :mod:`attn_zoo.kernels.layout` (band, segment window, group
   equality);
 * a bias on the pair i == j of positions (Reformer's self penalty, or -inf);
-* the adaptive-span ramp, bias log m_z(x) (Sukhbaatar et al. 2019, Eq. 4-5);
+* the adaptive-span ramp m_z(x) (Sukhbaatar et al. 2019, Eq. 4-5): its hard edge
+  m > 0 in the rows' key intervals, its soft part a weight m on each p;
 * a second product of per-position features, f_i . g_j, beside the content term
   (q_i + u) . k_j: the Transformer-XL relative term (q_i + v) . W_R R_(i-j) (Dai et
   al. 2019, Sec. 3.3) in the form :mod:`attn_zoo.xl` rewrites it to;
@@ -42,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import triton
@@ -117,7 +119,9 @@ class Part:
     ``q_index`` [G|1, n_q] and ``k_index`` [G|1, n_k] (int32) read rows through a
     gather: the kernel runs over n_q = q_index.shape[-1] queries and writes row i
     at ``q_index[i]`` when ``scatter`` (else at i). ``groups`` = (q groups [G, n_q],
-    k groups [G, n_k]) sorted along the kernel order. ``keep`` [B, positions of k]
+    k groups [G, n_k]) sorted along the kernel order. ``self_bias`` is added to the
+    score of the pair of equal kernel indices, the same position when q and k are
+    read in the same order (no index, or one index for both). ``keep`` [B, positions of k]
     (bool, True = attend) hides padded keys. ``tile`` gives the launch's warps and
     stages (:mod:`attn_zoo.kernels.tuning`; its blocks are the layout's).
     ``frozen_memory``: keys before the query's window segment (``window.step * s``)
@@ -141,6 +145,23 @@ class Part:
     keep: torch.Tensor | None = None
     frozen_memory: bool = False
     tile: Tile | None = None  # warps and stages (None: the layout's default)
+
+    def __post_init__(self):
+        if self.self_bias is not None and self.q_index is not self.k_index:
+            raise ValueError("flash: a self_bias needs q and k read in the same order; "
+                             "accepted: q_index is k_index (both None, or one tensor)")  # fmt: skip
+
+    @cached_property
+    def group_runs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per query row (kernel order), the run [first, end) of key indices of its
+        group: ``groups`` are sorted along the kernel order, so the keys of one group
+        are contiguous (int32 [G, n_q] each; the kernels read them as the rows' key
+        intervals, never a group per pair)."""
+        q_groups, k_groups = self.groups
+        shape = (max(q_groups.shape[0], k_groups.shape[0]), -1)
+        q_groups, k_groups = (x.expand(shape).contiguous() for x in (q_groups, k_groups))
+        return tuple(torch.searchsorted(k_groups, q_groups, side=side).to(torch.int32)
+                     for side in ("left", "right"))  # fmt: skip
 
     def differentiable(self) -> list[torch.Tensor]:
         """The tensors a gradient can reach besides q: k, v, the relative term's f, the
@@ -187,16 +208,59 @@ def _key_features(KF, k_pos, in_range, sgn, HEAD_DIM: tl.constexpr, MASKED: tl.c
 
 
 @triton.jit
-def _ramp_distance(offs_m, offs_n, offset, SYMMETRIC: tl.constexpr):
-    """x of the adaptive-span ramp: i - j, or |i - j| bidirectionally."""
-    x = ((offs_m[:, None] + offset) - offs_n[None, :]).to(tl.float32)
-    if SYMMETRIC:
-        x = tl.abs(x)
-    return x
+def _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi, SPANS, h,
+                  ramp, GLO, GHI, n_q, WINDOW: tl.constexpr, RAMP: tl.constexpr,
+                  SYMMETRIC: tl.constexpr, GROUPS: tl.constexpr):  # fmt: skip
+    """Per query row i, the run of key indices key_lo ... key_lo + keys - 1 that
+    every positional rule allows, and at = i + offset. Each rule is an interval of
+    j for a given i, so they intersect into one: the :class:`Band`, lo <= i + offset
+    - j <= hi; the :class:`Window`; the group (sorted along the kernel order, each
+    group's keys are one run, [GLO[i], GHI[i]): :attr:`Part.group_runs`); the key
+    count; and the ramp's hard edge (m_z(x) > 0 exactly when x < R + z, so x <=
+    ceil(R + z) - 1 for integer x). Computed once per row in int64 (an edge may be
+    unbounded, ``BIG``), returned as 32-bit (``keys`` unsigned, 0 for a row that sees
+    none): a masked tile then tests each pair with one unsigned compare, 0 <= j -
+    key_lo < keys, not a 64-bit difference, band, window, group and key-range tests
+    per pair."""
+    at = offs_m.to(tl.int64) + offset
+    key_lo = at - hi
+    key_hi = at - lo
+    if WINDOW:
+        seg = (offs_m // seg_len) * seg_step
+        key_lo = tl.maximum(key_lo, seg + win_lo)
+        key_hi = tl.minimum(key_hi, seg + win_hi)
+    if GROUPS:
+        rows_in = offs_m < n_q
+        key_lo = tl.maximum(key_lo, tl.load(GLO + offs_m, mask=rows_in, other=0))
+        key_hi = tl.minimum(key_hi, tl.load(GHI + offs_m, mask=rows_in, other=0) - 1)
+    if RAMP:
+        far = (tl.math.ceil(ramp + tl.load(SPANS + h)) - 1.0).to(tl.int64)  # once per head
+        key_lo = tl.maximum(key_lo, at - far)
+        if SYMMETRIC:
+            key_hi = tl.minimum(key_hi, at + far)
+    key_lo = tl.minimum(tl.maximum(key_lo, 0), n_k)
+    keys = tl.maximum(tl.minimum(key_hi, n_k - 1) - key_lo + 1, 0)  # 0: an empty row
+    return key_lo.to(tl.int32), keys.to(tl.uint32), at.to(tl.int32)
 
 
 @triton.jit
-def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, pid_bh,
+def _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC: tl.constexpr):
+    """Adaptive span's soft mask m_z(x) = min((R + z - x) / R, 1) of a tile (Eq. 4;
+    its hard edge m > 0 is in the rows' key runs: :func:`_key_interval`), with x =
+    i + offset - j, or |x| bidirectionally. Split per row and per column around the
+    step's first key, x / R = (at - start) / R - (j - start) / R, so that a pair costs
+    one add (and one more for |x|) and a minimum, no conversion or division."""
+    per = 1.0 / ramp
+    reach = (ramp + tl.load(SPANS + h)) * per  # (R + z) / R, once per tile
+    near = (at - start).to(tl.float32) * per  # per row
+    far = cols.to(tl.float32) * per  # constants
+    if SYMMETRIC:
+        return tl.minimum(reach - tl.abs(near[:, None] - far[None, :]), 1.0)
+    return tl.minimum((reach - near)[:, None] + far[None, :], 1.0)
+
+
+@triton.jit
+def _head(Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, pid_bh,
           sqb, sqh, skb, skh, svb, svh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
           keep_stride):  # fmt: skip
     """Every input pointer moved to batch/head ``pid_bh`` (int64: b * stride passes
@@ -208,12 +272,12 @@ def _head(Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, pid_bh,
     V += b * svb + h * svh
     QIDX += (pid_bh % n_indexed) * n_q
     KIDX += (pid_bh % n_indexed) * n_k
-    QGRP += (pid_bh % n_grouped) * n_q
-    KGRP += (pid_bh % n_grouped) * n_k
+    GLO += (pid_bh % n_grouped) * n_q
+    GHI += (pid_bh % n_grouped) * n_q
     QF += b * sqb + h * sqh  # laid out as q (:func:`launch`)
     RCODE += pid_bh * dup_stride
     KEEP += b * keep_stride
-    return Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, b, h
+    return Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, b, h
 
 
 @triton.jit
@@ -228,11 +292,10 @@ def _widen(sqm, skn, svn, som, sgn, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _load_queries(Q, QIDX, QGRP, QF, offs_m, rows_in, sqm, HEAD_DIM: tl.constexpr,
-                  GATHER_Q: tl.constexpr, GROUPS: tl.constexpr,
-                  REL_TERM: tl.constexpr):  # fmt: skip
+def _load_queries(Q, QIDX, QF, offs_m, rows_in, sqm, HEAD_DIM: tl.constexpr,
+                  GATHER_Q: tl.constexpr, REL_TERM: tl.constexpr):  # fmt: skip
     """A query block: (q, its features f [BLOCK_M, HEAD_DIM] at the queries'
-    positions with a :class:`Relative` term (else q again), positions, groups)."""
+    positions with a :class:`Relative` term (else q again), positions)."""
     offs_d = tl.arange(0, HEAD_DIM)
     if GATHER_Q:
         q_pos = tl.load(QIDX + offs_m, mask=rows_in, other=0)
@@ -243,10 +306,7 @@ def _load_queries(Q, QIDX, QGRP, QF, offs_m, rows_in, sqm, HEAD_DIM: tl.constexp
     if REL_TERM:
         f = tl.load(QF + q_pos[:, None] * sqm + offs_d[None, :], mask=rows_in[:, None],
                     other=0.0)  # fmt: skip
-    q_grp = offs_m
-    if GROUPS:
-        q_grp = tl.load(QGRP + offs_m, mask=rows_in, other=-2)
-    return q, f, q_pos, q_grp
+    return q, f, q_pos
 
 
 @triton.jit
@@ -300,57 +360,49 @@ def _step_start(blocks, first, t, RUN: tl.constexpr, BLOCK: tl.constexpr, STEP: 
 
 @triton.jit
 def _scores(
-    q, f, k, g, q_pos, offs_m, q_grp, k_pos, offs_n, in_range,
-    KGRP, SPANS, RCODE, KEEP,
-    lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-    qk_scale, n_pos, dup_reach,
-    MASKED: tl.constexpr, WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr,
-    RAMP: tl.constexpr, SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr,
-    PADDED: tl.constexpr, PRECISION: tl.constexpr,
+    q, f, k, g, q_pos, k_pos, offs_m, offs_n, start, in_range, key_lo, keys, at,
+    SPANS, RCODE, KEEP, self_bias, ramp, h, qk_scale, n_pos, dup_reach,
+    MASKED: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
+    SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The scores of one tile before the softmax scale: q . k plus every bias divided
-    by ``qk_scale`` (= log2(e) / sqrt(d)), -inf where a pair is not visible, so that
-    the softmax weight is exp2(score * qk_scale - m), one FMA and an exp2 per score
-    (the scale is folded into the exponent's argument, not a separate multiply).
+    """(scores, weights) of one tile. The scores are before the softmax scale: q . k
+    plus every bias divided by ``qk_scale`` (= log2(e) / sqrt(d)), -inf where a pair
+    is not visible, so that the softmax weight is exp2(score * qk_scale - m) * weight,
+    one FMA and an exp2 per score (the scale is folded into the exponent's argument,
+    not a separate multiply). The weight is 1, but adaptive span's m_z(x) in (0, 1]
+    on a masked tile: a product, not the bias log m, so no logarithm per pair, and
+    the row max taken without it bounds the weighted scores from above.
     ``k`` is k^T [HEAD_DIM, BLOCK_N]; with ``REL_TERM`` the features f . g^T
     (:class:`Relative`) accumulate onto q . k in the same MMA accumulator.
     The forward and both backward passes score tiles here, so they cannot disagree."""
     qk = tl.dot(q, k, input_precision=PRECISION)
     if REL_TERM:
         qk = tl.dot(f, tl.trans(g), qk, input_precision=PRECISION)
-    per_log2 = 1.0 / qk_scale  # a bias b in log2 units is b * per_log2 in these
+    weight = 1.0
     if DUP:  # a pair an earlier round shows was counted there
         qk = tl.where(_seen_before(q_pos, k_pos, RCODE, n_pos, dup_reach, DUP), float("-inf"),
                       qk)  # fmt: skip
     if PADDED:  # key padding, in every block (the layout does not know it)
         kept = tl.load(KEEP + k_pos, mask=in_range, other=0)
         qk = tl.where(kept[None, :] != 0, qk, float("-inf"))
-    if MASKED:
-        diff = (offs_m[:, None] + offset) - offs_n[None, :]
-        visible = (diff >= lo) & (diff <= hi) & in_range[None, :]
-        if WINDOW:
-            seg = (offs_m // seg_len) * seg_step
-            visible &= offs_n[None, :] >= seg[:, None] + win_lo
-            visible &= offs_n[None, :] <= seg[:, None] + win_hi
-        if GROUPS:
-            k_grp = tl.load(KGRP + offs_n, mask=in_range, other=-1)
-            visible &= q_grp[:, None] == k_grp[None, :]
+    if MASKED:  # band, window, group and key range: the row's run (:func:`_key_interval`)
+        cols = tl.arange(0, offs_n.shape[0])  # offs_n - start, constants: no add per key
+        ahead = (cols[None, :] - (key_lo - start)[:, None]).to(tl.uint32, bitcast=True)
+        visible = ahead < keys[:, None]  # 0 <= offs_n - key_lo < keys, one compare
         qk = tl.where(visible, qk, float("-inf"))
-        if SELF:
-            qk = tl.where(q_pos[:, None] == k_pos[None, :], qk + self_bias, qk)
-        if RAMP:
-            x = _ramp_distance(offs_m, offs_n, offset, SYMMETRIC)
-            reach = (ramp + tl.load(SPANS + h)) / ramp  # (R + z) / R, once per tile
-            m = tl.minimum(tl.maximum(reach - x * (1.0 / ramp), 0.0), 1.0)  # no division
-            qk = tl.where(m > 0.0, qk + tl.math.log2(tl.maximum(m, 1e-30)) * per_log2,
-                          float("-inf"))  # fmt: skip
-    return qk
+        if SELF:  # the pair i == j of kernel indices (:class:`Part`), against constants
+            own = cols[None, :] == (offs_m - start)[:, None]
+            qk = tl.where(own, qk + self_bias, qk)
+        if RAMP:  # m > 0 on the row's interval: the soft part only, no division
+            weight = _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC)
+    return qk, weight
 
 
 @triton.jit
 def _flash_fwd(
     O, MAX, LOGSUM,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, KF, SPANS, RCODE, KEEP,
+    Q, K, V, QIDX, KIDX, GLO, GHI, QF, KF, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
@@ -365,16 +417,16 @@ def _flash_fwd(
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, b, h = _head(
-        Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, pid_bh,
+    Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
         keep_stride)  # fmt: skip
     sqm, skn, svn, som, sgn = _widen(sqm, skn, svn, som, sgn, WIDE)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_in = offs_m < n_q
-    q, f, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, QF, offs_m, rows_in, sqm,
-                                       HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
+    q, f, q_pos = _load_queries(Q, QIDX, QF, offs_m, rows_in, sqm, HEAD_DIM, GATHER_Q,
+                                REL_TERM)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -382,6 +434,11 @@ def _flash_fwd(
     for masked in tl.static_range(2):  # the full blocks, then those needing the mask
         blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
                                            max_full, max_partial, masked)  # fmt: skip
+        key_lo, keys, at = 0, 0, 0  # the rows' key intervals: the masked walk's
+        if masked == 1:
+            key_lo, keys, at = _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step,
+                                             win_lo, win_hi, SPANS, h, ramp, GLO, GHI, n_q,
+                                             WINDOW, RAMP, SYMMETRIC, GROUPS)  # fmt: skip
         for t in range(0, count * (BLOCK_N // STEP_N)):
             start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_N, STEP_N)
             offs_n = start + tl.arange(0, STEP_N)
@@ -389,13 +446,10 @@ def _flash_fwd(
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
             g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, masked == 1, REL_TERM)
-            qk = _scores(
-                q, f, k, g, q_pos, offs_m, q_grp, k_pos, offs_n, in_range,
-                KGRP, SPANS, RCODE, KEEP,
-                lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-                qk_scale, n_pos, dup_reach,
-                masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED,
-                PRECISION,
+            qk, weight = _scores(
+                q, f, k, g, q_pos, k_pos, offs_m, offs_n, start, in_range, key_lo, keys, at,
+                SPANS, RCODE, KEEP, self_bias, ramp, h, qk_scale, n_pos, dup_reach,
+                masked == 1, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             # the online softmax, in the exp2 domain (m_i in scaled units)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -404,6 +458,8 @@ def _flash_fwd(
             else:  # a row may have seen no key yet: exp2(-inf - -inf) would be NaN
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+            if RAMP and masked == 1:
+                p = p * weight
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -464,11 +520,14 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
     f, g = features(q, relative) if relative is not None else (q, q[0, 0])
     win = part.window if part.window is not None else Window(1, 0, -BIG, BIG)
     band = part.band
+    if not -POSITION_LIMIT <= band.offset <= POSITION_LIMIT - max(n_q, 1):
+        raise ValueError(f"flash: band offset {band.offset} with {n_q} queries; accepted: "
+                         f"i + offset within int32 for every query i")  # fmt: skip
     args = [
         q, k, v,
         part.q_index if part.q_index is not None else dummy,
         part.k_index if part.k_index is not None else dummy,
-        *(groups if groups is not None else (dummy, dummy)),
+        *(part.group_runs if groups is not None else (dummy, dummy)),
         f, g,
         ramp.spans.float().contiguous() if ramp is not None else q,
         dup.codes if dup is not None else dummy,
@@ -517,6 +576,9 @@ def features(q: torch.Tensor, relative: Relative) -> tuple[torch.Tensor, torch.T
     return f, g if g.stride(1) == 1 else g.contiguous()
 
 
+#: Query positions shifted by a band's offset, i + offset, are int32 in the kernels
+#: (:func:`_key_interval`).
+POSITION_LIMIT = 2**31
 #: Offsets within one head stay int32 below this many elements.
 OFFSET_LIMIT = 2**31
 

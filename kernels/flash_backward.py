@@ -9,8 +9,9 @@ per row, and every tile recomputes P = exp(S - L) from the same
   lists: dS = P * (dO V^T - D) and dQ = scale * dS K. With a relative term the
   same dS gives the query features' gradient, dF = scale * dS G (for
   Transformer-XL, autograd carries it on to q, v and W_R); for adaptive span the
-  gradient of the ramp's spans z_h (d log m / dz = 1 / (R + z - x) on the ramp,
-  Eq. 4).
+  gradient of the ramp's spans z_h: d log m / dz = 1 / (R m) on the ramp (Eq. 4),
+  and dS = P (dP - D) with P = exp(S - L) m, so each ramp pair adds
+  exp(S - L) (dP - D) / R: m cancels, no division per pair.
 * ``_flash_bwd_dkdv``, one program per key block over the query blocks that see
   it (:attr:`~attn_zoo.kernels.layout.BlockLayout.by_key`): dV = P^T dO and
   dK = scale * dS^T Q.
@@ -40,9 +41,9 @@ from attn_zoo.kernels.flash import (
     _block_list,
     _head,
     _key_features,
+    _key_interval,
     _load_keys,
     _load_queries,
-    _ramp_distance,
     _scores,
     _step_start,
     _widen,
@@ -72,7 +73,7 @@ def _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, 
 @triton.jit
 def _flash_bwd_dq(
     DO, MAX, LOGSUM, DELTA, DQ, DQF, DSPANS,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, KF, SPANS, RCODE, KEEP,
+    Q, K, V, QIDX, KIDX, GLO, GHI, QF, KF, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
@@ -90,8 +91,8 @@ def _flash_bwd_dq(
     taken SUB_N keys at a time."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, b, h = _head(
-        Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, pid_bh,
+    Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
         keep_stride)  # fmt: skip
     sqm, skn, svn, som, sgn = _widen(sqm, skn, svn, som, sgn, WIDE)
@@ -99,8 +100,8 @@ def _flash_bwd_dq(
     offs_m = m_start + tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_in = offs_m < n_q
-    q, f, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, QF, offs_m, rows_in, sqm,
-                                       HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
+    q, f, q_pos = _load_queries(Q, QIDX, QF, offs_m, rows_in, sqm, HEAD_DIM, GATHER_Q,
+                                REL_TERM)  # fmt: skip
     o_rows = q_pos if SCATTER_O else offs_m
     do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
                                             rows_in, sob, soh, som, n_out, HEAD_DIM)  # fmt: skip
@@ -111,6 +112,10 @@ def _flash_bwd_dq(
     for masked in tl.static_range(2):
         blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
                                            max_full, max_partial, masked)  # fmt: skip
+        # the rows' key intervals, read by the masked walk only (dead in the full one)
+        key_lo, keys, at = _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step,
+                                         win_lo, win_hi, SPANS, h, ramp, GLO, GHI, n_q,
+                                         WINDOW, RAMP, SYMMETRIC, GROUPS)  # fmt: skip
         for t in range(0, count * (BLOCK_N // SUB_N)):
             start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_N, SUB_N)
             offs_n = start + tl.arange(0, SUB_N)
@@ -118,25 +123,20 @@ def _flash_bwd_dq(
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      masked == 1, GATHER_K)  # fmt: skip
             g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, masked == 1, REL_TERM)
-            qk = _scores(
-                q, f, k, g, q_pos, offs_m, q_grp, k_pos, offs_n, in_range,
-                KGRP, SPANS, RCODE, KEEP,
-                lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-                qk_scale, n_pos, dup_reach,
-                masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED,
-                PRECISION,
+            qk, weight = _scores(
+                q, f, k, g, q_pos, k_pos, offs_m, offs_n, start, in_range, key_lo, keys, at,
+                SPANS, RCODE, KEEP, self_bias, ramp, h, qk_scale, n_pos, dup_reach,
+                masked == 1, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])  # dS, the gradient of the natural-log scores
+            if RAMP and masked == 1:  # before m: exp(S - L) (dP - D), dz's term times R
+                dz += tl.sum(tl.where(weight < 1.0, ds, 0.0), 1)
+                ds = ds * weight
             dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)
             if REL_TERM:
                 df += tl.dot(ds.to(k.dtype), g, input_precision=PRECISION)
-            if RAMP and masked == 1:  # d log m / dz = 1 / (R + z - x) where 0 < m < 1
-                x = _ramp_distance(offs_m, offs_n, offset, SYMMETRIC)
-                edge = ramp + tl.load(SPANS + h) - x
-                on_ramp = (edge > 0.0) & (edge < ramp)
-                dz += tl.sum(tl.where(on_ramp, ds / tl.where(on_ramp, edge, 1.0), 0.0), 1)
     scale = qk_scale * LN2
     rows = DQ + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(rows, dq * scale, mask=rows_in[:, None])
@@ -144,13 +144,13 @@ def _flash_bwd_dq(
         rows = DQF + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(rows, df * scale, mask=rows_in[:, None])
     if RAMP:
-        tl.atomic_add(DSPANS + h, tl.sum(dz, 0), sem="relaxed")
+        tl.atomic_add(DSPANS + h, tl.sum(dz, 0) / ramp, sem="relaxed")
 
 
 @triton.jit
 def _flash_bwd_dkdv(
     DO, MAX, LOGSUM, DELTA, DK, DV,
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, KF, SPANS, RCODE, KEEP,
+    Q, K, V, QIDX, KIDX, GLO, GHI, QF, KF, SPANS, RCODE, KEEP,
     FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
@@ -168,8 +168,8 @@ def _flash_bwd_dkdv(
     live registers beside the two [KEYS, HEAD_DIM] accumulators)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, b, h = _head(
-        Q, K, V, QIDX, KIDX, QGRP, KGRP, QF, RCODE, KEEP, pid_bh,
+    Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, b, h = _head(
+        Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, pid_bh,
         sqb, sqh, skb, skh, svb, svh, H, n_q, n_k, n_indexed, n_grouped, dup_stride,
         keep_stride)  # fmt: skip
     sqm, skn, svn, som, sgn = _widen(sqm, skn, svn, som, sgn, WIDE)
@@ -189,21 +189,23 @@ def _flash_bwd_dkdv(
             m_start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_M, SUB_M)
             offs_m = m_start + tl.arange(0, SUB_M)
             rows_in = offs_m < n_q
-            q, f, q_pos, q_grp = _load_queries(Q, QIDX, QGRP, QF, offs_m, rows_in, sqm,
-                                               HEAD_DIM, GATHER_Q, GROUPS, REL_TERM)  # fmt: skip
+            q, f, q_pos = _load_queries(Q, QIDX, QF, offs_m, rows_in, sqm, HEAD_DIM, GATHER_Q,
+                                        REL_TERM)  # fmt: skip
+            key_lo, keys, at = _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step,
+                                               win_lo, win_hi, SPANS, h, ramp, GLO, GHI, n_q,
+                                               WINDOW, RAMP, SYMMETRIC, GROUPS)  # fmt: skip
             o_rows = q_pos if SCATTER_O else offs_m
             do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
                                                     rows_in, sob, soh, som, n_out,
                                                     HEAD_DIM)  # fmt: skip
-            qk = _scores(
-                q, f, k, g, q_pos, offs_m, q_grp, k_pos, offs_n, in_range,
-                KGRP, SPANS, RCODE, KEEP,
-                lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, h,
-                qk_scale, n_pos, dup_reach,
-                masked == 1, WINDOW, GROUPS, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED,
-                PRECISION,
+            qk, weight = _scores(
+                q, f, k, g, q_pos, k_pos, offs_m, offs_n, start, in_range, key_lo, keys, at,
+                SPANS, RCODE, KEEP, self_bias, ramp, h, qk_scale, n_pos, dup_reach,
+                masked == 1, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
+            if RAMP and masked == 1:
+                p = p * weight
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])

@@ -233,3 +233,38 @@ def test_a_round_outside_the_codes_is_refused():
     dup = Duplicates(torch.zeros(1, 3, 5, dtype=torch.int32), reach=1)
     with pytest.raises(ValueError, match="lsh: round 3 of 3; accepted: 0 to 2"):
         dup.for_round(3)
+
+
+def test_group_runs_are_each_rows_keys_of_its_group():
+    """Groups sorted along the kernel order: a query's keys of its own group are one
+    run [first, end), what the kernels test instead of comparing groups per pair."""
+    from attn_zoo.kernels.flash import Part
+
+    torch.manual_seed(1)
+    q_groups = torch.randint(0, 6, (3, 29)).sort(-1).values
+    k_groups = torch.randint(0, 6, (3, 41)).sort(-1).values
+    k = torch.zeros(1, 3, 41, 8)
+    layout = build_layout(29, 41, Band(), block_m=16, block_n=16)
+    first, end = Part(k, k, layout, groups=(q_groups, k_groups)).group_runs
+    j = torch.arange(41)
+    for g in range(3):
+        same = q_groups[g][:, None] == k_groups[g][None, :]
+        run = (j[None, :] >= first[g][:, None]) & (j[None, :] < end[g][:, None])
+        assert torch.equal(run, same)
+    # one layout row of groups for q, one per (batch, head) for k: broadcast
+    first, end = Part(k, k, layout, groups=(q_groups[:1], k_groups)).group_runs
+    assert first.shape == (3, 29) and first.dtype == torch.int32
+
+
+def test_a_self_bias_needs_q_and_k_in_the_same_order():
+    """The self bias marks the pair of equal kernel indices: with q and k read through
+    different indices that is not the pair i == j of positions, so it is refused."""
+    from attn_zoo.kernels.flash import Part
+
+    k = torch.zeros(1, 1, 16, 8)
+    layout = build_layout(16, 16, Band(), block_m=16, block_n=16)
+    index = torch.arange(16, dtype=torch.int32)[None]
+    Part(k, k, layout, q_index=index, k_index=index, self_bias=-1e5)  # one index: fine
+    with pytest.raises(ValueError, match="self_bias needs q and k read in the same order"):
+        Part(k, k, layout, q_index=index, k_index=index.clone(), self_bias=-1e5)
+

@@ -85,6 +85,8 @@ def test_triton_gradients_with_full_blocks(name, causal):
         ("lsh", {"bucket_size": 8, "n_hashes": 2, "allow_duplicate_attention": True}),
         ("routing", {"window": 8, "n_clusters": 3}),
         ("adaptive_span", {"spans": (5.3, 17.7), "ramp": 6.0, "ramp_shift": 1}),
+        # R + z an integer: m_z(x) = 0 exactly at x = R + z, the hard edge's last key
+        ("adaptive_span", {"spans": (10.0, 2.0), "ramp": 6.0}),
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
