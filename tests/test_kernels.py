@@ -268,3 +268,20 @@ def test_a_self_bias_needs_q_and_k_in_the_same_order():
     with pytest.raises(ValueError, match="self_bias needs q and k read in the same order"):
         Part(k, k, layout, q_index=index, k_index=index.clone(), self_bias=-1e5)
 
+
+def test_walk_bodies_are_the_full_then_the_masked_walk():
+    """Every kernel of the core walks its full blocks, then its masked ones: the
+    report counts both loops, a loop nested in one counting as part of it."""
+    from attn_zoo.kernels.compile_check import walk_bodies
+
+    def line(address, text):
+        return f"        /*{address:04x}*/                   {text} ;   /* 0x0 */"
+
+    body = [line(0x00, "MOV R1, R2"),
+            line(0x10, "HGMMA.64x64x16.F32 R24, gdesc[UR4], R24"), line(0x20, "@P1 BRA 0x10"),
+            line(0x30, "ISETP.GE.U32.AND P3, PT, R1, R2, PT"),
+            line(0x40, "HGMMA.64x64x16.F32 R24, gdesc[UR4], R24"),
+            line(0x50, "IADD3 R1, R1, 0x1, RZ"), line(0x60, "@P2 BRA 0x50"),  # nested
+            line(0x70, "@P1 BRA 0x30"), line(0x80, "EXIT")]  # fmt: skip
+    full, masked = walk_bodies("\n".join(body))
+    assert len(full) == 2 and len(masked) == 5
