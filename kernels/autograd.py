@@ -10,11 +10,12 @@ a tensor that needs a gradient it is the forward alone.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 
 import torch
 
-from attn_zoo.kernels.flash import Part, forward, forward_with_stats, row_lse
+from attn_zoo.kernels.flash import Part, forward, forward_with_stats, output_rows, row_lse
 from attn_zoo.kernels.flash_backward import backward
 
 
@@ -35,8 +36,19 @@ class FlashFunction(torch.autograd.Function):
         return None, *cast
 
 
+#: Set inside :func:`attn_zoo.kernels.dry_run.dry_run`: where :func:`attend` records
+#: its calls instead of launching.
+RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("recording", default=None)
+
+
 def attend(q: torch.Tensor, parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, H, n_out, D] in q's dtype, lse [B, H, n_out] float32) of ``parts``."""
+    recording = RECORDING.get()
+    if recording is not None:  # a dry run: what would launch, and zeros
+        recording.append((q, tuple(parts)))
+        n_out = output_rows(q, parts[0])
+        lse = torch.zeros(*q.shape[:2], n_out, device=q.device)
+        return q.new_zeros(*q.shape[:2], n_out, q.shape[3]), lse
     leaves: list[torch.Tensor] = []
     for part in parts:
         for tensor in part.differentiable():

@@ -193,12 +193,16 @@ def use_tile(tile: Tile) -> Iterator[Tile]:
         _FORCED.reset(token)
 
 
+#: Set inside :func:`attn_zoo.kernels.dry_run.dry_run`: every launch takes the GPU's tile.
+GPU_TILES: contextvars.ContextVar[bool] = contextvars.ContextVar("gpu_tiles", default=False)
+
+
 def tile_for(q: torch.Tensor, kind: str = "plain") -> Tile:
     """The tile of a launch on ``q``: forced, interpreter's, or the default."""
     forced = _FORCED.get()
     if forced is not None:
         return forced
-    if interpreting() or q.device.type != "cuda":
+    if (interpreting() or q.device.type != "cuda") and not GPU_TILES.get():
         return interpreter_tile(q.shape[-1], q.dtype, kind)
     return default_tile(q.shape[-1], q.dtype, kind)
 

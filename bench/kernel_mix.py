@@ -1,0 +1,171 @@
+"""What each mechanism's forward costs per score on the core as it launches: the
+compile report's two walks weighted by where the mechanism's scores fall.
+
+Every kernel of the core walks a query block's *full* key blocks (no element
+mask) and then its *masked* ones, and the two loops cost very differently per
+score (``reports/kernels-sm90/compile.md``: ``warp_instr_per_4k`` and
+``masked_per_4k``). A causal dense layout has one masked block per row of
+blocks; lsh's and the strided columns' have nothing else. So the figure a
+mechanism is judged by is
+
+    sum over its launches of (full scores x full walk + masked scores x masked walk)
+    / (all its scores)
+
+in sm_90 SASS warp-instructions per 4,096 scores, each launch compiled with its
+own flags and tile (:func:`attn_zoo.kernels.compile_check.compile_variant`) and
+its scores counted from the block layouts it builds at the given length
+(:func:`attn_zoo.kernels.dry_run.dry_run`: no GPU, no launch). The target beside
+it: within 1.6x of dense attention with the same causality, at the same head_dim.
+
+``python -m attn_zoo.bench.kernel_mix [--seq-len 8192] [--dims 64,128] [--heads 8]
+[--dtype fp16] [--out reports/kernels-sm90]`` writes ``mechanisms.json`` and
+``mechanisms.md``. TRITON_INTERPRET must be unset (the compiler is needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import attn_zoo
+from attn_zoo.kernels.dry_run import Planned, dry_run
+
+#: Target: a mechanism's weighted figure within this factor of dense attention's.
+LIMIT = 1.6
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+#: (full walk, masked walk) warp-instructions per 4,096 scores of one launch.
+Figures = Callable[[Planned, int, str], tuple[int, int]]
+
+
+def launches(name: str, causal: bool, n: int, head_dim: int, heads: int,
+             dtype: torch.dtype) -> list[Planned]:  # fmt: skip
+    """The forward launches of mechanism ``name``'s triton impl (paper-default
+    config) on one sequence of ``n`` tokens, as a GPU would run them."""
+    mech = attn_zoo.get(name)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, head_dim, generator=generator).to(dtype)
+               for _ in range(3))  # fmt: skip
+    plan = mech.plan(q, k, v, causal)
+    with torch.no_grad(), dry_run() as found:
+        mech.impl("triton").run(mech, q, k, v, plan)
+    return found
+
+
+def compiled_figures(arch: int = 90) -> Figures:
+    """Figures from compiling each launch's flags and tile (cached per variant)."""
+    from attn_zoo.kernels.compile_check import compile_variant
+
+    cache: dict = {}
+
+    def figures(launch: Planned, head_dim: int, dtype: str) -> tuple[int, int]:
+        key = (launch.flags, launch.tile, head_dim, dtype)
+        if key not in cache:
+            row = compile_variant("fwd", dict(launch.flags), dtype, head_dim, arch, launch.tile)
+            cache[key] = (row.get("warp_instr_per_4k"), row.get("masked_per_4k"))
+        return cache[key]
+
+    return figures
+
+
+def weighted(found: list[Planned], figures: Figures, head_dim: int, dtype: str) -> dict:
+    """The scores in each walk and the weighted warp-instructions per 4,096 scores."""
+    full = sum(launch.full_scores for launch in found)
+    masked = sum(launch.masked_scores for launch in found)
+    cost = 0.0
+    for launch in found:
+        full_walk, masked_walk = figures(launch, head_dim, dtype)
+        cost += launch.full_scores * (full_walk or 0) + launch.masked_scores * (masked_walk or 0)
+    total = full + masked
+    return {"launches": len(found), "scores": total,
+            "masked_share": round(masked / total, 3) if total else None,
+            "per_4k": round(cost / total) if total else None}  # fmt: skip
+
+
+def mix_rows(names: list[str], n: int, dims: list[int], heads: int, dtype: str,
+             figures: Figures) -> list[dict]:  # fmt: skip
+    """One row per mechanism, causality and head_dim, with the ratio to dense."""
+    rows = []
+    for dim in dims:
+        for causal in (True, False):
+            dense = None
+            for name in ["dense", *(m for m in names if m != "dense")]:
+                found = launches(name, causal, n, dim, heads, DTYPES[dtype])
+                row = {"mechanism": name, "causal": causal, "head_dim": dim, "seq_len": n,
+                       "dtype": dtype} | weighted(found, figures, dim, dtype)  # fmt: skip
+                if name == "dense":
+                    dense = row["per_4k"]
+                ratio = row["per_4k"] / dense if dense and row["per_4k"] else None
+                row["ratio"] = round(ratio, 2) if ratio is not None else None
+                row["met"] = None if name == "dense" or ratio is None else ratio <= LIMIT
+                if name in names:
+                    rows.append(row)
+    return rows
+
+
+def write(rows: list[dict], out: Path, arch: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mechanisms.json").write_text(json.dumps(rows, indent=1) + "\n")
+    n = rows[0]["seq_len"] if rows else 0
+    lines = [
+        f"# Each mechanism's forward on the core, sm_{arch}: both walks, weighted",
+        "",
+        f"What a forward of each mechanism (paper-default config, N = {n:,}, one batch, "
+        f"{rows[0]['dtype'] if rows else ''}) launches, found without a GPU "
+        "(`python -m attn_zoo.bench.kernel_mix`): every launch compiled with its own flags "
+        "and tile, its full-block walk and masked-block walk weighted by the scores each "
+        "visits. `masked_share`: the scores in masked blocks; `per_4k`: SASS "
+        "warp-instructions per 4,096 scores; `ratio`: to dense attention with the same "
+        f"causality and head_dim; target within {LIMIT}x. A static count, not a timing.",
+        "",
+        "| mechanism | causal | head_dim | launches | masked_share | per_4k | ratio | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        met = "" if r["met"] is None else "yes" if r["met"] else "no"
+        share = "" if r["masked_share"] is None else f"{r['masked_share']:.0%}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['mechanism']} | {r['causal']} | {r['head_dim']} | {r['launches']} | "
+                     f"{share} | {r['per_4k']} | {ratio} | {met} |")  # fmt: skip
+    (out / "mechanisms.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attn_zoo.bench.kernel_mix")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dtype", default="fp16", help="of " + ", ".join(DTYPES))
+    parser.add_argument("--mechanisms", default="all", help="comma-separated, or all")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--out", default="reports/kernels-sm90")
+    args = parser.parse_args(argv)
+    known = attn_zoo.registry.names()
+    names = known if args.mechanisms == "all" else args.mechanisms.split(",")
+    if unknown := [m for m in names if m not in known]:
+        print(f"kernel_mix: unknown mechanism {unknown[0]!r}; accepted: {', '.join(known)}")
+        return 2
+    if args.dtype not in DTYPES:
+        print(f"kernel_mix: unknown dtype {args.dtype!r}; accepted: {', '.join(DTYPES)}")
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("kernel_mix: unset TRITON_INTERPRET (the interpreter compiles nothing)")
+        return 2
+    dims = [int(d) for d in args.dims.split(",")]
+    rows = mix_rows(names, args.seq_len, dims, args.heads, args.dtype,
+                    compiled_figures(args.arch))  # fmt: skip
+    write(rows, Path(args.out), args.arch)
+    missed = [r for r in rows if r["met"] is False]
+    print(f"kernel_mix: {len(rows)} rows, {len(missed)} past {LIMIT}x dense; "
+          f"report in {args.out}/mechanisms.md")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

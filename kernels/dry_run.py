@@ -1,0 +1,71 @@
+"""What a mechanism launches on a GPU, found without one: inside :func:`dry_run`
+every tile is the GPU's default (:func:`~attn_zoo.kernels.tuning.default_tile`, not
+the interpreter's) and :func:`~attn_zoo.kernels.autograd.attend` records its parts
+instead of launching them, returning zeros (outputs computed inside are
+meaningless). Each recorded part becomes a :class:`Planned`: the compile-time flags
+its launch takes, its tile, and how many of its (query block, key block) pairs are
+full and how many need the element mask, the two walks of the core, which cost
+very differently per score (``reports/kernels-sm90``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from attn_zoo.kernels import autograd, tuning
+from attn_zoo.kernels.flash import launch, output_rows, part_tile
+from attn_zoo.kernels.tuning import Tile
+
+#: The compile-time flags that tell the core's variants apart (kernels/flash.py).
+FLAGS = ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "RAMP", "SYMMETRIC",
+         "REL_TERM", "DUP", "PADDED", "RUNS", "ACCUMULATE")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One launch of the forward: ``flags`` (of :data:`FLAGS`, DUP the count of earlier
+    lsh rounds), ``tile``, and its scores in full and in masked (query block, key
+    block) pairs, over every (batch, head)."""
+
+    flags: tuple[tuple[str, bool | int], ...]
+    tile: Tile
+    full_scores: int
+    masked_scores: int
+
+
+def planned(q: torch.Tensor, parts) -> list[Planned]:
+    """The :class:`Planned` launches of one :func:`attend` call on ``q``."""
+    found = []
+    for i, part in enumerate(parts):
+        out = torch.empty(*q.shape[:2], output_rows(q, part), q.shape[3], dtype=q.dtype)
+        run = launch(q, part, out)
+        flags = {f: run.flags[f] for f in FLAGS if f in run.flags}
+        flags["ACCUMULATE"] = i > 0  # merged into the parts before it
+        layout = part.layout
+        per_row = q.shape[0] * q.shape[1] // layout.full.shape[0]  # (b, h) pairs per row
+        block = layout.block_m * layout.block_n * per_row
+        found.append(Planned(tuple(sorted(flags.items())), part_tile(q, part),
+                             int(layout.full_count.sum()) * block,
+                             int(layout.partial_count.sum()) * block))  # fmt: skip
+    return found
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[list[Planned]]:
+    """Inside, no kernel launches: the list fills with the :class:`Planned` launches
+    of every :func:`~attn_zoo.kernels.autograd.attend` call, in order, as they would
+    run on a GPU."""
+    calls: list = []
+    found: list[Planned] = []
+    tiles, recording = tuning.GPU_TILES.set(True), autograd.RECORDING.set(calls)
+    try:
+        yield found
+    finally:
+        autograd.RECORDING.reset(recording)
+        tuning.GPU_TILES.reset(tiles)
+        for q, parts in calls:
+            found.extend(planned(q, parts))

@@ -1,0 +1,89 @@
+"""The mechanisms' forward launches found without a GPU (kernels/dry_run.py), and
+the compile report's two walks weighted by where their scores fall
+(bench/kernel_mix.py). No kernel runs and nothing compiles here but in the last
+test."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attn_zoo
+
+pytest.importorskip("triton")
+from attn_zoo.bench import kernel_mix
+from attn_zoo.kernels.dry_run import Planned, dry_run
+
+
+def test_a_dry_run_records_what_would_launch_and_launches_nothing():
+    """Dense causal at N = 1,024 on 128-row blocks: one launch; of its 8 x 9 / 2 key
+    blocks the 8 on the diagonal need the mask, the rest are full. The output is
+    zeros (no kernel ran, on a CPU without the interpreter)."""
+    q = torch.randn(1, 2, 1024, 64).half()
+    mech = attn_zoo.get("dense")
+    with dry_run() as found:
+        out = mech.impl("triton").run(mech, q, q, q, mech.plan(q, q, q, True))
+    assert len(found) == 1 and not out.any()
+    launch = found[0]
+    assert launch.tile.blocks == (128, 128)  # the GPU's tile, not the interpreter's
+    block = 128 * 128 * 2  # both heads share the layout row
+    assert launch.masked_scores == 8 * block and launch.full_scores == 28 * block
+    assert dict(launch.flags)["RUNS"] and not dict(launch.flags)["ACCUMULATE"]
+
+
+def test_lsh_launches_a_part_per_round_all_masked():
+    """Reformer's default 4 rounds: 4 launches, round r testing the r rounds before it
+    (Eq. 7), merged into the ones before (ACCUMULATE); its buckets of about half a
+    chunk leave no block full."""
+    found = kernel_mix.launches("lsh", False, 1024, 64, 2, torch.float16)
+    flags = [dict(launch.flags) for launch in found]
+    assert [f["DUP"] for f in flags] == [0, 1, 2, 3]
+    assert [f["ACCUMULATE"] for f in flags] == [False, True, True, True]
+    assert sum(launch.full_scores for launch in found) < sum(
+        launch.masked_scores for launch in found) / 20  # fmt: skip
+
+
+def test_weighting_and_the_ratio_to_dense_with_stand_in_figures():
+    """Stand-in figures (full walk 1,000, masked walk 2,000 per 4,096 scores): a
+    mechanism's figure is the score-weighted mean, its ratio against dense with the
+    same causality, and the target met at most 1.6x."""
+    found = [Planned((("DUP", 0),), None, full_scores=300, masked_scores=100),
+             Planned((("DUP", 1),), None, full_scores=0, masked_scores=100)]  # fmt: skip
+    row = kernel_mix.weighted(found, lambda launch, dim, dtype: (1000, 2000), 64, "fp16")
+    assert row == {"launches": 2, "scores": 500, "masked_share": 0.4, "per_4k": 1400}
+
+    def figures(launch, dim, dtype):
+        return (1000, 3000)
+
+    rows = kernel_mix.mix_rows(["dense", "lsh"], 1024, [64], 2, "fp16", figures)
+    by = {(r["mechanism"], r["causal"]): r for r in rows}
+    assert by["lsh", True]["masked_share"] > 0.95 and by["lsh", True]["met"] is False
+    assert by["dense", False]["per_4k"] == 1000 and by["dense", False]["met"] is None
+    assert by["lsh", False]["ratio"] == round(by["lsh", False]["per_4k"] / 1000, 2)
+
+
+def test_kernel_mix_refuses_bad_arguments_in_one_line(capsys):
+    assert kernel_mix.main(["--mechanisms", "dense,nope"]) == 2
+    assert capsys.readouterr().out.startswith("kernel_mix: unknown mechanism 'nope'; accepted: ")
+    assert kernel_mix.main(["--dtype", "fp32"]) == 2
+    assert capsys.readouterr().out.strip() == (
+        "kernel_mix: unknown dtype 'fp32'; accepted: fp16, bf16")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kernel_mix_compiles_each_launch_for_h100(tmp_path):
+    """The whole path at a small length: every launch of two mechanisms compiled for
+    sm_90 (Triton's bundled ptxas, no GPU; outside the interpreter the tests run
+    in), both walks found, the table written."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-W", "ignore", "-m", "attn_zoo.bench.kernel_mix",
+               "--mechanisms", "dense,sparse_fixed", "--seq-len", "1024", "--dims", "64",
+               "--heads", "2", "--out", str(tmp_path)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "mechanisms.json").read_text())
+    assert len(rows) == 4 and all(r["per_4k"] > 0 for r in rows)
+    assert "| sparse_fixed | True | 64 |" in (tmp_path / "mechanisms.md").read_text()
