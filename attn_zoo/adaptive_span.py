@@ -196,7 +196,7 @@ def adaptive_span_reference(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
     return torch.cat(out, dim=1).to(q.dtype)
 
 
-@AdaptiveSpan.implementation("triton", **triton_options())
+@AdaptiveSpan.implementation("triton", **triton_options("ramp"))
 def adaptive_span_triton(mech, q, k, v, plan: SpanPlan) -> torch.Tensor:
     """One launch, per-head layouts, the ramp in the masked blocks (kernels/adaptive_span.py)."""
     from attn_zoo.kernels.adaptive_span import adaptive_span_attention

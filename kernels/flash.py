@@ -595,7 +595,9 @@ def part_tile(q: torch.Tensor, part: Part) -> Tile:
     """The part's tile, or the default for its kind with the layout's blocks."""
     if part.tile is not None:
         return part.tile
-    kind = kind_of(part.relative is not None, part.duplicates is not None)
+    kind = kind_of(
+        part.relative is not None, part.duplicates is not None, ramp=part.ramp is not None
+    )
     tile = default_tile(q.shape[-1], q.dtype, kind)
     return Tile(part.layout.block_m, part.layout.block_n, tile.warps, tile.stages)
 

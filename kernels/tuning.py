@@ -40,10 +40,10 @@ SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (H100/H200)
 ACCUMULATOR_LIMIT = 128
 
 #: What a launch computes beyond q . k: nothing but a band ("dense"), element masks,
-#: windows, gathers or a ramp ("plain"), xl's relative term (a second product, of
-#: [BM, D] query and [BN, D] key features), or lsh's duplicate rule (the earlier
-#: rounds, per pair).
-KINDS = ("dense", "plain", "relative", "duplicates")
+#: windows or gathers ("plain"), adaptive span's ramp (a weight per pair), xl's
+#: relative term (a second product, of [BM, D] query and [BN, D] key features), or
+#: lsh's duplicate rule (the earlier rounds, per pair).
+KINDS = ("dense", "plain", "ramp", "relative", "duplicates")
 
 
 @dataclass(frozen=True)
@@ -101,11 +101,13 @@ def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile) -> B
     return BackwardTile(program, step, 8, stages)
 
 
-def kind_of(relative: bool, duplicates: bool, band_only: bool = False) -> str:
-    """The kind of a launch: with xl's relative term, lsh's duplicate count, or a band
-    and nothing else."""
+def kind_of(relative: bool, duplicates: bool, band_only: bool = False, ramp: bool = False) -> str:
+    """The kind of a launch: with xl's relative term, lsh's duplicate count, adaptive
+    span's ramp, or a band and nothing else."""
     if relative or duplicates:
         return "relative" if relative else "duplicates"
+    if ramp:
+        return "ramp"
     return "dense" if band_only else "plain"
 
 
@@ -120,9 +122,12 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     * fp16/bf16, dense (key padding or not): 128 x 128 with 8 warps (two warpgroups of HGMMA, the
       tutorial's tile at head_dim 128), 3 stages: 944 warp-instructions per 4,096
       scores at head_dim 64 against 1,232 with 64 x 64;
-    * plain: the same up to head_dim 64; 64 x 64 with 4 warps at 128, where the
-      windows', gathers' and ramp's registers spill 8-40 bytes at 128 x 128 and
-      with 8 warps;
+    * plain: the same at every head_dim (at 128: 1,132 warp-instructions per 4,096
+      scores in the full-block walk of a window against 1,632 with 64 x 64 and 4
+      warps, since the masked walk tests a pair against its row's key run; it
+      spilled 8-40 bytes before);
+    * ramp (adaptive span): the same up to head_dim 64; 128 x 64 with 8 warps at 128,
+      where 128 x 128 spills 32 bytes bidirectionally;
     * xl: 128 x 128 with 8 warps up to head_dim 64; 128 x 64 with 2 stages at 128
       (3 spill 12 bytes there; 128 x 128 spills and needs 256 KiB of shared memory
       with 2): 1,048 and 1,772 warp-instructions per 4,096 scores at head_dim 64
@@ -134,14 +139,16 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128.
     """
     _check_kind(kind)
-    heavy = kind != "plain"
+    heavy = kind not in ("plain", "ramp")
     if dtype == torch.float32:
         block = 32 if head_dim > 64 else 64
         return Tile(block, block, 8 if heavy else 4)
     if kind == "relative":
         return Tile(128, 128, 8) if head_dim <= 64 else Tile(128, 64, 8, 2)
-    if kind == "duplicates" or (kind == "plain" and head_dim > 64):
+    if kind == "duplicates":
         return Tile(64, 64, 4)
+    if kind == "ramp" and head_dim > 64:
+        return Tile(128, 64, 8)
     return Tile(128, 128, 8)
 
 
