@@ -84,7 +84,8 @@ SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 #: they are fixed (kernel, variant, head_dim, what): anything else is a regression.
 KNOWN_GAPS: set[tuple[str, str, int, str]] = set()
 DTYPES = ("fp16", "bf16", "fp32")
-INT64 = {"lo", "hi", "offset", "seg_len", "seg_step", "win_lo", "win_hi"}
+#: Integer arguments a launch may pass as int64 (none: edges are clipped to int32).
+INT64: set[str] = set()
 FLOAT = {"self_bias", "ramp", "qk_scale"}
 
 

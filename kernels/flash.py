@@ -217,12 +217,12 @@ def _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi
     - j <= hi; the :class:`Window`; the group (sorted along the kernel order, each
     group's keys are one run, [GLO[i], GHI[i]): :attr:`Part.group_runs`); the key
     count; and the ramp's hard edge (m_z(x) > 0 exactly when x < R + z, so x <=
-    ceil(R + z) - 1 for integer x). Computed once per row in int64 (an edge may be
-    unbounded, ``BIG``), returned as 32-bit (``keys`` unsigned, 0 for a row that sees
-    none): a masked tile then tests each pair with one unsigned compare, 0 <= j -
-    key_lo < keys, not a 64-bit difference, band, window, group and key-range tests
-    per pair."""
-    at = offs_m.to(tl.int64) + offset
+    ceil(R + z) - 1 for integer x). In int32 (the launch clips the edges to
+    +-POSITION_LIMIT, 2^30, and refuses longer inputs), ``keys`` unsigned, 0 for a
+    row that sees none: a masked tile then tests each pair with one unsigned compare,
+    0 <= j - key_lo < keys, not a 64-bit difference, band, window, group and
+    key-range tests per pair."""
+    at = offs_m + offset
     key_lo = at - hi
     key_hi = at - lo
     if WINDOW:
@@ -234,13 +234,14 @@ def _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi
         key_lo = tl.maximum(key_lo, tl.load(GLO + offs_m, mask=rows_in, other=0))
         key_hi = tl.minimum(key_hi, tl.load(GHI + offs_m, mask=rows_in, other=0) - 1)
     if RAMP:
-        far = (tl.math.ceil(ramp + tl.load(SPANS + h)) - 1.0).to(tl.int64)  # once per head
+        far = (tl.math.ceil(ramp + tl.load(SPANS + h)) - 1.0).to(tl.int32)  # once per head
         key_lo = tl.maximum(key_lo, at - far)
         if SYMMETRIC:
             key_hi = tl.minimum(key_hi, at + far)
     key_lo = tl.minimum(tl.maximum(key_lo, 0), n_k)
-    keys = tl.maximum(tl.minimum(key_hi, n_k - 1) - key_lo + 1, 0)  # 0: an empty row
-    return key_lo.to(tl.int32), keys.to(tl.uint32), at.to(tl.int32)
+    key_hi = tl.maximum(tl.minimum(key_hi, n_k - 1), key_lo - 1)  # key_lo - 1: none
+    keys = key_hi - key_lo + 1
+    return key_lo, keys.to(tl.uint32, bitcast=True), at
 
 
 @triton.jit
@@ -520,9 +521,9 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
     f, g = features(q, relative) if relative is not None else (q, q[0, 0])
     win = part.window if part.window is not None else Window(1, 0, -BIG, BIG)
     band = part.band
-    if not -POSITION_LIMIT <= band.offset <= POSITION_LIMIT - max(n_q, 1):
-        raise ValueError(f"flash: band offset {band.offset} with {n_q} queries; accepted: "
-                         f"i + offset within int32 for every query i")  # fmt: skip
+    if max(n_q, n_k) > POSITION_LIMIT or not -POSITION_LIMIT <= band.offset <= POSITION_LIMIT - n_q:
+        raise ValueError(f"flash: {n_q} queries, {n_k} keys, band offset {band.offset}; "
+                         f"accepted: lengths and |i + offset| up to 2^30")  # fmt: skip
     args = [
         q, k, v,
         part.q_index if part.q_index is not None else dummy,
@@ -540,7 +541,8 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         next((x.shape[0] for x in (part.q_index, part.k_index) if x is not None), 1),
         groups[0].shape[0] if groups is not None else 1,
         layout.full.shape[2], layout.partial.shape[2],
-        band.lo, band.hi, band.offset, win.seg_len, win.step, win.lo, win.hi,
+        *map(_edge, (band.lo, band.hi)), band.offset, win.seg_len, win.step,
+        *map(_edge, (win.lo, win.hi)),
         (part.self_bias if part.self_bias is not None else 0.0) * dim**0.5,  # / the scale
         ramp.ramp if ramp is not None else 1.0,
         dim**-0.5 * LOG2E,
@@ -576,9 +578,18 @@ def features(q: torch.Tensor, relative: Relative) -> tuple[torch.Tensor, torch.T
     return f, g if g.stride(1) == 1 else g.contiguous()
 
 
-#: Query positions shifted by a band's offset, i + offset, are int32 in the kernels
-#: (:func:`_key_interval`).
-POSITION_LIMIT = 2**31
+#: Lengths and query positions shifted by a band's offset, i + offset, stay within
+#: this, so that the kernels' per-row key runs (:func:`_key_interval`) are int32 with
+#: the edges clipped to it: a difference of two such values cannot overflow.
+POSITION_LIMIT = 2**30
+
+
+def _edge(value: int) -> int:
+    """A band or window edge clipped to +-POSITION_LIMIT: the same pairs (no key
+    index or shifted position reaches past it), an int32 argument (BIG is not)."""
+    return max(-POSITION_LIMIT, min(POSITION_LIMIT, value))
+
+
 #: Offsets within one head stay int32 below this many elements.
 OFFSET_LIMIT = 2**31
 

@@ -117,25 +117,22 @@ def _check_kind(kind: str) -> None:
 
 
 def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile:
-    """The untuned tile, per the compile report (sm_90 SASS, no GPU):
+    """The untuned tile, per the compile report (sm_90 SASS, no GPU; warp-instructions
+    per 4,096 scores of the full-block walk, fp16):
 
-    * fp16/bf16, dense (key padding or not): 128 x 128 with 8 warps (two warpgroups of HGMMA, the
-      tutorial's tile at head_dim 128), 3 stages: 944 warp-instructions per 4,096
-      scores at head_dim 64 against 1,232 with 64 x 64;
-    * plain: the same at every head_dim (at 128: 1,132 warp-instructions per 4,096
-      scores in the full-block walk of a window against 1,632 with 64 x 64 and 4
-      warps, since the masked walk tests a pair against its row's key run; it
-      spilled 8-40 bytes before);
-    * ramp (adaptive span): the same up to head_dim 64; 128 x 64 with 8 warps at 128,
-      where 128 x 128 spills 32 bytes bidirectionally;
+    * fp16/bf16, dense, plain (windows, gathers, groups, key padding): 128 x 128 with
+      8 warps (two warpgroups of HGMMA, the tutorial's tile at head_dim 128) and 3
+      stages: dense 954 and 1,132 at head_dim 64 and 128, against 1,264 and 1,632
+      with 64 x 64 and 4 warps. Windows and gathers took 64 x 64 at 128 while their
+      masked walk tested each pair's band, window and group (8-40 bytes of spill at
+      128 x 128); with one compare against the row's key run nothing spills;
+    * ramp (adaptive span): the same up to head_dim 64; 128 x 64 with 8 warps at 128
+      (1,468), where 128 x 128 spills 32 bytes bidirectionally;
     * xl: 128 x 128 with 8 warps up to head_dim 64; 128 x 64 with 2 stages at 128
-      (3 spill 12 bytes there; 128 x 128 spills and needs 256 KiB of shared memory
-      with 2): 1,048 and 1,772 warp-instructions per 4,096 scores at head_dim 64
-      and 128, against 1,408 and 1,888 with 64 x 64, 4 warps and 3 stages;
-    * lsh: 64 x 64 with 4 warps at every head_dim (2,296 and 2,704 warp-instructions
-      per 4,096 scores at head_dim 64 and 128 against 4,464 and 5,072 with 8 warps;
-      128-row tiles issue fewer per score but score a third more pairs than its
-      64-place chunks need);
+      (3 stages: 1,776; 128 x 128 needs 256 KiB of shared memory with 2): 1,050 and
+      1,780, against 1,408 and 1,888 with 64 x 64, 4 warps and 3 stages;
+    * lsh: 64 x 64 with 4 warps at every head_dim (2,232 and 2,596; with 8 warps, or
+      128 x 64, more per score or more pairs scored than its 64-place chunks need);
     * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128.
     """
     _check_kind(kind)
