@@ -136,6 +136,36 @@ def write(rows: list[dict], out: Path, arch: int) -> None:
     (out / "mechanisms.md").write_text("\n".join(lines) + "\n")
 
 
+#: Where the compile report and this table are committed, from the repository root.
+REPORT_FOLDER = Path("reports/kernels-sm90")
+
+
+def report_section(out: Path, folder: Path = REPORT_FOLDER) -> list[str]:
+    """``bench report``'s section on the kernels as compiled for sm_90: links to the
+    compile report and this table (relative to the report's folder ``out``), and the
+    table's figures; how to write them when they are missing."""
+    title = ["## Kernels compiled for sm_90 (no GPU)", ""]
+    table = folder / "mechanisms.json"
+    if not table.is_file():
+        return [*title, f"No {table} here: `python -m attn_zoo.kernels.compile_check` and "
+                "`python -m attn_zoo.bench.kernel_mix` write it.", ""]  # fmt: skip
+    try:
+        shown = [f"| {r['mechanism']} | {r['causal']} | {r['head_dim']} | "
+                 f"{r['masked_share']:.0%} | {r['per_4k']} | {r['ratio']:.2f}x |"
+                 for r in json.loads(table.read_text())]  # fmt: skip
+    except (ValueError, KeyError, TypeError) as error:
+        return [*title, f"{table} is unreadable ({type(error).__name__}); rewrite it with "
+                "`python -m attn_zoo.bench.kernel_mix`.", ""]  # fmt: skip
+    here = Path(os.path.relpath(folder, out))
+    links = (f"Static SASS counts, not timings: [compile report]({here / 'compile.md'}) "
+             f"(every variant's two walks), [each mechanism's launches weighted]"
+             f"({here / 'mechanisms.md'}) (target within {LIMIT}x of dense with the same "
+             "causality).")  # fmt: skip
+    header = ["| mechanism | causal | head_dim | masked_share | per_4k | ratio |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    return [*title, links, "", *header, *shown, ""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attn_zoo.bench.kernel_mix")
     parser.add_argument("--seq-len", type=int, default=8192)

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from attn_zoo.bench import plots, quality_report
+from attn_zoo.bench import kernel_mix, plots, quality_report
 from attn_zoo.bench.errors import UsageError
 from attn_zoo.bench.runner import TOLERANCE
 from attn_zoo.bench.runs import Run, load_run
@@ -218,6 +218,7 @@ def write_report(
                 f"- {r.mechanism}/{r.impl} N={r.seq_len}: {r.status} ({r.note})"
                 for r in not_ok.itertuples()
             ] + [""]
+    lines += kernel_mix.report_section(out)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return [*files, report]

@@ -87,3 +87,19 @@ def test_kernel_mix_compiles_each_launch_for_h100(tmp_path):
     rows = json.loads((tmp_path / "mechanisms.json").read_text())
     assert len(rows) == 4 and all(r["per_4k"] > 0 for r in rows)
     assert "| sparse_fixed | True | 64 |" in (tmp_path / "mechanisms.md").read_text()
+
+
+def test_bench_report_links_the_kernel_reports(tmp_path):
+    """bench report's section: links relative to the report's folder and the table's
+    figures; a missing or damaged table is one line saying how to write it."""
+    folder = tmp_path / "reports" / "kernels-sm90"
+    folder.mkdir(parents=True)
+    row = {"mechanism": "lsh", "causal": True, "head_dim": 64, "masked_share": 1.0,
+           "per_4k": 2637, "ratio": 2.73}  # fmt: skip
+    (folder / "mechanisms.json").write_text(json.dumps([row]))
+    lines = kernel_mix.report_section(tmp_path / "reports" / "run", folder)
+    assert "[compile report](../kernels-sm90/compile.md)" in lines[2]
+    assert "| lsh | True | 64 | 100% | 2637 | 2.73x |" in lines
+    (folder / "mechanisms.json").write_text("{not json")
+    assert "unreadable" in kernel_mix.report_section(tmp_path, folder)[2]
+    assert "write it" in kernel_mix.report_section(tmp_path, tmp_path / "none")[2]
