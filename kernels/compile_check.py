@@ -362,7 +362,7 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
         "RUNS",
     }  # dense, padded or not
     kind = kind_of(bool(flags.get("REL_TERM")), bool(flags.get("DUP")), band_only,
-                   bool(flags.get("RAMP")))  # fmt: skip
+                   bool(flags.get("RAMP") and flags.get("SYMMETRIC")))  # fmt: skip
     tile = tile or default_tile(dim, torch_dtype, kind)
     back = backward_tile(dim, torch_dtype, kind, tile)
     constants = {flag: flags.get(flag, False) for flag in FLAGS if flag in kernel.arg_names}

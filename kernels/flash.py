@@ -607,7 +607,9 @@ def part_tile(q: torch.Tensor, part: Part) -> Tile:
     if part.tile is not None:
         return part.tile
     kind = kind_of(
-        part.relative is not None, part.duplicates is not None, ramp=part.ramp is not None
+        part.relative is not None,
+        part.duplicates is not None,
+        ramp=part.ramp is not None and part.ramp.symmetric,
     )
     tile = default_tile(q.shape[-1], q.dtype, kind)
     return Tile(part.layout.block_m, part.layout.block_n, tile.warps, tile.stages)

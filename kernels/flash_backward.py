@@ -271,7 +271,9 @@ def backward(
     for part in parts:
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
-        kind = kind_of(rel is not None, part.duplicates is not None, ramp=ramp is not None)
+        kind = kind_of(
+            rel is not None, part.duplicates is not None, ramp=ramp is not None and ramp.symmetric
+        )
         tile = backward_tile(dim, q.dtype, kind, run.tile)
         options = dict(num_warps=tile.warps, num_stages=tile.stages)
         shape = (batch, heads, run.n_q, dim)

@@ -40,7 +40,8 @@ SHARED_LIMIT = 227 * 1024  # bytes per block on sm_90 (H100/H200)
 ACCUMULATOR_LIMIT = 128
 
 #: What a launch computes beyond q . k: nothing but a band ("dense"), element masks,
-#: windows or gathers ("plain"), adaptive span's ramp (a weight per pair), xl's
+#: windows, gathers or a causal ramp ("plain"), adaptive span's bidirectional ramp
+#: ("ramp": |x| and its self pair hidden, per pair), xl's
 #: relative term (a second product, of [BM, D] query and [BN, D] key features), or
 #: lsh's duplicate rule (the earlier rounds, per pair).
 KINDS = ("dense", "plain", "ramp", "relative", "duplicates")
@@ -103,7 +104,7 @@ def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile) -> B
 
 def kind_of(relative: bool, duplicates: bool, band_only: bool = False, ramp: bool = False) -> str:
     """The kind of a launch: with xl's relative term, lsh's duplicate count, adaptive
-    span's ramp, or a band and nothing else."""
+    span's bidirectional ramp (``ramp``), or a band and nothing else."""
     if relative or duplicates:
         return "relative" if relative else "duplicates"
     if ramp:
@@ -126,8 +127,9 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       with 64 x 64 and 4 warps. Windows and gathers took 64 x 64 at 128 while their
       masked walk tested each pair's band, window and group (8-40 bytes of spill at
       128 x 128); with one compare against the row's key run nothing spills;
-    * ramp (adaptive span): the same up to head_dim 64; 128 x 64 with 8 warps at 128
-      (1,468), where 128 x 128 spills 32 bytes bidirectionally;
+    * ramp (adaptive span, bidirectional): the same up to head_dim 64; 128 x 64 with 8
+      warps at 128 (1,468), where 128 x 128 spills 32 bytes (causally it does not:
+      the causal ramp is plain, 1,108);
     * xl: 128 x 128 with 8 warps up to head_dim 64; 128 x 64 with 2 stages at 128
       (3 stages: 1,776; 128 x 128 needs 256 KiB of shared memory with 2): 1,050 and
       1,780, against 1,408 and 1,888 with 64 x 64, 4 warps and 3 stages;
