@@ -80,8 +80,11 @@ def weighted(found: list[Planned], figures: Figures, head_dim: int, dtype: str) 
     masked = sum(launch.masked_scores for launch in found)
     cost = 0.0
     for launch in found:
-        full_walk, masked_walk = figures(launch, head_dim, dtype)
-        cost += launch.full_scores * (full_walk or 0) + launch.masked_scores * (masked_walk or 0)
+        for scores, figure in zip((launch.full_scores, launch.masked_scores),
+                                  figures(launch, head_dim, dtype), strict=True):  # fmt: skip
+            if scores and figure is None:  # a walk the SASS analysis did not find
+                raise ValueError(f"kernel_mix: no instruction count for a walk of {launch}")
+            cost += scores * (figure or 0)
     total = full + masked
     return {"launches": len(found), "scores": total,
             "masked_share": round(masked / total, 3) if total else None,

@@ -84,8 +84,6 @@ SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 #: they are fixed (kernel, variant, head_dim, what): anything else is a regression.
 KNOWN_GAPS: set[tuple[str, str, int, str]] = set()
 DTYPES = ("fp16", "bf16", "fp32")
-#: Integer arguments a launch may pass as int64 (none: edges are clipped to int32).
-INT64: set[str] = set()
 FLOAT = {"self_bias", "ramp", "qk_scale"}
 
 
@@ -97,7 +95,7 @@ def signature(kernel, dtype: str) -> dict[str, str]:
         elif name in POINTERS or name in TENSORS:
             sig[name] = "*" + POINTERS.get(name, dtype)
         else:
-            sig[name] = "i64" if name in INT64 else "fp32" if name in FLOAT else "i32"
+            sig[name] = "fp32" if name in FLOAT else "i32"  # a launch clips edges to int32
     return sig
 
 

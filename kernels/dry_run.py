@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from attn_zoo.kernels import autograd, tuning
+from attn_zoo.kernels import autograd, compile_check, tuning
 from attn_zoo.kernels.flash import launch, output_rows, part_tile
 from attn_zoo.kernels.tuning import Tile
 
-#: The compile-time flags that tell the core's variants apart (kernels/flash.py).
-FLAGS = ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "RAMP", "SYMMETRIC",
-         "REL_TERM", "DUP", "PADDED", "RUNS", "ACCUMULATE")  # fmt: skip
+#: The compile-time flags that tell the core's variants apart, and whether full blocks
+#: run in contiguous runs.
+FLAGS = (*compile_check.FLAGS, "RUNS")
 
 
 @dataclass(frozen=True)

@@ -163,6 +163,13 @@ class Part:
         return tuple(torch.searchsorted(k_groups, q_groups, side=side).to(torch.int32)
                      for side in ("left", "right"))  # fmt: skip
 
+    @property
+    def kind(self) -> str:
+        """Its kind of launch (:func:`~attn_zoo.kernels.tuning.kind_of`): what picks its
+        warps and stages, and the backward's programs."""
+        symmetric = self.ramp is not None and self.ramp.symmetric
+        return kind_of(self.relative is not None, self.duplicates is not None, ramp=symmetric)
+
     def differentiable(self) -> list[torch.Tensor]:
         """The tensors a gradient can reach besides q: k, v, the relative term's f, the
         ramp's spans."""
@@ -435,11 +442,10 @@ def _flash_fwd(
     for masked in tl.static_range(2):  # the full blocks, then those needing the mask
         blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
                                            max_full, max_partial, masked)  # fmt: skip
-        key_lo, keys, at = 0, 0, 0  # the rows' key intervals: the masked walk's
-        if masked == 1:
-            key_lo, keys, at = _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step,
-                                             win_lo, win_hi, SPANS, h, ramp, GLO, GHI, n_q,
-                                             WINDOW, RAMP, SYMMETRIC, GROUPS)  # fmt: skip
+        # the rows' key intervals, read by the masked walk only (dead in the full one)
+        key_lo, keys, at = _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step,
+                                         win_lo, win_hi, SPANS, h, ramp, GLO, GHI, n_q,
+                                         WINDOW, RAMP, SYMMETRIC, GROUPS)  # fmt: skip
         for t in range(0, count * (BLOCK_N // STEP_N)):
             start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_N, STEP_N)
             offs_n = start + tl.arange(0, STEP_N)
@@ -606,12 +612,7 @@ def part_tile(q: torch.Tensor, part: Part) -> Tile:
     """The part's tile, or the default for its kind with the layout's blocks."""
     if part.tile is not None:
         return part.tile
-    kind = kind_of(
-        part.relative is not None,
-        part.duplicates is not None,
-        ramp=part.ramp is not None and part.ramp.symmetric,
-    )
-    tile = default_tile(q.shape[-1], q.dtype, kind)
+    tile = default_tile(q.shape[-1], q.dtype, part.kind)
     return Tile(part.layout.block_m, part.layout.block_n, tile.warps, tile.stages)
 
 

@@ -50,7 +50,7 @@ from attn_zoo.kernels.flash import (
     launch,
 )
 from attn_zoo.kernels.layout import Window, cached_layout
-from attn_zoo.kernels.tuning import backward_tile, kind_of
+from attn_zoo.kernels.tuning import backward_tile
 
 LN2 = tl.constexpr(0.6931471805599453)  # the log2-unit scale back to natural-log scores
 
@@ -271,10 +271,7 @@ def backward(
     for part in parts:
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
-        kind = kind_of(
-            rel is not None, part.duplicates is not None, ramp=ramp is not None and ramp.symmetric
-        )
-        tile = backward_tile(dim, q.dtype, kind, run.tile)
+        tile = backward_tile(dim, q.dtype, part.kind, run.tile)
         options = dict(num_warps=tile.warps, num_stages=tile.stages)
         shape = (batch, heads, run.n_q, dim)
         dq_rows = flash.new_output(q, shape, torch.float32)
