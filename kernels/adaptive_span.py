@@ -3,8 +3,8 @@
 One launch; every head has its own layout over distances 1 <= x <= reach_h
 (the current token is not attended; bidirectionally the pair i == j is
 masked by a -inf self bias): key blocks where the soft mask m is 1 are full
-(no element work), the ramp's blocks are partial and add log m, and blocks
-beyond the reach are never read.
+(no element work), the ramp's blocks are partial and weigh each p by m, and
+blocks beyond the reach are never read.
 """
 
 from __future__ import annotations

@@ -375,7 +375,8 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
         shape = f"{tile.block_m}x{tile.block_n}"
         shape += f" by {tile.step}" if tile.step != tile.block_n else ""
     else:
-        options = {"num_warps": back.warps, "num_stages": back.stages}
+        stages = back.stages_dq if kernel_name == "bwd_dq" else back.stages
+        options = {"num_warps": back.warps, "num_stages": stages}
         program = "ROWS" if kernel_name == "bwd_dq" else "KEYS"
         step = "SUB_N" if kernel_name == "bwd_dq" else "SUB_M"
         constants |= {program: back.program, step: back.step}

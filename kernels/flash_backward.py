@@ -272,7 +272,6 @@ def backward(
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
         tile = backward_tile(dim, q.dtype, part.kind, run.tile)
-        options = dict(num_warps=tile.warps, num_stages=tile.stages)
         shape = (batch, heads, run.n_q, dim)
         dq_rows = flash.new_output(q, shape, torch.float32)
         df_rows = flash.new_output(q, shape, torch.float32) if rel else dq_rows
@@ -280,7 +279,7 @@ def backward(
         grid = (triton.cdiv(run.n_q, tile.program), batch * heads)
         _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, df_rows, dspans, *run.args,
                             **run.flags, ROWS=tile.program, SUB_N=tile.step,
-                            **options)  # fmt: skip
+                            num_warps=tile.warps, num_stages=tile.stages_dq)  # fmt: skip
         if rel is not None:  # f is read where q is
             grads[id(rel.f)] = _add_rows(grads.get(id(rel.f)), df_rows, part.q_index, n)
         if ramp is not None:
@@ -293,7 +292,8 @@ def backward(
                             for _ in range(2))  # fmt: skip
         grid = (triton.cdiv(run.n_k, tile.program), batch * heads)
         _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, *run.args, **run.flags,
-                              KEYS=tile.program, SUB_M=tile.step, **options)  # fmt: skip
+                              KEYS=tile.program, SUB_M=tile.step, num_warps=tile.warps,
+                              num_stages=tile.stages)  # fmt: skip
         for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
             grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
                                           tensor.shape[2])  # fmt: skip

@@ -205,3 +205,17 @@ def test_a_tuned_call_on_cuda_runs_and_records_the_fastest_candidate(monkeypatch
     assert chosen == {key: Tile(64, 64, 4)}
     monkeypatch.setenv("ATTN_ZOO_AUTOTUNE", "0")  # off: the default tile, nothing timed
     assert tuning.tuned_call("plain", "dense", {}, True, q, lambda: tuning._FORCED.get()) is None
+
+
+def test_xl_dq_stages_follow_the_compiler():
+    tile = tuning.default_tile(128, torch.float16, "relative")
+    # Triton 3.6 (the GPU image's) spills 92 bytes in xl's dQ pass with 1 stage, 3.9 does not
+    old = tuning.backward_tile(128, torch.float16, "relative", tile, triton=(3, 6))
+    new = tuning.backward_tile(128, torch.float16, "relative", tile, triton=(3, 9))
+    assert (old.stages, old.stages_dq) == (1, 2)
+    assert (new.stages, new.stages_dq) == (1, 1)
+    dense = tuning.default_tile(128, torch.float16)
+    plain = tuning.backward_tile(128, torch.float16, "plain", dense)
+    assert plain.stages == plain.stages_dq == 3
+    major, minor = tuning.triton_version()
+    assert (major, minor) >= (3, 6)
