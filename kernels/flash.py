@@ -253,18 +253,20 @@ def _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi
 
 @triton.jit
 def _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC: tl.constexpr):
-    """Adaptive span's soft mask m_z(x) = min((R + z - x) / R, 1) of a tile (Eq. 4;
-    its hard edge m > 0 is in the rows' key runs: :func:`_key_interval`), with x =
-    i + offset - j, or |x| bidirectionally. Split per row and per column around the
-    step's first key, x / R = (at - start) / R - (j - start) / R, so that a pair costs
-    one add (and one more for |x|) and a minimum, no conversion or division."""
+    """Adaptive span's soft mask m_z(x) = clamp((R + z - x) / R, 0, 1) of a tile
+    (Eq. 4; its hard edge m > 0 is in the rows' key runs: :func:`_key_interval`), with
+    x = i + offset - j, or |x| bidirectionally. Split per row and per column around
+    the step's first key, x / R = (at - start) / R - (j - start) / R, so that a pair
+    costs one saturating add (``tl.clamp`` to [0, 1] compiles to FADD.SAT: the add and
+    the clamp in one instruction) and one more add for |x|; no conversion, division
+    or separate minimum."""
     per = 1.0 / ramp
     reach = (ramp + tl.load(SPANS + h)) * per  # (R + z) / R, once per tile
     near = (at - start).to(tl.float32) * per  # per row
     far = cols.to(tl.float32) * per  # constants
     if SYMMETRIC:
-        return tl.minimum(reach - tl.abs(near[:, None] - far[None, :]), 1.0)
-    return tl.minimum((reach - near)[:, None] + far[None, :], 1.0)
+        return tl.clamp(reach - tl.abs(near[:, None] - far[None, :]), 0.0, 1.0)
+    return tl.clamp((reach - near)[:, None] + far[None, :], 0.0, 1.0)
 
 
 @triton.jit
