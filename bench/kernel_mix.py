@@ -2,13 +2,14 @@
 compile report's two walks weighted by where the mechanism's scores fall.
 
 Every kernel of the core walks a query block's *full* key blocks (no element
-mask) and then its *masked* ones, and the two loops cost very differently per
-score (``reports/kernels-sm90/compile.md``: ``warp_instr_per_4k`` and
-``masked_per_4k``). A causal dense layout has one masked block per row of
-blocks; lsh's and the strided columns' have nothing else. So the figure a
-mechanism is judged by is
+mask) and then its *masked* ones (with a bias on the pair i == j, the masked
+blocks holding that pair last, in an *own* walk), and the loops cost very
+differently per score (``reports/kernels-sm90/compile.md``:
+``warp_instr_per_4k``, ``masked_per_4k``, ``own_per_4k``). A causal dense
+layout has one masked block per row of blocks; lsh's and the strided columns'
+have nothing else. So the figure a mechanism is judged by is
 
-    sum over its launches of (full scores x full walk + masked scores x masked walk)
+    sum over its launches and walks of (scores in the walk x the walk's figure)
     / (all its scores)
 
 in sm_90 SASS warp-instructions per 4,096 scores, each launch compiled with its
@@ -40,8 +41,9 @@ from attn_zoo.kernels.dry_run import Planned, dry_run
 LIMIT = 1.6
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
-#: (full walk, masked walk) warp-instructions per 4,096 scores of one launch.
-Figures = Callable[[Planned, int, str], tuple[int, int]]
+#: (full walk, masked walk, own walk) warp-instructions per 4,096 scores of one launch
+#: (None for a walk the kernel does not have).
+Figures = Callable[[Planned, int, str], tuple[int | None, int | None, int | None]]
 
 
 def launches(name: str, causal: bool, n: int, head_dim: int, heads: int,
@@ -64,24 +66,26 @@ def compiled_figures(arch: int = 90) -> Figures:
 
     cache: dict = {}
 
-    def figures(launch: Planned, head_dim: int, dtype: str) -> tuple[int, int]:
+    def figures(launch: Planned, head_dim: int, dtype: str) -> tuple:
         key = (launch.flags, launch.tile, head_dim, dtype)
         if key not in cache:
             row = compile_variant("fwd", dict(launch.flags), dtype, head_dim, arch, launch.tile)
-            cache[key] = (row.get("warp_instr_per_4k"), row.get("masked_per_4k"))
+            cache[key] = tuple(row.get(f) for f in ("warp_instr_per_4k", "masked_per_4k",
+                                                    "own_per_4k"))  # fmt: skip
         return cache[key]
 
     return figures
 
 
 def weighted(found: list[Planned], figures: Figures, head_dim: int, dtype: str) -> dict:
-    """The scores in each walk and the weighted warp-instructions per 4,096 scores."""
+    """The scores in each walk and the weighted warp-instructions per 4,096 scores
+    (``masked_share``: the scores in masked blocks, own ones included)."""
     full = sum(launch.full_scores for launch in found)
-    masked = sum(launch.masked_scores for launch in found)
+    masked = sum(launch.masked_scores + launch.own_scores for launch in found)
     cost = 0.0
     for launch in found:
-        for scores, figure in zip((launch.full_scores, launch.masked_scores),
-                                  figures(launch, head_dim, dtype), strict=True):  # fmt: skip
+        walks = (launch.full_scores, launch.masked_scores, launch.own_scores)
+        for scores, figure in zip(walks, figures(launch, head_dim, dtype), strict=True):
             if scores and figure is None:  # a walk the SASS analysis did not find
                 raise ValueError(f"kernel_mix: no instruction count for a walk of {launch}")
             cost += scores * (figure or 0)
@@ -123,7 +127,8 @@ def write(rows: list[dict], out: Path, arch: int) -> None:
         f"{rows[0]['dtype'] if rows else ''}) launches, found without a GPU "
         "(`python -m attn_zoo.bench.kernel_mix`): every launch compiled with its own flags "
         "and tile, its full-block walk and masked-block walk weighted by the scores each "
-        "visits. `masked_share`: the scores in masked blocks; `per_4k`: SASS "
+        "visits (and the masked blocks holding a pair i == j that a self bias marks, "
+        "walked apart). `masked_share`: the scores in masked blocks; `per_4k`: SASS "
         "warp-instructions per 4,096 scores; `ratio`: to dense attention with the same "
         f"causality and head_dim; target within {LIMIT}x. A static count, not a timing.",
         "",

@@ -73,7 +73,7 @@ POINTERS = dict.fromkeys(
     "fp32",
 ) | dict.fromkeys(
     ("QIDX", "KIDX", "GLO", "GHI", "RCODE", "FULL", "FULL_COUNT", "PARTIAL",
-     "PARTIAL_COUNT"), "i32"
+     "PARTIAL_COUNT", "OWN_COUNT"), "i32"
 ) | {"KEEP": "i8"}  # fmt: skip
 #: Integer arguments that are multiples of 16 in a launch on aligned shapes: strides and
 #: lengths. The JIT marks such arguments (and every 16-byte aligned pointer) divisible.
@@ -85,6 +85,8 @@ SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 KNOWN_GAPS: set[tuple[str, str, int, str]] = set()
 DTYPES = ("fp16", "bf16", "fp32")
 FLOAT = {"self_bias", "ramp", "qk_scale"}
+#: The kernels' upper-case names are pointers, but these integers.
+COUNTS = {"H"}
 
 
 def signature(kernel, dtype: str) -> dict[str, str]:
@@ -94,6 +96,10 @@ def signature(kernel, dtype: str) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name in POINTERS or name in TENSORS:
             sig[name] = "*" + POINTERS.get(name, dtype)
+        elif name.isupper() and name not in COUNTS:  # a pointer typed nowhere
+            kernel_name = kernel.fn.__name__
+            raise ValueError(f"compile_check: no element type for pointer {name} of "
+                             f"{kernel_name}; accepted: one of POINTERS, TENSORS")  # fmt: skip
         else:
             sig[name] = "fp32" if name in FLOAT else "i32"  # a launch clips edges to int32
     return sig
@@ -160,8 +166,9 @@ def walk_bodies(sass: str) -> list[list[str]]:
     """The bodies of the loops that hold a matrix instruction (else an FMA: float32
     IEEE dots run on FMA units), in code order, each with any loop nested in it (a
     nested loop counts once, as part of the loop around it): each kernel of the core
-    walks its full blocks, then its masked ones, so the first is the full-block walk
-    and the second the masked-block walk."""
+    walks its full blocks, then its masked ones (with SELF, then the masked blocks
+    holding the pair i == j), so the first is the full-block walk, the second the
+    masked-block walk (and the third the own-block walk)."""
     code: list[tuple[int, str]] = []
     labels: dict[str, int] = {}
     for line in sass.splitlines():
@@ -191,7 +198,8 @@ def analyze(compiled, arch: int) -> dict:
     """Registers and spills (ptxas -v on the PTX) and matrix instructions (SASS)."""
     found = {"registers": None, "spill_store_bytes": None, "spill_load_bytes": None,
              "hgmma": None, "hmma": None, "loop_instructions": None,
-             "loop_async_copies": None, "masked_loop_instructions": None}  # fmt: skip
+             "loop_async_copies": None, "masked_loop_instructions": None,
+             "own_loop_instructions": None}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         ptx.write_text(compiled.asm["ptx"])
@@ -214,8 +222,9 @@ def analyze(compiled, arch: int) -> dict:
             if bodies:
                 found["loop_instructions"] = len(bodies[0])
                 found["loop_async_copies"] = async_copies(bodies[0])
-            if len(bodies) > 1:
-                found["masked_loop_instructions"] = len(bodies[1])
+            for walk, body in zip(("masked_loop_instructions", "own_loop_instructions"),
+                                  bodies[1:], strict=False):  # fmt: skip
+                found[walk] = len(body)
     return found
 
 
@@ -225,7 +234,7 @@ def write_report(rows: list[dict], out: Path, triton_version: str) -> None:
     columns = ["kernel", "variant", "dtype", "head_dim", "tile", "warps", "stages", "registers",
                "spill_store_bytes", "shared_kib", "hgmma", "hmma", "loop_instructions",
                "loop_async_copies", "warp_instr_per_4k", "masked_loop_instructions",
-               "masked_per_4k", "status"]  # fmt: skip
+               "masked_per_4k", "own_loop_instructions", "own_per_4k", "status"]  # fmt: skip
     arch = rows[0]["arch"] if rows else 90
     lines = [
         f"# Flash core compiled for sm_{arch} (Triton {triton_version})",
@@ -236,8 +245,10 @@ def write_report(rows: list[dict], out: Path, triton_version: str) -> None:
         "`ptxas -v`; HGMMA (warpgroup MMA) and HMMA (warp MMA) counted in the SASS. Every "
         "kernel walks a query block's full key blocks, then those needing the element mask: "
         "`loop_instructions` and `warp_instr_per_4k` are the full-block walk's, "
-        "`masked_loop_instructions` and `masked_per_4k` the masked walk's. How each "
-        "mechanism's scores split between the two, and the weighted figure it is judged by: "
+        "`masked_loop_instructions` and `masked_per_4k` the masked walk's; with a bias on "
+        "the pair i == j (`SELF`), the masked blocks that hold it are walked last, "
+        "`own_loop_instructions` and `own_per_4k`. How each mechanism's scores split "
+        "between the walks, and the weighted figure it is judged by: "
         "[mechanisms.md](mechanisms.md) (`python -m attn_zoo.bench.kernel_mix`). No GPU "
         "was used: this is the evidence between GPU runs, not a timing.",
         "",
@@ -389,7 +400,8 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
            "shared_kib": round(compiled.metadata.shared / 1024, 1)}  # fmt: skip
     row |= analyze(compiled, arch)
     for walk, figure in (("loop_instructions", "warp_instr_per_4k"),
-                         ("masked_loop_instructions", "masked_per_4k")):  # fmt: skip
+                         ("masked_loop_instructions", "masked_per_4k"),
+                         ("own_loop_instructions", "own_per_4k")):  # fmt: skip
         if row.get(walk):
             row[figure] = round(row[walk] * row["warps"] * 4096 / scores)
     return row

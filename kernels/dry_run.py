@@ -4,8 +4,9 @@ the interpreter's) and :func:`~attn_zoo.kernels.autograd.attend` records its par
 instead of launching them, returning zeros (outputs computed inside are
 meaningless). Each recorded part becomes a :class:`Planned`: the compile-time flags
 its launch takes, its tile, and how many of its (query block, key block) pairs are
-full and how many need the element mask, the two walks of the core, which cost
-very differently per score (``reports/kernels-sm90``).
+full, how many need the element mask, and of those how many hold a pair i == j its
+self bias marks: the walks of the core, which cost very differently per score
+(``reports/kernels-sm90``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class Planned:
     flags: tuple[tuple[str, bool | int], ...]
     tile: Tile
     full_scores: int
-    masked_scores: int
+    masked_scores: int  # in masked blocks holding no pair i == j a self bias marks
+    own_scores: int = 0  # in those that do (the third walk, with SELF)
 
 
 def planned(q: torch.Tensor, parts) -> list[Planned]:
@@ -48,9 +50,11 @@ def planned(q: torch.Tensor, parts) -> list[Planned]:
         layout = part.layout
         per_row = q.shape[0] * q.shape[1] // layout.full.shape[0]  # (b, h) pairs per row
         block = layout.block_m * layout.block_n * per_row
+        own = int(layout.own_count.sum()) if flags["SELF"] else 0
         found.append(Planned(tuple(sorted(flags.items())), part_tile(q, part),
                              int(layout.full_count.sum()) * block,
-                             int(layout.partial_count.sum()) * block))  # fmt: skip
+                             (int(layout.partial_count.sum()) - own) * block,
+                             own * block))  # fmt: skip
     return found
 
 

@@ -1,7 +1,8 @@
 """The block-sparse flash-attention forward core: one online-softmax kernel.
 
 For each query block the kernel walks the key blocks its :class:`BlockLayout`
-lists, first those that need no element mask, then those that do, in float32
+lists, first those that need no element mask, then those that do (with a bias on
+the pair i == j, last those holding that pair, so only they test it), in float32
 with the exp2 online softmax of the Triton tutorial 06-fused-attention. It
 writes the output and each row's softmax statistics: the largest score m and
 log2 of the sum of exp2(score - m), kept apart so that the backward recomputes
@@ -150,6 +151,10 @@ class Part:
         if self.self_bias is not None and self.q_index is not self.k_index:
             raise ValueError("flash: a self_bias needs q and k read in the same order; "
                              "accepted: q_index is k_index (both None, or one tensor)")  # fmt: skip
+        if self.self_bias is not None and self.layout.own_count is None:
+            raise ValueError("flash: a self_bias needs a layout that lists the blocks "
+                             "holding the pair i == j; accepted: one built with "
+                             "self_pairs=True")  # fmt: skip
 
     @cached_property
     def group_runs(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,15 +345,23 @@ def _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
-def _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay, max_full, max_partial,
-                masked: tl.constexpr):  # fmt: skip
-    """The blocks row ``lay`` of the layout visits: full ones, or those needing the
-    mask; with the first of them (a run's start)."""
-    if masked == 0:
+def _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, OWN_COUNT, lay, max_full,
+                max_partial, walk: tl.constexpr, SELF: tl.constexpr):  # fmt: skip
+    """The blocks row ``lay`` of the layout visits in ``walk``: 0 the full ones, with
+    the first of them (a run's start); 1 those needing the mask (with SELF, those
+    holding no pair i == j); 2 those holding one (they lead the row's masked list:
+    :attr:`~attn_zoo.kernels.layout.BlockLayout.own_count`)."""
+    if walk == 0:
         blocks = FULL + lay * max_full
         return blocks, tl.load(FULL_COUNT + lay), tl.load(blocks)
     blocks = PARTIAL + lay * max_partial
-    return blocks, tl.load(PARTIAL_COUNT + lay), tl.load(blocks)
+    count = tl.load(PARTIAL_COUNT + lay)
+    if SELF:
+        own = tl.load(OWN_COUNT + lay)
+        if walk == 1:
+            return blocks + own, count - own, 0
+        return blocks, own, 0
+    return blocks, count, 0
 
 
 @triton.jit
@@ -402,7 +415,7 @@ def _scores(
         visible = ahead < keys[:, None]  # 0 <= offs_n - key_lo < keys, one compare
         qk = tl.where(visible, qk, float("-inf"))
         if SELF:  # the pair i == j of kernel indices (:class:`Part`), against constants
-            own = cols[None, :] == (offs_m - start)[:, None]
+            own = ahead == (offs_m - key_lo).to(tl.uint32, bitcast=True)[:, None]
             qk = tl.where(own, qk + self_bias, qk)
         if RAMP:  # m > 0 on the row's interval: the soft part only, no division
             weight = _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC)
@@ -413,7 +426,7 @@ def _scores(
 def _flash_fwd(
     O, MAX, LOGSUM,
     Q, K, V, QIDX, KIDX, GLO, GHI, QF, KF, SPANS, RCODE, KEEP,
-    FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
+    FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, OWN_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, qk_scale,
@@ -441,33 +454,34 @@ def _flash_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + pid_m
-    for masked in tl.static_range(2):  # the full blocks, then those needing the mask
-        blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
-                                           max_full, max_partial, masked)  # fmt: skip
+    for walk in tl.static_range(3 if SELF else 2):  # full, masked, holding i == j
+        blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
+                                           OWN_COUNT, lay, max_full, max_partial, walk,
+                                           SELF)  # fmt: skip
         # the rows' key intervals, read by the masked walk only (dead in the full one)
         key_lo, keys, at = _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step,
                                          win_lo, win_hi, SPANS, h, ramp, GLO, GHI, n_q,
                                          WINDOW, RAMP, SYMMETRIC, GROUPS)  # fmt: skip
         for t in range(0, count * (BLOCK_N // STEP_N)):
-            start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_N, STEP_N)
+            start = _step_start(blocks, first, t, RUNS and walk == 0, BLOCK_N, STEP_N)
             offs_n = start + tl.arange(0, STEP_N)
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
-                                     masked == 1, GATHER_K)  # fmt: skip
-            g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, masked == 1, REL_TERM)
+                                     walk > 0, GATHER_K)  # fmt: skip
+            g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, walk > 0, REL_TERM)
             qk, weight = _scores(
                 q, f, k, g, q_pos, k_pos, offs_m, offs_n, start, in_range, key_lo, keys, at,
                 SPANS, RCODE, KEEP, self_bias, ramp, h, qk_scale, n_pos, dup_reach,
-                masked == 1, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
+                walk > 0, walk == 2, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             # the online softmax, in the exp2 domain (m_i in scaled units)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if masked == 0 and not PADDED and not DUP:
+            if walk == 0 and not PADDED and not DUP:
                 m_safe = m_new  # no mask in a full block: every score, so m_new, finite
             else:  # a row may have seen no key yet: exp2(-inf - -inf) would be NaN
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
-            if RAMP and masked == 1:
+            if RAMP and walk > 0:
                 p = p * weight
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -542,6 +556,7 @@ def launch(q: torch.Tensor, part: Part, out: torch.Tensor, layout: BlockLayout |
         dup.codes if dup is not None else dummy,
         keep,
         layout.full, layout.full_count, layout.partial, layout.partial_count,
+        layout.own_count if layout.own_count is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         g.stride(0),

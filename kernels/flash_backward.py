@@ -74,7 +74,7 @@ def _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, 
 def _flash_bwd_dq(
     DO, MAX, LOGSUM, DELTA, DQ, DQF, DSPANS,
     Q, K, V, QIDX, KIDX, GLO, GHI, QF, KF, SPANS, RCODE, KEEP,
-    FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
+    FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, OWN_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, qk_scale,
@@ -109,29 +109,30 @@ def _flash_bwd_dq(
     df = tl.zeros([ROWS, HEAD_DIM], tl.float32)
     dz = tl.zeros([ROWS], tl.float32)
     lay = (pid_bh % n_layouts) * tl.cdiv(n_q, BLOCK_M) + m_start // BLOCK_M
-    for masked in tl.static_range(2):
-        blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
-                                           max_full, max_partial, masked)  # fmt: skip
+    for walk in tl.static_range(3 if SELF else 2):  # full, masked, holding i == j
+        blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
+                                           OWN_COUNT, lay, max_full, max_partial, walk,
+                                           SELF)  # fmt: skip
         # the rows' key intervals, read by the masked walk only (dead in the full one)
         key_lo, keys, at = _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step,
                                          win_lo, win_hi, SPANS, h, ramp, GLO, GHI, n_q,
                                          WINDOW, RAMP, SYMMETRIC, GROUPS)  # fmt: skip
         for t in range(0, count * (BLOCK_N // SUB_N)):
-            start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_N, SUB_N)
+            start = _step_start(blocks, first, t, RUNS and walk == 0, BLOCK_N, SUB_N)
             offs_n = start + tl.arange(0, SUB_N)
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
-                                     masked == 1, GATHER_K)  # fmt: skip
-            g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, masked == 1, REL_TERM)
+                                     walk > 0, GATHER_K)  # fmt: skip
+            g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, walk > 0, REL_TERM)
             qk, weight = _scores(
                 q, f, k, g, q_pos, k_pos, offs_m, offs_n, start, in_range, key_lo, keys, at,
                 SPANS, RCODE, KEEP, self_bias, ramp, h, qk_scale, n_pos, dup_reach,
-                masked == 1, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
+                walk > 0, walk == 2, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])  # dS, the gradient of the natural-log scores
-            if RAMP and masked == 1:  # before m: exp(S - L) (dP - D), dz's term times R
+            if RAMP and walk > 0:  # before m: exp(S - L) (dP - D), dz's term times R
                 dz += tl.sum(tl.where(weight < 1.0, ds, 0.0), 1)
                 ds = ds * weight
             dq += tl.dot(ds.to(k.dtype), tl.trans(k), input_precision=PRECISION)
@@ -151,7 +152,7 @@ def _flash_bwd_dq(
 def _flash_bwd_dkdv(
     DO, MAX, LOGSUM, DELTA, DK, DV,
     Q, K, V, QIDX, KIDX, GLO, GHI, QF, KF, SPANS, RCODE, KEEP,
-    FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
+    FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, OWN_COUNT,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, qk_scale,
@@ -182,11 +183,12 @@ def _flash_bwd_dkdv(
     dk = tl.zeros([KEYS, HEAD_DIM], tl.float32)
     dv = tl.zeros([KEYS, HEAD_DIM], tl.float32)
     lay = (pid_bh % n_layouts) * tl.cdiv(n_k, BLOCK_N) + start // BLOCK_N
-    for masked in tl.static_range(2):
-        blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT, lay,
-                                           max_full, max_partial, masked)  # fmt: skip
+    for walk in tl.static_range(3 if SELF else 2):  # full, masked, holding i == j
+        blocks, count, first = _block_list(FULL, FULL_COUNT, PARTIAL, PARTIAL_COUNT,
+                                           OWN_COUNT, lay, max_full, max_partial, walk,
+                                           SELF)  # fmt: skip
         for t in range(0, count * (BLOCK_M // SUB_M)):
-            m_start = _step_start(blocks, first, t, RUNS and masked == 0, BLOCK_M, SUB_M)
+            m_start = _step_start(blocks, first, t, RUNS and walk == 0, BLOCK_M, SUB_M)
             offs_m = m_start + tl.arange(0, SUB_M)
             rows_in = offs_m < n_q
             q, f, q_pos = _load_queries(Q, QIDX, QF, offs_m, rows_in, sqm, HEAD_DIM, GATHER_Q,
@@ -201,10 +203,10 @@ def _flash_bwd_dkdv(
             qk, weight = _scores(
                 q, f, k, g, q_pos, k_pos, offs_m, offs_n, start, in_range, key_lo, keys, at,
                 SPANS, RCODE, KEEP, self_bias, ramp, h, qk_scale, n_pos, dup_reach,
-                masked == 1, SELF, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
+                walk > 0, walk == 2, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
             )  # fmt: skip
             p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
-            if RAMP and masked == 1:
+            if RAMP and walk > 0:
                 p = p * weight
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

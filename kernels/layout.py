@@ -54,7 +54,9 @@ class BlockLayout:
     """Per layout row g (shared by the (batch, head) pairs with bh % G == g) and
     query block: the key blocks to visit. ``full`` [G, n_qb, max] need no element
     mask, ``partial`` [G, n_qb, max] do; -1 pads; counts [G, n_qb]. ``n_kb`` key
-    blocks in all."""
+    blocks in all. ``own_count`` [G, n_qb], for a layout built with ``self_pairs``
+    (else None): how many of a row's partial blocks hold a pair i == j; they lead
+    its list, so the forward tests that pair in those blocks only."""
 
     block_m: int
     block_n: int
@@ -63,6 +65,7 @@ class BlockLayout:
     partial: torch.Tensor
     partial_count: torch.Tensor
     n_kb: int
+    own_count: torch.Tensor | None = None
 
     @cached_property
     def full_runs(self) -> bool:
@@ -78,19 +81,30 @@ class BlockLayout:
     @cached_property
     def by_key(self) -> BlockLayout:
         """The same pairs of blocks key-major, for the dK/dV pass of the backward:
-        row r lists the query blocks that visit key block r (full / partial as
+        row r lists the query blocks that visit key block r (full / partial / own as
         here); block sizes keep their meaning. O(1) per pair of blocks, computed
         once per layout."""
         n_qb = self.full.shape[1]
         full, partial = (_unpack(x, self.n_kb).transpose(1, 2) for x in (self.full, self.partial))
-        return BlockLayout(self.block_m, self.block_n, *_pack(full), *_pack(partial), n_qb)
+        if self.own_count is None:
+            return BlockLayout(self.block_m, self.block_n, *_pack(full), *_pack(partial), n_qb)
+        leading = torch.arange(self.partial.shape[-1], device=self.partial.device)
+        own_listed = torch.where(leading < self.own_count[..., None], self.partial, -1)
+        own = _unpack(own_listed, self.n_kb).transpose(1, 2)
+        return BlockLayout(self.block_m, self.block_n, *_pack(full), *_pack(partial, own), n_qb,
+                           own.sum(-1).to(torch.int32).contiguous())  # fmt: skip
 
 
-def _pack(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[G, n_qb, n_kb] bool -> (indices [G, n_qb, max(1, widest)] padded with -1, counts)."""
+def _pack(mask: torch.Tensor,
+          first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """[G, n_qb, n_kb] bool -> (indices [G, n_qb, max(1, widest)] padded with -1, counts),
+    ascending, but the blocks of ``first`` (within ``mask``) ahead of the others."""
     counts = mask.sum(-1).to(torch.int32)
     width = max(1, int(counts.max()) if counts.numel() else 1)
-    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :width]
+    rank = (~mask).to(torch.int8) * 2
+    if first is not None:
+        rank += (~first).to(torch.int8)
+    order = torch.argsort(rank, dim=-1, stable=True)[..., :width]
     keep = torch.arange(width, device=mask.device) < counts[..., None]
     return torch.where(keep, order, -1).to(torch.int32).contiguous(), counts.contiguous()
 
@@ -134,8 +148,9 @@ def build_layout(
 
     ``q_groups`` / ``k_groups`` [G, n] are sorted along the kernel order.
     ``self_pairs``: q and k share an order and the kernel scores the pair i == j
-    specially, so blocks holding it stay partial. ``full_band`` narrows what may
-    be *full* (the adaptive-span ramp is 1 only there).
+    specially, so blocks holding it stay partial, listed first in their row
+    (``own_count``). ``full_band`` narrows what may be *full* (the adaptive-span
+    ramp is 1 only there).
     """
     a, b = _ends(n_q, block_m, device)  # query block ends [n_qb]
     c, d = _ends(n_k, block_n, device)  # key block ends [n_kb]
@@ -159,8 +174,9 @@ def build_layout(
     touched = (first(a_) <= d_) & (last(b_) >= c_) & (first(a_) <= last(b_))
     full = (first(b_) <= c_) & (last(a_) >= d_)
     full &= (b_ - a_ + 1 == block_m) & (d_ - c_ + 1 == block_n)
+    apart = (b_ < c_) | (d_ < a_)  # no index in both blocks: no pair i == j
     if self_pairs:
-        full &= (b_ < c_) | (d_ < a_)
+        full &= apart
     touched, full = (x if x.dim() == 3 else x[None] for x in (touched, full))  # [G|1, ..]
     if q_groups is not None:
         qa, qb = q_groups[:, a][..., :, None], q_groups[:, b][..., :, None]
@@ -171,7 +187,10 @@ def build_layout(
         full = full & (a_ + band.offset - d_ >= rows(full_band.lo))
         full = full & (b_ + band.offset - c_ <= rows(full_band.hi))
     full = full & touched
-    return BlockLayout(block_m, block_n, *_pack(full), *_pack(touched & ~full), len(c))
+    partial = touched & ~full
+    own = partial & ~apart if self_pairs else None
+    own_count = own.sum(-1).to(torch.int32).contiguous() if self_pairs else None
+    return BlockLayout(block_m, block_n, *_pack(full), *_pack(partial, own), len(c), own_count)
 
 
 @lru_cache(maxsize=128)

@@ -34,6 +34,19 @@ def test_a_dry_run_records_what_would_launch_and_launches_nothing():
     assert dict(launch.flags)["RUNS"] and not dict(launch.flags)["ACCUMULATE"]
 
 
+def test_a_self_bias_walks_the_blocks_holding_i_j_apart():
+    """Sparse Transformer strided, bidirectional: its near part hides the pair i == j
+    (the column part holds it), so of each query block's three masked blocks (the
+    band of 128 on 128-row blocks) the diagonal one is walked apart; the column part
+    has no self bias."""
+    found = kernel_mix.launches("sparse_strided", False, 1024, 64, 2, torch.float16)
+    near, columns = found
+    assert dict(near.flags)["SELF"] and not dict(columns.flags)["SELF"]
+    block = 128 * 128 * 2
+    assert near.own_scores == 8 * block and near.masked_scores == 14 * block
+    assert columns.own_scores == 0
+
+
 def test_lsh_launches_a_part_per_round_all_masked():
     """Reformer's default 4 rounds: 4 launches, round r testing the r rounds before it
     (Eq. 7), merged into the ones before (ACCUMULATE); its buckets of about half a
@@ -43,7 +56,8 @@ def test_lsh_launches_a_part_per_round_all_masked():
     assert [f["DUP"] for f in flags] == [0, 1, 2, 3]
     assert [f["ACCUMULATE"] for f in flags] == [False, True, True, True]
     assert sum(launch.full_scores for launch in found) < sum(
-        launch.masked_scores for launch in found) / 20  # fmt: skip
+        launch.masked_scores + launch.own_scores for launch in found) / 20  # fmt: skip
+    assert all(launch.own_scores for launch in found)  # shared-QK: the self penalty
 
 
 def test_weighting_and_the_ratio_to_dense_with_stand_in_figures():
@@ -52,11 +66,19 @@ def test_weighting_and_the_ratio_to_dense_with_stand_in_figures():
     same causality, and the target met at most 1.6x."""
     found = [Planned((("DUP", 0),), None, full_scores=300, masked_scores=100),
              Planned((("DUP", 1),), None, full_scores=0, masked_scores=100)]  # fmt: skip
-    row = kernel_mix.weighted(found, lambda launch, dim, dtype: (1000, 2000), 64, "fp16")
+    stand_in = (1000, 2000, None)
+    row = kernel_mix.weighted(found, lambda launch, dim, dtype: stand_in, 64, "fp16")
     assert row == {"launches": 2, "scores": 500, "masked_share": 0.4, "per_4k": 1400}
+    # a self bias's own walk (3,000) weighs its scores; a walk with scores needs a figure
+    found.append(Planned((("SELF", True),), None, full_scores=0, masked_scores=0,
+                         own_scores=500))  # fmt: skip
+    own = kernel_mix.weighted(found, lambda launch, dim, dtype: (1000, 2000, 3000), 64, "fp16")
+    assert own == {"launches": 3, "scores": 1000, "masked_share": 0.7, "per_4k": 2200}
+    with pytest.raises(ValueError, match="no instruction count for a walk"):
+        kernel_mix.weighted(found, lambda launch, dim, dtype: stand_in, 64, "fp16")
 
     def figures(launch, dim, dtype):
-        return (1000, 3000)
+        return (1000, 3000, 3000)
 
     rows = kernel_mix.mix_rows(["dense", "lsh"], 1024, [64], 2, "fp16", figures)
     by = {(r["mechanism"], r["causal"]): r for r in rows}

@@ -262,11 +262,34 @@ def test_a_self_bias_needs_q_and_k_in_the_same_order():
     from attn_zoo.kernels.flash import Part
 
     k = torch.zeros(1, 1, 16, 8)
-    layout = build_layout(16, 16, Band(), block_m=16, block_n=16)
+    layout = build_layout(16, 16, Band(), self_pairs=True, block_m=16, block_n=16)
     index = torch.arange(16, dtype=torch.int32)[None]
     Part(k, k, layout, q_index=index, k_index=index, self_bias=-1e5)  # one index: fine
     with pytest.raises(ValueError, match="self_bias needs q and k read in the same order"):
         Part(k, k, layout, q_index=index, k_index=index.clone(), self_bias=-1e5)
+    # the kernels test the pair i == j only in the blocks the layout lists as holding it
+    unlisted = build_layout(16, 16, Band(), block_m=16, block_n=16)
+    with pytest.raises(ValueError, match="accepted: one built with self_pairs=True"):
+        Part(k, k, unlisted, self_bias=-1e5)
+
+
+def test_blocks_holding_the_pair_i_j_lead_each_masked_list():
+    """With self_pairs, the partial blocks that hold a pair i == j come first in their
+    row, counted by own_count; key-major (the dK/dV pass) the same holds per key block."""
+    layout = build_layout(256, 256, Band(lo=-100, hi=100), self_pairs=True, block_m=64,
+                          block_n=64)  # fmt: skip
+    assert layout.partial_count.tolist() == [[3, 4, 4, 3]]
+    assert layout.own_count.tolist() == [[1, 1, 1, 1]]
+    assert layout.partial[0, :, 0].tolist() == [0, 1, 2, 3]  # the diagonal leads
+    assert sorted(layout.partial[0, 1].tolist()) == [0, 1, 2, 3]
+    wide = build_layout(256, 256, Band(lo=-100, hi=100), self_pairs=True, block_m=128,
+                        block_n=64)  # fmt: skip
+    assert wide.own_count.tolist() == [[2, 2]]
+    assert [sorted(row[:2].tolist()) for row in wide.partial[0]] == [[0, 1], [2, 3]]
+    by_key = wide.by_key
+    assert by_key.own_count.tolist() == [[1, 1, 1, 1]]
+    assert by_key.partial[0, :, 0].tolist() == [0, 0, 1, 1]
+    assert build_layout(256, 256, Band(lo=-100, hi=100)).own_count is None
 
 
 def test_walk_bodies_are_the_full_then_the_masked_walk():
@@ -285,3 +308,25 @@ def test_walk_bodies_are_the_full_then_the_masked_walk():
             line(0x70, "@P1 BRA 0x30"), line(0x80, "EXIT")]  # fmt: skip
     full, masked = walk_bodies("\n".join(body))
     assert len(full) == 2 and len(masked) == 5
+    # with a self bias, a third walk: the masked blocks holding the pair i == j
+    own = [line(0x80, "HGMMA.64x64x16.F32 R24, gdesc[UR4], R24"), line(0x90, "@P1 BRA 0x80"),
+           line(0xA0, "EXIT")]  # fmt: skip
+    walks = walk_bodies("\n".join(body[:-1] + own))
+    assert [len(w) for w in walks] == [2, 5, 2]
+
+
+def test_the_compile_signature_types_every_pointer():
+    """An upper-case argument of a kernel is a pointer: one the report does not type
+    would compile as an integer (and fail deep in Triton), so it is refused by name."""
+    from types import SimpleNamespace
+
+    from attn_zoo.kernels.compile_check import signature
+
+    def kernel(names):
+        params = [SimpleNamespace(is_constexpr=False) for _ in names]
+        return SimpleNamespace(arg_names=names, params=params, fn=SimpleNamespace(__name__="k"))
+
+    assert signature(kernel(["Q", "OWN_COUNT", "H", "n_q"]), "fp16") == {
+        "Q": "*fp16", "OWN_COUNT": "*i32", "H": "i32", "n_q": "i32"}  # fmt: skip
+    with pytest.raises(ValueError, match="no element type for pointer NEW of k"):
+        signature(kernel(["Q", "NEW"]), "fp16")
