@@ -58,9 +58,10 @@ LOG2E = 1.4426950408889634
 
 @dataclass(frozen=True, eq=False)
 class Ramp:
-    """Adaptive span's soft mask m_z(x) = clamp((R + z_h - x) / R, 0, 1) as the
-    bias log m (Sukhbaatar et al. 2019, Eq. 4-5); x = i - j, or |i - j| when
-    ``symmetric`` (bidirectional)."""
+    """Adaptive span's soft mask m_z(x) = clamp((R + z_h - x) / R, 0, 1), a weight
+    on each p (Sukhbaatar et al. 2019, Eq. 4-5); x = i - j, or |i - j| when
+    ``symmetric`` (bidirectional: with the pair i == j hidden by a self bias and no
+    band offset, as :class:`Part` checks)."""
 
     spans: torch.Tensor  # z_h [H], float32
     ramp: float  # R
@@ -151,6 +152,11 @@ class Part:
         if self.self_bias is not None and self.q_index is not self.k_index:
             raise ValueError("flash: a self_bias needs q and k read in the same order; "
                              "accepted: q_index is k_index (both None, or one tensor)")  # fmt: skip
+        if self.ramp is not None and self.ramp.symmetric and (
+                self.self_bias is None or self.band.offset != 0):  # fmt: skip
+            raise ValueError("flash: a symmetric ramp takes |x| as x with one sign per row "
+                             "in a block apart from the pair i == j; accepted: a self_bias "
+                             "and a band offset of 0")  # fmt: skip
         if self.self_bias is not None and self.layout.own_count is None:
             raise ValueError("flash: a self_bias needs a layout that lists the blocks "
                              "holding the pair i == j; accepted: one built with "
@@ -257,20 +263,26 @@ def _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi
 
 
 @triton.jit
-def _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC: tl.constexpr):
+def _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC: tl.constexpr, STRADDLES: tl.constexpr):
     """Adaptive span's soft mask m_z(x) = clamp((R + z - x) / R, 0, 1) of a tile
     (Eq. 4; its hard edge m > 0 is in the rows' key runs: :func:`_key_interval`), with
     x = i + offset - j, or |x| bidirectionally. Split per row and per column around
     the step's first key, x / R = (at - start) / R - (j - start) / R, so that a pair
-    costs one saturating add (``tl.clamp`` to [0, 1] compiles to FADD.SAT: the add and
-    the clamp in one instruction) and one more add for |x|; no conversion, division
-    or separate minimum."""
+    costs one saturating add or FMA (``tl.clamp`` to [0, 1] compiles to FADD.SAT or
+    FFMA.SAT: the clamp is free), no conversion, division or separate minimum.
+    Bidirectionally x keeps one sign per row in a block that holds no pair i == j
+    (offset 0: :class:`Part` checks), so |x| = s x with s = +-1 per row, one FMA per
+    pair; only blocks that ``STRADDLES`` the diagonal take |x|, one add more."""
     per = 1.0 / ramp
     reach = (ramp + tl.load(SPANS + h)) * per  # (R + z) / R, once per tile
     near = (at - start).to(tl.float32) * per  # per row
     far = cols.to(tl.float32) * per  # constants
-    if SYMMETRIC:
+    if SYMMETRIC and STRADDLES:
         return tl.clamp(reach - tl.abs(near[:, None] - far[None, :]), 0.0, 1.0)
+    if SYMMETRIC:  # keys all before the row (s = 1) or all after it (s = -1)
+        side = tl.where(near > 0.0, 1.0, -1.0)
+        return tl.clamp(tl.fma(side[:, None], far[None, :], (reach - side * near)[:, None]),
+                        0.0, 1.0)  # fmt: skip
     return tl.clamp((reach - near)[:, None] + far[None, :], 0.0, 1.0)
 
 
@@ -418,7 +430,7 @@ def _scores(
             own = ahead == (offs_m - key_lo).to(tl.uint32, bitcast=True)[:, None]
             qk = tl.where(own, qk + self_bias, qk)
         if RAMP:  # m > 0 on the row's interval: the soft part only, no division
-            weight = _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC)
+            weight = _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC, SELF)
     return qk, weight
 
 

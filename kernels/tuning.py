@@ -151,9 +151,11 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       with 64 x 64 and 4 warps. Windows and gathers took 64 x 64 at 128 while their
       masked walk tested each pair's band, window and group (8-40 bytes of spill at
       128 x 128); with one compare against the row's key run nothing spills;
-    * ramp (adaptive span, bidirectional): the same up to head_dim 64; 128 x 64 with 8
-      warps at 128 (1,468), where 128 x 128 spills 32 bytes (causally it does not:
-      the causal ramp is plain, 1,108);
+    * ramp (adaptive span, bidirectional): the same up to head_dim 64, but at 64 the
+      stages follow the compiler: 2 with Triton 3.9 (3 spill 4 bytes), else 3 (Triton
+      3.6 spills 4 bytes with 3, stored before the loops and loaded after them, and
+      20 with 2); 128 x 64 with 8 warps at 128 (1,472), where 128 x 128 spills 32
+      bytes (causally it does not: the causal ramp is plain, 1,108);
     * xl: 128 x 128 with 8 warps up to head_dim 64; 128 x 64 with 2 stages at 128
       (3 stages: 1,776; 128 x 128 needs 256 KiB of shared memory with 2): 1,050 and
       1,780, against 1,408 and 1,888 with 64 x 64, 4 warps and 3 stages;
@@ -172,6 +174,8 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
         return Tile(64, 64, 4)
     if kind == "ramp" and head_dim > 64:
         return Tile(128, 64, 8)
+    if kind == "ramp" and head_dim == 64:
+        return Tile(128, 128, 8, 2 if triton_version() >= (3, 9) else 3)
     return Tile(128, 128, 8)
 
 

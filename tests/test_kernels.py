@@ -273,6 +273,21 @@ def test_a_self_bias_needs_q_and_k_in_the_same_order():
         Part(k, k, unlisted, self_bias=-1e5)
 
 
+def test_a_symmetric_ramp_needs_the_self_pair_hidden_and_no_offset():
+    """Bidirectionally the kernels take |x| as s x with one sign s per row in every
+    masked block apart from the pair i == j: that holds with the self pair walked
+    apart (a self bias) and x = i - j (no band offset); anything else is refused."""
+    from attn_zoo.kernels.flash import Part, Ramp
+
+    k = torch.zeros(1, 1, 16, 8)
+    ramp = Ramp(torch.ones(1), 4.0, symmetric=True)
+    layout = build_layout(16, 16, Band(), self_pairs=True, block_m=16, block_n=16)
+    Part(k, k, layout, Band(), ramp=ramp, self_bias=float("-inf"))  # adaptive span's form
+    for band, bias in ((Band(), None), (Band(offset=2), float("-inf"))):
+        with pytest.raises(ValueError, match="accepted: a self_bias and a band offset of 0"):
+            Part(k, k, layout, band, ramp=ramp, self_bias=bias)
+
+
 def test_blocks_holding_the_pair_i_j_lead_each_masked_list():
     """With self_pairs, the partial blocks that hold a pair i == j come first in their
     row, counted by own_count; key-major (the dK/dV pass) the same holds per key block."""
