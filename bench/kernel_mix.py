@@ -1,5 +1,5 @@
 """What each mechanism's forward costs per score on the core as it launches: the
-compile report's two walks weighted by where the mechanism's scores fall.
+compile report's walks weighted by where the mechanism's scores fall.
 
 Every kernel of the core walks a query block's *full* key blocks (no element
 mask) and then its *masked* ones (with a bias on the pair i == j, the masked

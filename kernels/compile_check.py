@@ -354,7 +354,7 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
     aligned shapes compiles it, on ``tile`` (the forward's
     :class:`~attn_zoo.kernels.tuning.Tile`; None: the default for the flags' kind), and
     analyze it (:func:`analyze`): the tile, warps, stages, shared memory, registers,
-    spills, matrix instructions and both walks' warp-instructions per 4,096 scores.
+    spills, matrix instructions and each walk's warp-instructions per 4,096 scores.
     Raises when it does not compile."""
     import torch
     import triton
