@@ -121,7 +121,7 @@ def write(rows: list[dict], out: Path, arch: int) -> None:
     (out / "mechanisms.json").write_text(json.dumps(rows, indent=1) + "\n")
     n = rows[0]["seq_len"] if rows else 0
     lines = [
-        f"# Each mechanism's forward on the core, sm_{arch}: both walks, weighted",
+        f"# Each mechanism's forward on the core, sm_{arch}: its walks, weighted",
         "",
         f"What a forward of each mechanism (paper-default config, N = {n:,}, one batch, "
         f"{rows[0]['dtype'] if rows else ''}) launches, found without a GPU "
@@ -166,7 +166,7 @@ def report_section(out: Path, folder: Path = REPORT_FOLDER) -> list[str]:
                 "`python -m attn_zoo.bench.kernel_mix`.", ""]  # fmt: skip
     here = Path(os.path.relpath(folder, out))
     links = (f"Static SASS counts, not timings: [compile report]({here / 'compile.md'}) "
-             f"(every variant's two walks), [each mechanism's launches weighted]"
+             f"(every variant's walks), [each mechanism's launches weighted]"
              f"({here / 'mechanisms.md'}) (target within {LIMIT}x of dense with the same "
              "causality).")  # fmt: skip
     header = ["| mechanism | causal | head_dim | masked_share | per_4k | ratio |",
