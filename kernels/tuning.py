@@ -156,9 +156,12 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       3.6 spills 4 bytes with 3, stored before the loops and loaded after them, and
       20 with 2); 128 x 64 with 8 warps at 128 (1,472), where 128 x 128 spills 32
       bytes (causally it does not: the causal ramp is plain, 1,108);
-    * xl: 128 x 128 with 8 warps up to head_dim 64; 128 x 64 with 2 stages at 128
-      (3 stages: 1,776; 128 x 128 needs 256 KiB of shared memory with 2): 1,050 and
-      1,780, against 1,408 and 1,888 with 64 x 64, 4 warps and 3 stages;
+    * xl: 128 x 128 with 8 warps up to head_dim 64 (1,050, against 1,408 with 64 x 64);
+      at 128 (128 x 128 needs 256 KiB of shared memory with 2 stages) 64 x 128 with one
+      warpgroup and 2 stages (224 KiB), 1,450 and 1,990 in the masked walk: its output
+      is rescaled once per 128 keys, not per 64; with 128 x 64, 8 warps and 2 stages,
+      1,780 and 2,260. Triton 3.6 spills 40 bytes on 64 x 128, none on 128 x 64: before
+      3.9, 128 x 64;
     * lsh: 64 x 64 with 4 warps at every head_dim (2,232 and 2,596; with 8 warps, or
       128 x 64, more per score or more pairs scored than its 64-place chunks need);
     * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128.
@@ -168,8 +171,10 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     if dtype == torch.float32:
         block = 32 if head_dim > 64 else 64
         return Tile(block, block, 8 if heavy else 4)
+    if kind == "relative" and head_dim <= 64:
+        return Tile(128, 128, 8)
     if kind == "relative":
-        return Tile(128, 128, 8) if head_dim <= 64 else Tile(128, 64, 8, 2)
+        return Tile(64, 128, 4, 2) if triton_version() >= (3, 9) else Tile(128, 64, 8, 2)
     if kind == "duplicates":
         return Tile(64, 64, 4)
     if kind == "ramp" and head_dim > 64:
@@ -202,7 +207,8 @@ def fits(tile: Tile, head_dim: int, itemsize: int, kind: str = "plain") -> bool:
 def candidates(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> list[Tile]:
     """The autotuner's configs that :func:`fits`, the default first."""
     _check_kind(kind)
-    shapes = [(128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 64, 4), (64, 64, 8), (32, 32, 4)]
+    shapes = [(128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4), (64, 64, 4), (64, 64, 8),
+              (32, 32, 4)]  # fmt: skip
     configs = [default_tile(head_dim, dtype, kind)]
     configs += [Tile(m, n, w, s) for m, n, w in shapes for s in (2, 3, 4)]
     configs += [Tile(64, 64, 8, s, step_n=32) for s in (2, 3)]

@@ -113,10 +113,12 @@ def test_scattered_full_blocks_are_not_a_run():
     assert not layout_module._runs(packed, torch.tensor([[2, 2, 0]]))  # row 1: blocks 0, 2
 
 
-# The tiles a GPU launch runs, in the interpreter: 128-row and rectangular blocks (the
-# backward's programs then split each layout block) and a forward that walks each key
-# block in two steps (an autotuner candidate), forward and gradients.
-GPU_TILES = [Tile(128, 128, 8), Tile(128, 64, 4), Tile(64, 32, 4), Tile(64, 64, 8, step_n=32)]
+# The tiles a GPU launch runs, in the interpreter: 128-row and rectangular blocks, wider
+# or taller (the backward's programs then split each layout block; 64 x 128 is xl's at
+# head_dim 128), and a forward that walks each key block in two steps (an autotuner
+# candidate), forward and gradients.
+GPU_TILES = [Tile(128, 128, 8), Tile(128, 64, 4), Tile(64, 128, 4, 2), Tile(64, 32, 4),
+             Tile(64, 64, 8, step_n=32)]  # fmt: skip
 
 
 @pytest.mark.parametrize("tile", GPU_TILES, ids=str)
