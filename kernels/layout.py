@@ -86,13 +86,21 @@ class BlockLayout:
         once per layout."""
         n_qb = self.full.shape[1]
         full, partial = (_unpack(x, self.n_kb).transpose(1, 2) for x in (self.full, self.partial))
-        if self.own_count is None:
-            return BlockLayout(self.block_m, self.block_n, *_pack(full), *_pack(partial), n_qb)
-        leading = torch.arange(self.partial.shape[-1], device=self.partial.device)
-        own_listed = torch.where(leading < self.own_count[..., None], self.partial, -1)
-        own = _unpack(own_listed, self.n_kb).transpose(1, 2)
-        return BlockLayout(self.block_m, self.block_n, *_pack(full), *_pack(partial, own), n_qb,
-                           own.sum(-1).to(torch.int32).contiguous())  # fmt: skip
+        own = None
+        if self.own_count is not None:  # the leading own_count entries of each row
+            leading = torch.arange(self.partial.shape[-1], device=self.partial.device)
+            listed = torch.where(leading < self.own_count[..., None], self.partial, -1)
+            own = _unpack(listed, self.n_kb).transpose(1, 2)
+        return _packed(self.block_m, self.block_n, full, partial, n_qb, own)
+
+
+def _packed(block_m: int, block_n: int, full: torch.Tensor, partial: torch.Tensor, n_kb: int,
+            own: torch.Tensor | None = None) -> BlockLayout:  # fmt: skip
+    """A :class:`BlockLayout` from [G, rows, n_kb] masks of its full and partial blocks
+    and, of the partial ones, those holding a pair i == j (``own``; None without self
+    pairs), which lead each row's list."""
+    own_count = None if own is None else own.sum(-1).to(torch.int32).contiguous()
+    return BlockLayout(block_m, block_n, *_pack(full), *_pack(partial, own), n_kb, own_count)
 
 
 def _pack(mask: torch.Tensor,
@@ -189,8 +197,7 @@ def build_layout(
     full = full & touched
     partial = touched & ~full
     own = partial & ~apart if self_pairs else None
-    own_count = own.sum(-1).to(torch.int32).contiguous() if self_pairs else None
-    return BlockLayout(block_m, block_n, *_pack(full), *_pack(partial, own), len(c), own_count)
+    return _packed(block_m, block_n, full, partial, len(c), own)
 
 
 @lru_cache(maxsize=128)

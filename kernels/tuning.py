@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib.metadata
 import os
 import re
@@ -87,11 +88,7 @@ class BackwardTile:
     step: int
     warps: int = 8
     stages: int = 3  # the dK/dV pass's
-    dq_stages: int | None = None  # the dQ pass's (None: ``stages``)
-
-    @property
-    def stages_dq(self) -> int:
-        return self.stages if self.dq_stages is None else self.dq_stages
+    stages_dq: int = 3  # the dQ pass's
 
 
 def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile,
@@ -110,20 +107,27 @@ def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile,
     narrow = head_dim > 64 or kind == "duplicates"
     step = min(32, program) if narrow else program
     if kind == "relative" and head_dim > 64:
-        dq_stages = 1 if (triton or triton_version()) >= (3, 9) else 2
-        return BackwardTile(program, step, 8, 1, dq_stages)
-    return BackwardTile(program, step, 8, 3)
+        return BackwardTile(program, step, 8, stages=1, stages_dq=1 if _newer(triton) else 2)
+    return BackwardTile(program, step, 8)
 
 
+@functools.cache
 def triton_version() -> tuple[int, int]:
-    """(major, minor) of the installed Triton, read without importing it; a tile
-    that differs between compilers keys on it (newest assumed when it is missing)."""
+    """(major, minor) of the installed Triton, read without importing it, once per
+    process; a tile that differs between compilers keys on it (newest assumed when
+    it is missing)."""
     try:
         found = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
         return (99, 0)
     major, minor = (re.match(r"\d+", part) for part in found.split(".")[:2])
     return int(major.group()), int(minor.group())
+
+
+def _newer(triton: tuple[int, int] | None = None) -> bool:
+    """Whether ``triton`` (the installed version by default) compiles like 3.9, not
+    like 3.6: the two versions the compile report measured where tiles differ."""
+    return (triton or triton_version()) >= (3, 9)
 
 
 def kind_of(relative: bool, duplicates: bool, band_only: bool = False, ramp: bool = False) -> str:
@@ -174,13 +178,13 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     if kind == "relative" and head_dim <= 64:
         return Tile(128, 128, 8)
     if kind == "relative":
-        return Tile(64, 128, 4, 2) if triton_version() >= (3, 9) else Tile(128, 64, 8, 2)
+        return Tile(64, 128, 4, 2) if _newer() else Tile(128, 64, 8, 2)
     if kind == "duplicates":
         return Tile(64, 64, 4)
     if kind == "ramp" and head_dim > 64:
         return Tile(128, 64, 8)
     if kind == "ramp" and head_dim == 64:
-        return Tile(128, 128, 8, 2 if triton_version() >= (3, 9) else 3)
+        return Tile(128, 128, 8, 2 if _newer() else 3)
     return Tile(128, 128, 8)
 
 
