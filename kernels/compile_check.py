@@ -381,17 +381,19 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
                       RUNS=flags.get("RUNS", True), WIDE=False)  # fmt: skip
     if kernel_name == "fwd":
         options = {"num_warps": tile.warps, "num_stages": tile.stages}
-        constants["STEP_N"] = tile.step
+        constants |= {"STEP_N": tile.step, "OWN_STEP": tile.own_step}
         scores = tile.block_m * tile.step
+        own_scores = tile.block_m * tile.own_step
         shape = f"{tile.block_m}x{tile.block_n}"
         shape += f" by {tile.step}" if tile.step != tile.block_n else ""
+        shape += f" (own by {tile.own_step})" if tile.own_step != tile.step else ""
     else:
         stages = back.stages_dq if kernel_name == "bwd_dq" else back.stages
         options = {"num_warps": back.warps, "num_stages": stages}
         program = "ROWS" if kernel_name == "bwd_dq" else "KEYS"
         step = "SUB_N" if kernel_name == "bwd_dq" else "SUB_M"
         constants |= {program: back.program, step: back.step}
-        scores = back.program * back.step
+        scores = own_scores = back.program * back.step
         shape = f"{back.program}x{back.step} of {tile.block_m}x{tile.block_n}"
     source = ASTSource(kernel, signature(kernel, dtype), constants, aligned_attrs(kernel))
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -399,11 +401,11 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
            "stages": compiled.metadata.num_stages,
            "shared_kib": round(compiled.metadata.shared / 1024, 1)}  # fmt: skip
     row |= analyze(compiled, arch)
-    for walk, figure in (("loop_instructions", "warp_instr_per_4k"),
-                         ("masked_loop_instructions", "masked_per_4k"),
-                         ("own_loop_instructions", "own_per_4k")):  # fmt: skip
+    for walk, figure, walked in (("loop_instructions", "warp_instr_per_4k", scores),
+                                 ("masked_loop_instructions", "masked_per_4k", scores),
+                                 ("own_loop_instructions", "own_per_4k", own_scores)):  # fmt: skip
         if row.get(walk):
-            row[figure] = round(row[walk] * row["warps"] * 4096 / scores)
+            row[figure] = round(row[walk] * row["warps"] * 4096 / walked)
     return row
 
 

@@ -385,6 +385,14 @@ def _block_at(blocks, first, t, RUN: tl.constexpr):
     return tl.load(blocks + t)
 
 
+@triton.constexpr_function
+def _walk_step(walk, step, own_step):
+    """Keys per inner-loop step of ``walk``: ``own_step`` in the own walk (2), where
+    the self test and a symmetric ramp's |x| hold more values per pair, so that a
+    narrower step keeps a wide tile's other walks free of spills."""
+    return own_step if walk == 2 else step
+
+
 @triton.jit
 def _step_start(blocks, first, t, RUN: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr):
     """The first index of step t when each listed block of BLOCK indices is walked
@@ -448,7 +456,7 @@ def _flash_fwd(
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, STEP_N: tl.constexpr,
-    ACCUMULATE: tl.constexpr,
+    OWN_STEP: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -474,9 +482,10 @@ def _flash_fwd(
         key_lo, keys, at = _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step,
                                          win_lo, win_hi, SPANS, h, ramp, GLO, GHI, n_q,
                                          WINDOW, RAMP, SYMMETRIC, GROUPS)  # fmt: skip
-        for t in range(0, count * (BLOCK_N // STEP_N)):
-            start = _step_start(blocks, first, t, RUNS and walk == 0, BLOCK_N, STEP_N)
-            offs_n = start + tl.arange(0, STEP_N)
+        for t in range(0, count * (BLOCK_N // _walk_step(walk, STEP_N, OWN_STEP))):
+            start = _step_start(blocks, first, t, RUNS and walk == 0, BLOCK_N,
+                                _walk_step(walk, STEP_N, OWN_STEP))  # fmt: skip
+            offs_n = start + tl.arange(0, _walk_step(walk, STEP_N, OWN_STEP))
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      walk > 0, GATHER_K)  # fmt: skip
@@ -661,8 +670,8 @@ def forward_with_stats(q: torch.Tensor, parts: Sequence[Part]):
         run = launch(q, part, out)
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
         _flash_fwd[grid](out, row_max, row_logsum, *run.args, **run.flags,
-                         STEP_N=run.tile.step, ACCUMULATE=i > 0, num_warps=run.tile.warps,
-                         num_stages=run.tile.stages)  # fmt: skip
+                         STEP_N=run.tile.step, OWN_STEP=run.tile.own_step, ACCUMULATE=i > 0,
+                         num_warps=run.tile.warps, num_stages=run.tile.stages)  # fmt: skip
     return out, row_max, row_logsum
 
 

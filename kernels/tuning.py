@@ -52,15 +52,23 @@ KINDS = ("dense", "plain", "ramp", "relative", "duplicates")
 
 @dataclass(frozen=True)
 class Tile:
-    """The forward's blocks (what the layout is built for), warps and stages, and
+    """The forward's blocks (what the layout is built for), warps and stages,
     ``step_n``: keys per inner-loop step when the forward walks a key block in
-    pieces (None: the whole block)."""
+    pieces (None: the whole block), and ``own_step_n``: the same for the own walk,
+    the blocks holding a pair i == j under a self bias (None: ``step``)."""
 
     block_m: int
     block_n: int
     warps: int
     stages: int = 3
     step_n: int | None = None
+    own_step_n: int | None = None
+
+    def __post_init__(self):
+        for name, keys in (("step_n", self.step_n), ("own_step_n", self.own_step_n)):
+            if keys is not None and (keys < 16 or self.block_n % keys):
+                raise ValueError(f"tile: {name} {keys} with block_n {self.block_n}; "
+                                 "accepted: None, or 16 or more dividing block_n")  # fmt: skip
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -72,8 +80,14 @@ class Tile:
         """Keys per step of the forward's inner loop (it divides block_n)."""
         return self.step_n or self.block_n
 
+    @property
+    def own_step(self) -> int:
+        """Keys per step of the own walk (it divides block_n)."""
+        return self.own_step_n or self.step
+
     def __str__(self) -> str:
         step = f" step {self.step_n}" if self.step_n else ""
+        step += f" own step {self.own_step_n}" if self.own_step_n else ""
         return f"{self.block_m}x{self.block_n}{step} w{self.warps} s{self.stages}"
 
 
@@ -158,8 +172,11 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     * ramp (adaptive span, bidirectional): the same up to head_dim 64, but at 64 the
       stages follow the compiler: 2 with Triton 3.9 (3 spill 4 bytes), else 3 (Triton
       3.6 spills 4 bytes with 3, stored before the loops and loaded after them, and
-      20 with 2); 128 x 64 with 8 warps at 128 (1,472), where 128 x 128 spills 32
-      bytes (causally it does not: the causal ramp is plain, 1,108);
+      20 with 2); at 128, 128 x 128 with the own walk (the blocks holding i == j) in
+      steps of 64 keys: full 1,108, masked 1,928, own 2,668, no spill on Triton 3.6 or
+      3.9; whole 128-key steps there too spill 32 bytes (reloaded in the masked and
+      own walks); 128 x 64 (1,472 and 2,320) was the tile before (causally the ramp is
+      plain, 1,108);
     * xl: 128 x 128 with 8 warps up to head_dim 64 (1,050, against 1,408 with 64 x 64);
       at 128 (128 x 128 needs 256 KiB of shared memory with 2 stages) 64 x 128 with one
       warpgroup and 2 stages (224 KiB), 1,450 and 1,990 in the masked walk: its output
@@ -182,7 +199,7 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     if kind == "duplicates":
         return Tile(64, 64, 4)
     if kind == "ramp" and head_dim > 64:
-        return Tile(128, 64, 8)
+        return Tile(128, 128, 8, own_step_n=64)
     if kind == "ramp" and head_dim == 64:
         return Tile(128, 128, 8, 2 if _newer() else 3)
     return Tile(128, 128, 8)

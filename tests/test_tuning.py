@@ -143,17 +143,44 @@ def test_gpu_tiles_give_the_reference_gradients(name, tile):
     _same_gradients(name, tile)
 
 
-def _same_gradients(name, tile):
+# The own walk (blocks holding i == j under a self bias) in narrower steps than the
+# other walks, as adaptive span's bidirectional tile runs it at head_dim 128.
+OWN_STEP_TILES = [Tile(128, 128, 8, own_step_n=64), Tile(64, 64, 4, own_step_n=32)]
+
+
+@pytest.mark.parametrize("tile", OWN_STEP_TILES, ids=str)
+@pytest.mark.parametrize("name", ["adaptive_span", "sparse_strided", "lsh"])
+def test_own_walk_in_narrower_steps_matches_reference_and_oracle(name, tile):
+    with tuning.use_tile(tile):
+        check_impl(small(name), "triton", 150, 32, torch.float32, False)
+
+
+@pytest.mark.parametrize("tile", OWN_STEP_TILES, ids=str)
+@pytest.mark.parametrize("name", ["adaptive_span", "sparse_strided"])
+def test_own_walk_in_narrower_steps_gives_the_reference_gradients(name, tile):
+    _same_gradients(name, tile, causal=False)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(step_n=48), "step_n 48 with block_n 128; accepted: None, or 16 or more dividing"),
+    (dict(own_step_n=8), "own_step_n 8 with block_n 128; accepted: None, or 16 or more"),
+])  # fmt: skip
+def test_a_step_that_does_not_divide_the_block_is_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Tile(128, 128, 8, **fields)
+
+
+def _same_gradients(name, tile, causal=True):
     mech = small(name)
     q, k, v = (torch.randn(1, 2, 150, 32, dtype=torch.float64).float().requires_grad_()
                for _ in range(3))  # fmt: skip
-    plan = mech.plan(q, k, v, True)
+    plan = mech.plan(q, k, v, causal)
     upstream = torch.randn(1, 2, 150, 32)
     with tuning.use_tile(tile):
-        mine = torch.autograd.grad(mech(q, k, v, True, "triton", plan), (q, k, v), upstream,
+        mine = torch.autograd.grad(mech(q, k, v, causal, "triton", plan), (q, k, v), upstream,
                                    allow_unused=True)  # fmt: skip
-    reference = torch.autograd.grad(mech(q, k, v, True, "reference", plan), (q, k, v), upstream,
-                                    allow_unused=True)  # fmt: skip
+    reference = torch.autograd.grad(mech(q, k, v, causal, "reference", plan), (q, k, v),
+                                    upstream, allow_unused=True)  # fmt: skip
     for got, want in zip(mine, reference, strict=True):
         assert (got is None) == (want is None)
         if want is not None:
