@@ -125,16 +125,14 @@ GPU_TILES = [Tile(128, 128, 8), Tile(128, 64, 4), Tile(64, 128, 4, 2), Tile(64, 
 @pytest.mark.parametrize("name", ["dense", "sparse_strided", "sparse_fixed", "adaptive_span",
                                   "compressive", "routing"])  # fmt: skip
 def test_gpu_tiles_match_reference_and_oracle(name, tile):
-    with tuning.use_tile(tile):
-        check_impl(small(name), "triton", 150, 32, torch.float32, True)
+    _same_outputs(name, tile, 150, causal=True)
 
 
 @pytest.mark.parametrize("tile", GPU_TILES, ids=str)
 @pytest.mark.parametrize("name", ["xl", "lsh"])
 def test_gpu_tiles_for_xl_and_lsh(name, tile):
     """xl's feature products and lsh's earlier rounds at every candidate tile."""
-    with tuning.use_tile(tile):
-        check_impl(small(name), "triton", 100, 32, torch.float32, False)
+    _same_outputs(name, tile, 100, causal=False)
 
 
 @pytest.mark.parametrize("tile", GPU_TILES, ids=str)
@@ -151,8 +149,7 @@ OWN_STEP_TILES = [Tile(128, 128, 8, own_step_n=64), Tile(64, 64, 4, own_step_n=3
 @pytest.mark.parametrize("tile", OWN_STEP_TILES, ids=str)
 @pytest.mark.parametrize("name", ["adaptive_span", "sparse_strided", "lsh"])
 def test_own_walk_in_narrower_steps_matches_reference_and_oracle(name, tile):
-    with tuning.use_tile(tile):
-        check_impl(small(name), "triton", 150, 32, torch.float32, False)
+    _same_outputs(name, tile, 150, causal=False)
 
 
 @pytest.mark.parametrize("tile", OWN_STEP_TILES, ids=str)
@@ -168,6 +165,12 @@ def test_own_walk_in_narrower_steps_gives_the_reference_gradients(name, tile):
 def test_a_step_that_does_not_divide_the_block_is_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         Tile(128, 128, 8, **fields)
+
+
+def _same_outputs(name, tile, n, causal):
+    """The triton impl on ``tile`` against the reference and the float64 oracle."""
+    with tuning.use_tile(tile):
+        check_impl(small(name), "triton", n, 32, torch.float32, causal)
 
 
 def _same_gradients(name, tile, causal=True):
