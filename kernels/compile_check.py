@@ -346,8 +346,19 @@ def _gaps(row: dict) -> list[str]:
     return new + gone
 
 
+def unit_scalars(sig: dict[str, str], constants: dict, attrs: dict, kernel) -> None:
+    """Turn every integer argument into the constant 1 (in place), as the JIT compiles
+    a launch whose integer argument equals 1 (a stride, a count, lsh's reach): such a
+    value arrives as a ``tl.constexpr``, a Python int with no tensor methods
+    (``x.to(...)`` fails where ``tl.cast(x, ...)`` works)."""
+    for index, name in enumerate(kernel.arg_names):
+        if sig[name] == "i32":
+            sig[name], constants[name] = "constexpr", 1
+            attrs.pop((index,), None)
+
+
 def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: int = 90,
-                    tile=None) -> dict:  # fmt: skip
+                    tile=None, unit: bool = False) -> dict:  # fmt: skip
     """Compile one kernel of the core (``fwd``, ``bwd_dq``, ``bwd_dkdv``) for sm_<arch>
     with the compile-time ``flags`` (of :data:`FLAGS`, ``DUP`` the count of earlier lsh
     rounds; ``RUNS``, full blocks in contiguous runs, True unless given) as a launch on
@@ -355,6 +366,8 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
     :class:`~attn_zoo.kernels.tuning.Tile`; None: the default for the flags' kind), and
     analyze it (:func:`analyze`): the tile, warps, stages, shared memory, registers,
     spills, matrix instructions and each walk's warp-instructions per 4,096 scores.
+    ``unit``: compile instead a launch whose every integer argument is 1, with 64-bit
+    row offsets (:func:`unit_scalars`; what it compiles is not the report's code).
     Raises when it does not compile."""
     import torch
     import triton
@@ -378,7 +391,7 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
     constants["DUP"] = int(flags.get("DUP", 0))
     constants |= dict(HEAD_DIM=dim, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n,
                       PRECISION="ieee" if dtype == "fp32" else None,
-                      RUNS=flags.get("RUNS", True), WIDE=False)  # fmt: skip
+                      RUNS=flags.get("RUNS", True), WIDE=flags.get("WIDE", False))  # fmt: skip
     if kernel_name == "fwd":
         options = {"num_warps": tile.warps, "num_stages": tile.stages}
         constants |= {"STEP_N": tile.step, "OWN_STEP": tile.own_step}
@@ -395,7 +408,11 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
         constants |= {program: back.program, step: back.step}
         scores = own_scores = back.program * back.step
         shape = f"{back.program}x{back.step} of {tile.block_m}x{tile.block_n}"
-    source = ASTSource(kernel, signature(kernel, dtype), constants, aligned_attrs(kernel))
+    sig, attrs = signature(kernel, dtype), aligned_attrs(kernel)
+    if unit:
+        unit_scalars(sig, constants, attrs, kernel)
+        constants["WIDE"] = True
+    source = ASTSource(kernel, sig, constants, attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     row = {"tile": shape, "warps": compiled.metadata.num_warps,
            "stages": compiled.metadata.num_stages,
@@ -420,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
               "fp16/bf16 variants at head_dim >= 64 (beyond the known gaps listed in the "
               "module)")  # fmt: skip
     parser.add_argument("--strict", action="store_true", help=strict)
+    unit = (
+        "instead compile each variant as a launch whose every integer argument is 1 "
+        "(the JIT makes such a value a constant) with 64-bit offsets: no report"
+    )
+    parser.add_argument("--unit-scalars", action="store_true", help=unit)
     args = parser.parse_args(argv)
     kernels = args.kernels.split(",")
     if unknown := sorted(set(kernels) - set(KERNELS)):
@@ -443,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         row = {"kernel": kernel_name, "variant": name, "dtype": dtype, "head_dim": dim,
                "arch": args.arch}  # fmt: skip
         try:
-            row |= compile_variant(kernel_name, flags, dtype, dim, args.arch)
+            row |= compile_variant(kernel_name, flags, dtype, dim, args.arch,
+                                   unit=args.unit_scalars)  # fmt: skip
             status = f"ok, shared memory {row['shared_kib']:.0f} KiB"
             gaps = _gaps(row) if args.strict else []
             if gaps:
@@ -460,9 +483,11 @@ def main(argv: list[str] | None = None) -> int:
         took = time.perf_counter() - start
         print(f"sm_{args.arch} {kernel_name} {dtype} d={dim} {name}: {status} ({took:.1f} s)",
               flush=True)  # fmt: skip
-    write_report(rows, Path(args.out), triton.__version__)
-    print(f"compile_check: triton {triton.__version__}, {failures} failure(s); "
-          f"report in {args.out}/compile.md")  # fmt: skip
+    where = "integer arguments of 1, no report"
+    if not args.unit_scalars:
+        write_report(rows, Path(args.out), triton.__version__)
+        where = f"report in {args.out}/compile.md"
+    print(f"compile_check: triton {triton.__version__}, {failures} failure(s); {where}")
     return 1 if failures else 0
 
 

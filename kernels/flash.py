@@ -205,7 +205,7 @@ def _seen_before(q_pos, k_pos, RCODE, n_pos, reach, DUP: tl.constexpr):
     for r in tl.static_range(DUP):
         step = tl.load(RCODE + r * n_pos + q_pos)[:, None] - tl.load(RCODE + r * n_pos + k_pos)
         nearest = tl.minimum(nearest, step.to(tl.uint32, bitcast=True))
-    return nearest <= reach.to(tl.uint32)
+    return nearest <= tl.cast(reach, tl.uint32)  # reach == 1 arrives as a constexpr
 
 
 @triton.jit
@@ -312,9 +312,9 @@ def _widen(sqm, skn, svn, som, sgn, WIDE: tl.constexpr):
     """The row strides as int64 when a row's offset within a head can pass 2^31
     elements (``WIDE``, decided at launch: :func:`wide_offsets`), so that
     position * stride does not overflow; int32 otherwise (fewer registers)."""
-    if WIDE:
-        return (sqm.to(tl.int64), skn.to(tl.int64), svn.to(tl.int64), som.to(tl.int64),
-                sgn.to(tl.int64))  # fmt: skip
+    if WIDE:  # one return: Triton compiles both branches' returns and needs one type
+        sqm, skn, svn = tl.cast(sqm, tl.int64), tl.cast(skn, tl.int64), tl.cast(svn, tl.int64)
+        som, sgn = tl.cast(som, tl.int64), tl.cast(sgn, tl.int64)
     return sqm, skn, svn, som, sgn
 
 

@@ -88,6 +88,20 @@ def test_dense_kernel_on_gpu(dtype, causal):
     assert oracle.rel_error(out, expected) < 1e-2
 
 
+def compile_check(*args: str) -> str:
+    """``python -m attn_zoo.kernels.compile_check *args`` (compiled, not interpreted):
+    its output, once it exits 0."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-W", "ignore", "-m", "attn_zoo.kernels.compile_check", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
 def strict() -> list[str]:
     """--strict where its known gaps were measured: Triton >= 3.9. Triton 3.6 (the GPU
     image's) compiles every variant too but spills a little more (xl 8 B at head_dim
@@ -111,17 +125,9 @@ def test_core_compiles_for_h100_without_a_gpu(kernels, dtypes, dims, tmp_path):
     mechanisms launch, forward and backward: a kernel that only works in the
     interpreter fails here, and (--strict) so does a new spill or a missing HGMMA
     at head_dim >= 64."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-W", "ignore", "-m", "attn_zoo.kernels.compile_check",
-               "--arch", "90", "--kernels", kernels, "--dtypes", dtypes, "--dims", dims,
-               "--out", str(tmp_path), *strict()]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "0 failure(s)" in done.stdout
+    out = compile_check("--arch", "90", "--kernels", kernels, "--dtypes", dtypes,
+                        "--dims", dims, "--out", str(tmp_path), *strict())  # fmt: skip
+    assert "0 failure(s)" in out
     import json
 
     rows = json.loads((tmp_path / "compile.json").read_text())
@@ -135,6 +141,17 @@ def test_core_compiles_for_h100_without_a_gpu(kernels, dtypes, dims, tmp_path):
     report, _, targets = (tmp_path / "compile.md").read_text().partition("## Targets")
     assert report.count("\n| ") == len(rows) + 1
     assert "| met |" in targets
+
+
+def test_core_compiles_where_an_integer_argument_is_one():
+    """The JIT turns an integer argument equal to 1 into a constant, a Python int with
+    no tensor methods: lsh's reach of 1 failed to compile so on an H100 (``reach.to``),
+    which no interpreter run and no aligned compile shows. Every variant of the three
+    kernels compiles with every integer argument 1 and with 64-bit row offsets (whose
+    branch compiled nowhere before either)."""
+    out = compile_check("--dtypes", "fp16", "--dims", "32", "--unit-scalars")
+    assert out.count(": ok") == 3 * 15
+    assert "0 failure(s); integer arguments of 1" in out
 
 
 def test_hot_loop_counts_the_first_loop_holding_a_matrix_instruction():
