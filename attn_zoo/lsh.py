@@ -180,18 +180,13 @@ def lsh_reference(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
 def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
     """One sorted part per round, merged by log-sum-exp (kernels/grouped.py)."""
     from attn_zoo.kernels.autograd import attend
-    from attn_zoo.kernels.grouped import round_codes, sorted_part
+    from attn_zoo.kernels.grouped import round_codes, sorted_parts
 
-    keys = shared_keys(q)
     duplicates = None
     if plan.rounds is not None:  # Eq. 7's codes, shared by every round's part
         duplicates = round_codes(plan.rounds, *q.shape[:2], plan.bucket_size, plan.mode)
-    parts = [
-        sorted_part(q, keys, v, plan.buckets[:, :, r], plan.bucket_size, plan.mode,
-                    plan.self_penalty, keep=plan.keep,
-                    duplicates=duplicates.for_round(r) if duplicates is not None else None)
-        for r in range(plan.buckets.shape[2])
-    ]  # fmt: skip
+    parts = sorted_parts(q, shared_keys(q), v, plan.buckets, plan.bucket_size, plan.mode,
+                         plan.self_penalty, duplicates, keep=plan.keep)  # fmt: skip
     return attend(q, parts)[0]
 
 

@@ -258,14 +258,15 @@ def routing_triton(mech, q, k, v, plan: RoutingPlan) -> torch.Tensor:
     (bidirectional) launch for the clusters (kernels/grouped.py)."""
     from attn_zoo.kernels.autograd import attend
     from attn_zoo.kernels.dense import band_attention
-    from attn_zoo.kernels.grouped import clustered_flash, sorted_part
+    from attn_zoo.kernels.grouped import clustered_flash, sorted_parts
     from attn_zoo.kernels.layout import Band
 
     keys, half = shared_keys(q), plan.window // 2
     band = Band(lo=0, hi=plan.window - 1) if plan.causal else Band(lo=-half, hi=half)
     local = band_attention(q, keys, v, band, keep=plan.keep)
     if plan.causal:
-        part = sorted_part(q, keys, v, plan.clusters, plan.width, "window", None, keep=plan.keep)
+        part, = sorted_parts(q, keys, v, plan.clusters[:, :, None], plan.width, "window", None,
+                             keep=plan.keep)  # fmt: skip
         routed = attend(q, [part])[0]
         return ((local.float() + routed.float()) / 2).to(q.dtype)
     routed = clustered_flash(q, keys, v, plan.members, keep=plan.keep).float()

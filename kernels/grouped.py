@@ -55,31 +55,44 @@ def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) -> 
     return Duplicates(codes.reshape(b * h, *codes.shape[2:]).to(torch.int32).contiguous(), reach)
 
 
-def sorted_part(q, k, v, groups, chunk: int, mode: str, self_bias,
-                duplicates: Duplicates | None = None, keep=None) -> Part:  # fmt: skip
-    """One round for groups [B, H, N], output in original order; with ``duplicates``
-    (:func:`round_codes` of every round, computed once for all of them, for this
-    round: :meth:`~attn_zoo.kernels.flash.Duplicates.for_round`), the duplicate
-    correction."""
+def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
+                 duplicates: Duplicates | None = None, keep=None) -> list[Part]:  # fmt: skip
+    """One part per round for groups [B|1, H|1, R, N], output in original order,
+    built together: one sort of every round's tokens and, for the modes with group
+    equality, one layout of every round's rows, split per round (a handful of
+    launches and host synchronizations in all, not a layout's worth per round).
+    With ``duplicates`` (:func:`round_codes` of every round), round r's part hides
+    what rounds 0..r-1 show (Eq. 7)."""
     b, h, n, _ = q.shape
+    rounds = groups.shape[-2]
     tile = tile_for(q, "duplicates" if duplicates is not None else "plain")
-    groups = groups.expand(b, h, n).reshape(b * h, n)
+    groups = groups.expand(b, h, rounds, n).transpose(1, 2).transpose(0, 1)  # [R, B, H, N]
+    groups = groups.reshape(rounds * b * h, n)
     perm, _ = sort_by_group(groups)
+    ordered = groups.gather(-1, perm).to(torch.int32).contiguous()
     perm = perm.to(torch.int32).contiguous()
-    common = dict(q_index=perm, k_index=perm, self_bias=self_bias, duplicates=duplicates,
-                  keep=keep, tile=tile)  # fmt: skip
-    ordered = groups.gather(-1, perm.long()).to(torch.int32).contiguous()
     # chunks c - 1 and c of sorted places (a segment window), or a sorted-place band
     window = None if mode == "window" else Window(chunk, chunk, lo=-chunk, hi=chunk - 1)
     band = Band(lo=0, hi=chunk) if mode == "window" else Band()
     self_pairs = self_bias is not None
     if mode == "chunks":  # whatever the groups: a layout of positions only
         layout = cached_layout(n, n, band, window, tile.blocks, q.device, self_pairs=self_pairs)
-        return Part(k, v, layout, band, window, **common)
-    layout = build_layout(n, n, band, window, q_groups=ordered, k_groups=ordered,
-                          self_pairs=self_pairs, block_m=tile.block_m, block_n=tile.block_n,
-                          device=q.device)  # fmt: skip
-    return Part(k, v, layout, band, window, groups=(ordered, ordered), **common)
+    else:
+        layout = build_layout(n, n, band, window, q_groups=ordered, k_groups=ordered,
+                              self_pairs=self_pairs, block_m=tile.block_m,
+                              block_n=tile.block_n, device=q.device)  # fmt: skip
+    parts = []
+    for r in range(rounds):
+        rows = slice(r * b * h, (r + 1) * b * h)
+        index, extra = perm[rows], {}  # one tensor for q and k: the same order
+        if mode != "chunks":
+            extra = dict(groups=(ordered[rows],) * 2)
+        parts.append(Part(
+            k, v, layout if mode == "chunks" else layout.rows(rows), band, window,
+            q_index=index, k_index=index, self_bias=self_bias, keep=keep, tile=tile,
+            duplicates=duplicates.for_round(r) if duplicates is not None else None, **extra,
+        ))  # fmt: skip
+    return parts
 
 
 def clustered_flash(q, k, v, members: torch.Tensor, keep=None) -> torch.Tensor:

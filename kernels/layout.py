@@ -66,13 +66,23 @@ class BlockLayout:
     partial_count: torch.Tensor
     n_kb: int
     own_count: torch.Tensor | None = None
+    runs: bool | None = None  # full_runs when known (None: computed on first use)
 
     @cached_property
     def full_runs(self) -> bool:
         """Whether every row's full blocks are one contiguous run (bands, windows,
         segments, memories): the kernels then walk ``first + t``, an address the
         software pipeliner can compute ahead, instead of loading each index."""
-        return _runs(self.full, self.full_count)
+        return self.runs if self.runs is not None else _runs(self.full, self.full_count)
+
+    def rows(self, pick: slice) -> BlockLayout:
+        """Layout rows ``pick`` as a layout of their own (views of these tensors, as
+        wide). Their full blocks are in runs where every row's are; where not, the
+        kernels read their indices, which is right for runs too."""
+        own = self.own_count[pick] if self.own_count is not None else None
+        return BlockLayout(self.block_m, self.block_n, self.full[pick], self.full_count[pick],
+                           self.partial[pick], self.partial_count[pick], self.n_kb, own,
+                           self.full_runs)  # fmt: skip
 
     @property
     def blocks_visited(self) -> int:

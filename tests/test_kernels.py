@@ -243,6 +243,41 @@ def test_round_codes_fold_each_lsh_rule_into_one_range_test(mode):
     assert dup.for_round(2).codes is dup.codes
 
 
+@pytest.mark.parametrize("mode", ["buckets", "window"])
+def test_rounds_built_together_give_each_rounds_own_layout(mode, monkeypatch):
+    """sorted_parts builds every round's layout in one call (one sort, one layout of
+    R x B x H rows, split per round): each round's part must list the blocks that
+    round's own layout lists, in the same order, and keep the order of its tokens."""
+    import attn_zoo.kernels.grouped as grouped
+    from attn_zoo.kernels.sorting import sort_by_group
+
+    torch.manual_seed(2)
+    b, h, rounds, n, chunk = 2, 3, 3, 150, 8
+    groups = torch.randint(0, 7, (b, h, rounds, n))
+    q = torch.zeros(b, h, n, 32)
+    built = []
+    real = grouped.build_layout
+    monkeypatch.setattr(grouped, "build_layout", lambda *a, **k: built.append(1) or real(*a, **k))
+    parts = grouped.sorted_parts(q, q, q, groups, chunk, mode, self_bias=-1e4)
+    assert len(built) == 1 and len(parts) == rounds
+    for r, part in enumerate(parts):
+        perm, _ = sort_by_group(groups[:, :, r].reshape(b * h, n))
+        assert torch.equal(part.q_index, perm.to(torch.int32)) and part.k_index is part.q_index
+        ordered = groups[:, :, r].reshape(b * h, n).gather(-1, perm).to(torch.int32)
+        got = part.layout
+        want = real(n, n, part.band, part.window, q_groups=ordered, k_groups=ordered,
+                    self_pairs=True, block_m=got.block_m, block_n=got.block_n)  # fmt: skip
+        for name in ("full", "partial"):
+            count = getattr(want, name + "_count")
+            assert torch.equal(getattr(got, name + "_count"), count)
+            width = getattr(want, name).shape[-1]  # the rounds' widest row pads the others
+            listed = getattr(got, name)[..., :width]
+            keep = torch.arange(width) < count[..., None]
+            assert torch.equal(torch.where(keep, listed, -1), getattr(want, name))
+        assert torch.equal(got.own_count, want.own_count)
+        assert got.full_runs == want.full_runs or not got.full_runs
+
+
 def test_a_round_outside_the_codes_is_refused():
     """A part for round r reads the codes of rounds 0..r-1: r must be one of them."""
     from attn_zoo.kernels.flash import Duplicates
