@@ -26,6 +26,15 @@ def names() -> list[str]:
     return list(_MECHANISMS)
 
 
+def pick(text: str) -> list[str]:
+    """Registry keys from a comma-separated list, or every one for ``all`` (what a
+    command's ``--mechanisms`` takes); an unknown key is a ValueError naming them."""
+    chosen = names() if text == "all" else text.split(",")
+    if unknown := [name for name in chosen if name not in _MECHANISMS]:
+        raise ValueError(f"unknown mechanism {unknown[0]!r}; accepted: {', '.join(_MECHANISMS)}")
+    return chosen
+
+
 def get(name: str, config: Any = None, **overrides: Any) -> Mechanism:
     """A mechanism instance with its paper-default config (or ``config``/``overrides``)."""
     try:

@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--out", default="reports/kernels-sm90")
     args = parser.parse_args(argv)
-    known = attn_zoo.registry.names()
-    names = known if args.mechanisms == "all" else args.mechanisms.split(",")
-    if unknown := [m for m in names if m not in known]:
-        print(f"kernel_mix: unknown mechanism {unknown[0]!r}; accepted: {', '.join(known)}")
+    try:
+        names = attn_zoo.registry.pick(args.mechanisms)
+    except ValueError as error:
+        print(f"kernel_mix: {error}")
         return 2
     if args.dtype not in DTYPES:
         print(f"kernel_mix: unknown dtype {args.dtype!r}; accepted: {', '.join(DTYPES)}")

@@ -59,17 +59,28 @@ def planned(q: torch.Tensor, parts) -> list[Planned]:
 
 
 @contextlib.contextmanager
+def recorded() -> Iterator[list]:
+    """Inside, no kernel launches and every tile the GPU's: the list fills with the
+    (q, parts) of every :func:`~attn_zoo.kernels.autograd.attend` call, in order."""
+    calls: list = []
+    tiles, recording = tuning.GPU_TILES.set(True), autograd.RECORDING.set(calls)
+    try:
+        yield calls
+    finally:
+        autograd.RECORDING.reset(recording)
+        tuning.GPU_TILES.reset(tiles)
+
+
+@contextlib.contextmanager
 def dry_run() -> Iterator[list[Planned]]:
     """Inside, no kernel launches: the list fills with the :class:`Planned` launches
     of every :func:`~attn_zoo.kernels.autograd.attend` call, in order, as they would
     run on a GPU."""
-    calls: list = []
     found: list[Planned] = []
-    tiles, recording = tuning.GPU_TILES.set(True), autograd.RECORDING.set(calls)
+    calls: list = []
     try:
-        yield found
+        with recorded() as calls:
+            yield found
     finally:
-        autograd.RECORDING.reset(recording)
-        tuning.GPU_TILES.reset(tiles)
         for q, parts in calls:
             found.extend(planned(q, parts))

@@ -1,0 +1,111 @@
+"""What each mechanism's triton forward asks of the host besides its kernels.
+
+On a GPU every aten operation is a launch the host issues (some microseconds each)
+and every synchronization (``int(t)``, ``bool(t)``, ``t.item()``) waits for the queue
+to drain, so a call that issues hundreds of them is bound by its host, whatever its
+kernels cost. This counts both, without a GPU: each mechanism's ``triton`` impl runs
+on the CPU inside :func:`~attn_zoo.kernels.dry_run.recorded` (no kernel launches,
+the GPU's tiles), its plan made beforehand and its cached layouts warm, as a timed
+call of the harness runs it; then each recorded launch's arguments are built as
+:func:`~attn_zoo.kernels.flash.launch` builds them. Operations are counted at
+PyTorch's dispatcher (``TorchDispatchMode``), synchronizations as
+``aten._local_scalar_dense``. The plan's own work is counted apart.
+
+``python -m attn_zoo.bench.host_ops [--seq-len 8192] [--batch 4] [--heads 8]
+[--head-dim 64] [--mechanisms all]`` prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attn_zoo
+from attn_zoo.kernels.dry_run import recorded
+from attn_zoo.kernels.flash import launch, new_output, output_rows
+
+SYNC = torch.ops.aten._local_scalar_dense.default
+
+
+class _Counter(TorchDispatchMode):
+    """Counts the aten operations dispatched inside, and the synchronizations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.syncs += func is SYNC
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass(frozen=True)
+class HostWork:
+    mechanism: str
+    causal: bool
+    ops: int  # per call, its plan made beforehand
+    syncs: int
+    plan_ops: int
+    plan_syncs: int
+    launches: int
+
+
+def _launches(calls: list) -> None:
+    """Build each recorded launch's arguments and outputs, as the forward does."""
+    for query, parts in calls:
+        rows = output_rows(query, parts[0])
+        out = new_output(query, (*query.shape[:2], rows, query.shape[3]), query.dtype)
+        for part in parts:
+            launch(query, part, out)
+
+
+def host_work(mech, q: torch.Tensor, causal: bool) -> HostWork:
+    """The host work of one call of mechanism ``mech``'s triton forward on q = k = v."""
+    run = mech.impl("triton").run
+    with torch.no_grad():
+        with _Counter() as planning:
+            plan = mech.plan(q, q, q, causal)
+        with recorded() as calls:  # warm: cached layouts built, as after a warmup
+            run(mech, q, q, q, plan)
+        _launches(calls)
+        with _Counter() as call:
+            with recorded() as calls:
+                run(mech, q, q, q, plan)
+            _launches(calls)
+    launches = sum(len(parts) for _, parts in calls)
+    return HostWork(mech.name, causal, call.ops, call.syncs, planning.ops, planning.syncs, launches)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attn_zoo.bench.host_ops")
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--mechanisms", default="all", help="comma-separated, or all")
+    args = parser.parse_args(argv)
+    try:
+        names = attn_zoo.registry.pick(args.mechanisms)
+    except ValueError as error:
+        print(f"host_ops: {error}")
+        return 2
+    q = torch.randn(args.batch, args.heads, args.seq_len, args.head_dim)
+    print(f"host work per triton forward call, [{args.batch}, {args.heads}, {args.seq_len}, "
+          f"{args.head_dim}] (kernels not run)\n")  # fmt: skip
+    print("| mechanism | causal | aten ops | host syncs | launches | plan: ops | plan: syncs |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        for causal in (True, False):
+            w = host_work(attn_zoo.get(name), q, causal)
+            print(f"| {w.mechanism} | {'yes' if causal else 'no'} | {w.ops} | {w.syncs} | "
+                  f"{w.launches} | {w.plan_ops} | {w.plan_syncs} |")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""bench/host_ops.py: the host work of a triton forward, counted without a GPU."""
+
+import torch
+
+import attn_zoo
+from attn_zoo.bench import host_ops
+
+
+def test_lsh_builds_its_rounds_together():
+    """lsh's rounds share one sort and one layout (kernels/grouped.py): its host
+    synchronizations do not grow with the rounds, and each further round adds only
+    its launch's arguments. Built round by round (before), 4 rounds took 13
+    synchronizations and about 590 operations at N = 8,192."""
+    q = torch.randn(1, 2, 256, 32)
+    one, eight = (host_ops.host_work(attn_zoo.get("lsh", n_hashes=r, bucket_size=16), q, True)
+                  for r in (1, 8))  # fmt: skip
+    assert (one.launches, eight.launches) == (1, 8)
+    assert one.syncs == eight.syncs <= 4
+    assert eight.ops - one.ops <= 7 * 20, (one, eight)
+
+
+def test_a_cached_layout_costs_no_synchronization():
+    """Dense attention's layout is cached per shape and tile: once warm, a call issues
+    a handful of operations (its arguments and outputs) and never waits."""
+    work = host_ops.host_work(attn_zoo.get("dense"), torch.randn(1, 2, 300, 32), True)
+    assert work.syncs == 0 and work.launches == 1 and 0 < work.ops <= 12
+
+
+def test_the_table_has_a_row_per_mechanism_and_causality(capsys):
+    assert host_ops.main(["--seq-len", "256", "--batch", "1", "--heads", "2",
+                          "--head-dim", "32", "--mechanisms", "dense,lsh"]) == 0  # fmt: skip
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 4 and rows[1].startswith("| dense | yes |")
+
+
+def test_an_unknown_mechanism_is_refused_in_one_line(capsys):
+    assert host_ops.main(["--mechanisms", "dense,nope"]) == 2
+    out = capsys.readouterr().out
+    assert (
+        out.startswith("host_ops: unknown mechanism 'nope'; accepted: dense")
+        and out.count("\n") == 1
+    )
