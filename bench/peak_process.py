@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 
@@ -26,6 +27,9 @@ def _serve() -> None:
     """The helper's loop: (case, seed, budget, warmup) in on stdin, (peak, why) out."""
     replies = os.fdopen(os.dup(1), "wb")  # a private channel: stray prints go to stderr
     os.dup2(2, 1)
+    # A Ctrl-C (or timeout -s INT) reaches the whole process group: the sweep handles it
+    # and keeps its rows; the helper ends when the sweep closes its stdin.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
 
     from attn_zoo.bench import measure
@@ -52,8 +56,11 @@ def _serve() -> None:
             reply = (peak, None if peak is not None else measure.cpu_peak_supported())
         except Exception as error:
             reply = (None, f"peak memory not measured: {type(error).__name__}: {error}")
-        pickle.dump(reply, replies)
-        replies.flush()
+        try:
+            pickle.dump(reply, replies)
+            replies.flush()
+        except BrokenPipeError:  # the sweep stopped while this case was measured
+            return
 
 
 def _process() -> subprocess.Popen:

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# A GPU lease's work in stages that fit short calls (no network there; attn-zoo's needs
+# beyond torch and triton are pandas, matplotlib, rich, psutil, pytest and, for -n,
+# pytest-xdist). From the repository root:
+#
+#   bash scripts/gpu/session.sh tests        # pytest -m gpu on the default tiles
+#   bash scripts/gpu/session.sh sweep RUN    # the README's GPU sweep into results/RUN,
+#                                            # resumed where results/RUN exists
+#   bash scripts/gpu/session.sh times        # scripts/gpu/kernel_times.py
+#
+# "sweep" and "times" first compile in parallel, one process per mechanism, so that
+# Triton's and Inductor's on-disk caches are warm before anything is timed (compiles
+# of the autotuner's candidates took up to 33 s per mechanism on an H100). Each stage
+# stops itself: STAGE_S seconds (default 540), the sweep by SIGINT, which keeps every
+# row measured so far for the next "sweep RUN".
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PYTHON:-python3}
+STAGE_S=${STAGE_S:-540}
+LENS=512,1024,2048,4096,8192,16384
+MECHANISMS=$($PY -c "import attn_zoo; print(' '.join(attn_zoo.names()))") || exit 1
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+left() { echo $(( STAGE_S - ($(date +%s) - start) )); }
+
+in_parallel() {  # in_parallel SECONDS COMMAND...: COMMAND MECHANISM for each, waited for
+  local seconds=$1 pids=() m
+  shift
+  for m in $MECHANISMS; do
+    timeout -k 5 "$seconds" "$@" "$m" > "/tmp/attn-zoo-warm-$m.log" 2>&1 &
+    pids+=($!)
+  done
+  wait "${pids[@]}"  # not a bare wait: it would also wait for a caller's process substitution
+}
+
+warm_sweep() {  # one untimed pass per mechanism over the sweep's compiled impls
+  local scratch
+  scratch=$(mktemp -d)
+  in_parallel "$1" sh -c '"$0" -m attn_zoo.bench run --mechanisms "$3" --seq-lens "$1" \
+      --dtype float16 --impls triton,flex --repeats 1 --min-time 0 --rounds 1 \
+      --out "$2" --run-id "warm-$3"' "$PY" "$LENS" "$scratch"
+  rm -rf "$scratch"
+}
+
+case "${1:-}" in
+  tests)
+    jobs=()
+    $PY -c "import xdist" 2>/dev/null && jobs=(-n "${JOBS:-8}")
+    ATTN_ZOO_AUTOTUNE=0 timeout -k 10 "$STAGE_S" $PY -m pytest -m gpu -q "${jobs[@]}" ;;
+  sweep)
+    run=${2:?"sweep needs a run id (results/RUN), e.g. h100-80gb-hbm3"}
+    if [ -f "results/$run/meta.json" ]; then
+      timeout -s INT -k 30 "$(left)" $PY -m attn_zoo.bench run --resume "results/$run"
+    else
+      warm_sweep $(( STAGE_S / 3 ))
+      timeout -s INT -k 30 "$(left)" $PY -m attn_zoo.bench run --seq-lens "$LENS" \
+          --dtype float16 --impls triton,flex,reference,sdpa --run-id "$run"
+    fi
+    echo "results/$run: $(( $(wc -l < "results/$run/results.csv") - 1 )) rows" ;;
+  times)
+    export ATTN_ZOO_AUTOTUNE=0
+    in_parallel $(( STAGE_S / 3 )) $PY scripts/gpu/kernel_times.py warm
+    timeout -k 10 "$(left)" $PY scripts/gpu/kernel_times.py time ;;
+  *)
+    echo "usage: bash scripts/gpu/session.sh tests | sweep RUN | times" >&2
+    exit 2 ;;
+esac
