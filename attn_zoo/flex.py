@@ -114,10 +114,12 @@ def flex(
     per_head: bool = False,
     keep: torch.Tensor | None = None,
     need_lse: bool = True,
+    gpu_options: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """FlexAttention of q [B, H, Nq, D] over k, v [B, H, Nk, D] with a block mask
     built from ``mask_mod(b, h, i, j)``; ``per_head``: the mask depends on b, h;
-    ``keep`` [B, Nk] or [B, H, Nk] (bool, in k's order) hides padded keys.
+    ``keep`` [B, Nk] or [B, H, Nk] (bool, in k's order) hides padded keys;
+    ``gpu_options``: FlexAttention's ``kernel_options`` on CUDA (the CPU has its own).
     Returns (out, lse [B, H, Nq] in natural log, -inf for a row that sees nothing);
     lse is None when not ``need_lse`` (which lets the CPU run it compiled)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -134,14 +136,15 @@ def flex(
         # (N = 8192 on the CPU: 0.09 s and no N x N bytes against 1.1 s and about 1 GB)
         block_mask = create_block_mask(mask_mod, batch, heads, n_q, k.shape[2], device=q.device,
                                        _compile=can_compile(q.device))  # fmt: skip
+    options = dict(score_mod=score_mod, block_mask=block_mask, return_lse=need_lse)
+    if gpu_options and q.device.type == "cuda":
+        options["kernel_options"] = gpu_options
     if compiles_on(q.device, need_lse):  # (on the CPU: inference only, see flex_differentiable)
-        result = _compiled()(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                             return_lse=need_lse)  # fmt: skip
+        result = _compiled()(q, k, v, **options)
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "called without torch.compile": known, see above
-            result = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask,
-                                    return_lse=need_lse)  # fmt: skip
+            result = flex_attention(q, k, v, **options)
     if not need_lse:
         return result, None
     out, lse = result

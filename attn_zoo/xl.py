@@ -297,4 +297,12 @@ def xl_flex(mech, q, k, v, plan: XLPlan) -> torch.Tensor:
         return vis & (i - j < mem) if plan.same_length else vis
 
     qu = (q.float() + plan.u[:, None, :].float()).to(q.dtype)
-    return flex(qu, k, v, segment_and_memory, relative, keep=plan.keep, need_lse=False)[0]
+    return flex(qu, k, v, segment_and_memory, relative, keep=plan.keep, need_lse=False,
+                gpu_options=TABLE_STAGES)[0]  # fmt: skip
+
+
+#: FlexAttention's kernel reads the table in [BLOCK_M, BLOCK_N] float32 tiles beside K
+#: and V, buffered per stage: on an H100 (torch 2.11, fp16 and bf16 at head_dim 64:
+#: 128 x 128 tiles, 3 stages) it asked for 245,760 bytes of shared memory, above the
+#: 232,448 there are, and failed. Two stages need at least one K tile (16 KiB) less.
+TABLE_STAGES = {"num_stages": 2}

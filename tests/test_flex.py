@@ -49,6 +49,24 @@ def test_flex_compiled_on_the_cpu_matches_the_oracle(monkeypatch):
     assert not attn_zoo.flex.compiles_on(cpu, need_lse=False)
 
 
+def test_xl_asks_flex_for_two_stages_on_cuda_only(monkeypatch):
+    """xl's table tiles made FlexAttention's H100 kernel ask for more shared memory than
+    there is (240 KiB with 3 stages): xl hands flex two stages, which flex passes as
+    kernel_options on CUDA only (the CPU kernel takes its own)."""
+    import attn_zoo.xl
+
+    handed = []
+    real_flex = attn_zoo.xl.flex
+    monkeypatch.setattr(attn_zoo.xl, "flex", lambda *a, **k: handed.append(k) or real_flex(*a, **k))
+    called = []
+    real = torch.nn.attention.flex_attention.flex_attention
+    monkeypatch.setattr(torch.nn.attention.flex_attention, "flex_attention",
+                        lambda *a, **k: called.append(k) or real(*a, **k))  # fmt: skip
+    check_impl(attn_zoo.get("xl", segment_len=32, mem_len=32), "flex", 64, 32, torch.float32, True)
+    assert handed[0]["gpu_options"] == {"num_stages": 2}
+    assert called and all("kernel_options" not in k for k in called)
+
+
 def test_flex_has_no_backward_on_the_cpu_and_says_so():
     impl = attn_zoo.get("dense").impl("flex")
     assert not impl.differentiable(torch.device("cpu"))
