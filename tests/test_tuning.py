@@ -235,6 +235,10 @@ def test_a_tuned_call_on_cuda_runs_and_records_the_fastest_candidate(monkeypatch
     assert len(ran) == len(tuning.candidates(64, torch.float16, "plain")) + 1
     key = ("sparse_fixed", (("stride", "128"),), 64, "torch.float16", True, 1024)
     assert chosen == {key: Tile(64, 64, 4)}
+    monkeypatch.setattr(tuning, "candidates", None)  # a tuned key lists none again
+    tuning.tuned_call("plain", "sparse_fixed", {"stride": 128}, True, q,
+                      lambda: ran.append(tuning._FORCED.get()))  # fmt: skip
+    assert ran[-1] == Tile(64, 64, 4)
     monkeypatch.setenv("ATTN_ZOO_AUTOTUNE", "0")  # off: the default tile, nothing timed
     assert tuning.tuned_call("plain", "dense", {}, True, q, lambda: tuning._FORCED.get()) is None
 
