@@ -84,14 +84,13 @@ def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
     parts = []
     for r in range(rounds):
         rows = slice(r * b * h, (r + 1) * b * h)
-        index, extra = perm[rows], {}  # one tensor for q and k: the same order
-        if mode != "chunks":
-            extra = dict(groups=(ordered[rows],) * 2)
-        parts.append(Part(
-            k, v, layout if mode == "chunks" else layout.rows(rows), band, window,
-            q_index=index, k_index=index, self_bias=self_bias, keep=keep, tile=tile,
-            duplicates=duplicates.for_round(r) if duplicates is not None else None, **extra,
-        ))  # fmt: skip
+        index = perm[rows]  # one tensor for q and k: the same order
+        grouped = {} if mode == "chunks" else dict(groups=(ordered[rows],) * 2)
+        own = layout if mode == "chunks" else layout.rows(rows)
+        dup = duplicates.for_round(r) if duplicates is not None else None
+        parts.append(Part(k, v, own, band, window, q_index=index, k_index=index,
+                          self_bias=self_bias, duplicates=dup, keep=keep, tile=tile,
+                          **grouped))  # fmt: skip
     return parts
 
 
