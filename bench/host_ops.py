@@ -9,7 +9,11 @@ the GPU's tiles), its plan made beforehand and its cached layouts warm, as a tim
 call of the harness runs it; then each recorded launch's arguments are built as
 :func:`~attn_zoo.kernels.flash.launch` builds them. Operations are counted at
 PyTorch's dispatcher (``TorchDispatchMode``), synchronizations as
-``aten._local_scalar_dense``. The plan's own work is counted apart.
+``aten._local_scalar_dense`` (a tensor's value read on the host). The plan's own work
+is counted apart. Everything runs on the CPU here, so two things read differently
+on a GPU: a value read from a tensor the mechanism keeps on the host waits for
+nothing there, and a copy of host data to the device (``torch.tensor(list,
+device=...)``) waits for the queue there but counts as a plain operation here.
 
 ``python -m attn_zoo.bench.host_ops [--seq-len 8192] [--batch 4] [--heads 8]
 [--head-dim 64] [--mechanisms all]`` prints the table.

@@ -42,12 +42,8 @@ def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
     else:
         spans = torch.tensor(plan.ramp_spans(), dtype=torch.float32, device=q.device)
     ramp = Ramp(spans, plan.ramp, symmetric=not plan.causal)
-    far = torch.tensor(reach)  # per head; the layout never visits blocks past it
-    band = (
-        Band(lo=1, hi=int(far.max()))
-        if plan.causal
-        else Band(lo=-int(far.max()), hi=int(far.max()))
-    )
+    far = max(reach)  # over the heads; the layout never visits blocks past each one's
+    band = Band(lo=1, hi=far) if plan.causal else Band(lo=-far, hi=far)
     self_bias = None if plan.causal else float("-inf")
     part = Part(k, v, layout, band, ramp=ramp, self_bias=self_bias, keep=plan.keep, tile=tile)
     return attend(q, [part])[0]
