@@ -59,29 +59,28 @@ class HostWork:
     launches: int
 
 
-def _launches(calls: list) -> None:
-    """Build each recorded launch's arguments and outputs, as the forward does."""
+def _call(mech, q: torch.Tensor, plan) -> int:
+    """One call of ``mech``'s triton forward on q = k = v with its kernels recorded, then
+    each recorded launch's arguments and outputs built, as the forward builds them.
+    Returns the launches."""
+    with recorded() as calls:
+        mech.impl("triton").run(mech, q, q, q, plan)
     for query, parts in calls:
         rows = output_rows(query, parts[0])
         out = new_output(query, (*query.shape[:2], rows, query.shape[3]), query.dtype)
         for part in parts:
             launch(query, part, out)
+    return sum(len(parts) for _, parts in calls)
 
 
 def host_work(mech, q: torch.Tensor, causal: bool) -> HostWork:
     """The host work of one call of mechanism ``mech``'s triton forward on q = k = v."""
-    run = mech.impl("triton").run
     with torch.no_grad():
         with _Counter() as planning:
             plan = mech.plan(q, q, q, causal)
-        with recorded() as calls:  # warm: cached layouts built, as after a warmup
-            run(mech, q, q, q, plan)
-        _launches(calls)
+        _call(mech, q, plan)  # warm: cached layouts built, as after a warmup
         with _Counter() as call:
-            with recorded() as calls:
-                run(mech, q, q, q, plan)
-            _launches(calls)
-    launches = sum(len(parts) for _, parts in calls)
+            launches = _call(mech, q, plan)
     return HostWork(mech.name, causal, call.ops, call.syncs, planning.ops, planning.syncs, launches)
 
 

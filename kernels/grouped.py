@@ -69,28 +69,28 @@ def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
     groups = groups.expand(b, h, rounds, n).transpose(1, 2).transpose(0, 1)  # [R, B, H, N]
     groups = groups.reshape(rounds * b * h, n)
     perm, _ = sort_by_group(groups)
-    ordered = groups.gather(-1, perm).to(torch.int32).contiguous()
-    perm = perm.to(torch.int32).contiguous()
     # chunks c - 1 and c of sorted places (a segment window), or a sorted-place band
     window = None if mode == "window" else Window(chunk, chunk, lo=-chunk, hi=chunk - 1)
     band = Band(lo=0, hi=chunk) if mode == "window" else Band()
     self_pairs = self_bias is not None
-    if mode == "chunks":  # whatever the groups: a layout of positions only
-        layout = cached_layout(n, n, band, window, tile.blocks, q.device, self_pairs=self_pairs)
-    else:
+    by_group = mode != "chunks"  # "chunks": whatever the groups, a layout of positions only
+    if by_group:
+        ordered = groups.gather(-1, perm).to(torch.int32).contiguous()
         layout = build_layout(n, n, band, window, q_groups=ordered, k_groups=ordered,
                               self_pairs=self_pairs, block_m=tile.block_m,
                               block_n=tile.block_n, device=q.device)  # fmt: skip
+    else:
+        layout = cached_layout(n, n, band, window, tile.blocks, q.device, self_pairs=self_pairs)
+    perm = perm.to(torch.int32).contiguous()
     parts = []
     for r in range(rounds):
         rows = slice(r * b * h, (r + 1) * b * h)
         index = perm[rows]  # one tensor for q and k: the same order
-        grouped = {} if mode == "chunks" else dict(groups=(ordered[rows],) * 2)
-        own = layout if mode == "chunks" else layout.rows(rows)
+        grouped = dict(groups=(ordered[rows],) * 2) if by_group else {}
         dup = duplicates.for_round(r) if duplicates is not None else None
-        parts.append(Part(k, v, own, band, window, q_index=index, k_index=index,
-                          self_bias=self_bias, duplicates=dup, keep=keep, tile=tile,
-                          **grouped))  # fmt: skip
+        parts.append(Part(k, v, layout.rows(rows) if by_group else layout, band, window,
+                          q_index=index, k_index=index, self_bias=self_bias, duplicates=dup,
+                          keep=keep, tile=tile, **grouped))  # fmt: skip
     return parts
 
 
