@@ -75,6 +75,7 @@ class LSHPlan(Plan):
     self_penalty: float
     across_buckets: bool = False
     duplicates: bool = False  # True: rounds merged without the Eq. 7 correction
+    n_buckets: int | None = None  # buckets per round (None: read from ``buckets``)
 
     @property
     def mode(self) -> str:
@@ -129,7 +130,8 @@ class LSH(Mechanism):
         keys = shared_keys(q).float()
         buckets = torch.stack([hash_round(keys, rotations[:, r]) for r in range(cfg.n_hashes)], 2)
         return LSHPlan(b, h, n, n, causal, buckets, cfg.bucket_size, cfg.self_penalty,
-                       cfg.attend_across_buckets, cfg.allow_duplicate_attention)  # fmt: skip
+                       cfg.attend_across_buckets, cfg.allow_duplicate_attention,
+                       n_buckets)  # fmt: skip
 
     def oracle(self, q, k, v, plan: LSHPlan, rows):
         rows = rows.to(q.device)
@@ -184,7 +186,8 @@ def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
 
     duplicates = None
     if plan.rounds is not None:  # Eq. 7's codes, shared by every round's part
-        duplicates = round_codes(plan.rounds, *q.shape[:2], plan.bucket_size, plan.mode)
+        duplicates = round_codes(plan.rounds, *q.shape[:2], plan.bucket_size, plan.mode,
+                                 plan.n_buckets)  # fmt: skip
     parts = sorted_parts(q, shared_keys(q), v, plan.buckets, plan.bucket_size, plan.mode,
                          plan.self_penalty, duplicates, keep=plan.keep)  # fmt: skip
     return attend(q, parts)[0]

@@ -28,7 +28,8 @@ from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.kernels.tuning import tile_for
 
 
-def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) -> Duplicates:
+def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str,
+                groups: int | None = None) -> Duplicates:  # fmt: skip
     """Every round's visibility rule for Eq. 7 as one integer per position, from the
     groups [B|1, H|1, R, N] and the places p they sort to: key j is visible to query
     i in a round exactly when 0 <= code_i - code_j <= reach.
@@ -39,19 +40,26 @@ def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str) -> 
       below 0;
     * ``"window"``: code = group (N + chunk + 1) + p, reach ``chunk`` (0 to chunk
       places back), the same argument.
+
+    ``groups``: how many groups there are (ids 0 to groups - 1), so that the int32
+    check reads nothing back from the device (None: the largest id is read).
     """
     rounds = rounds.expand(b, h, -1, -1).long()
     _, place = sort_by_group(rounds)
     n = rounds.shape[-1]
+    chunks = -(-n // chunk)
     if mode == "window":
-        codes, reach = rounds * (n + chunk + 1) + place, chunk
+        codes, reach, span = rounds * (n + chunk + 1) + place, chunk, n + chunk + 1
     else:
         codes, reach = torch.div(place, chunk, rounding_mode="floor"), 1
+        span = chunks + 1 if mode == "buckets" else 0
         if mode == "buckets":
-            codes = codes + rounds * (-(-n // chunk) + 1)
-    if codes.numel() and int(codes.max()) >= 2**31:
-        raise ValueError(f"lsh: {int(rounds.max()) + 1} buckets at N = {n} overflow the "
-                         "kernel's int32 round codes; use fewer buckets")  # fmt: skip
+            codes = codes + rounds * span
+    groups = groups if groups is not None else int(rounds.max()) + 1 if rounds.numel() else 0
+    within = n if mode == "window" else chunks  # a group's codes: group * span + [0, within)
+    if (groups - 1) * span + within > 2**31:
+        raise ValueError(f"lsh: {groups} buckets at N = {n} overflow the kernel's int32 "
+                         "round codes; use fewer buckets")  # fmt: skip
     return Duplicates(codes.reshape(b * h, *codes.shape[2:]).to(torch.int32).contiguous(), reach)
 
 

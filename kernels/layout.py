@@ -67,6 +67,12 @@ class BlockLayout:
     n_kb: int
     own_count: torch.Tensor | None = None
     runs: bool | None = None  # full_runs when known (None: computed on first use)
+    bound: BlockLayout | None = None
+
+    # ``bound``: a layout kept on the host whose lists hold this one's, the same
+    # positional rules without groups (:func:`build_layout`): its widths size this
+    # one's lists and its runs are this one's, so that building this one (per call,
+    # with a mechanism's groups) reads nothing back from the device.
 
     @cached_property
     def full_runs(self) -> bool:
@@ -75,6 +81,13 @@ class BlockLayout:
         software pipeliner can compute ahead, instead of loading each index."""
         return self.runs if self.runs is not None else _runs(self.full, self.full_count)
 
+    @cached_property
+    def widths(self) -> tuple[int, int]:
+        """(widest row's full blocks, widest row's full and partial blocks together):
+        the widths of lists that hold a subset of each row's."""
+        visited = self.full_count + self.partial_count
+        return self.full.shape[-1], max(1, int(visited.max()) if visited.numel() else 1)
+
     def rows(self, pick: slice) -> BlockLayout:
         """Layout rows ``pick`` as a layout of their own (views of these tensors, as
         wide). Their full blocks are in runs where every row's are; where not, the
@@ -82,7 +95,7 @@ class BlockLayout:
         own = self.own_count[pick] if self.own_count is not None else None
         return BlockLayout(self.block_m, self.block_n, self.full[pick], self.full_count[pick],
                            self.partial[pick], self.partial_count[pick], self.n_kb, own,
-                           self.full_runs)  # fmt: skip
+                           self.full_runs, self.bound)  # fmt: skip
 
     @property
     def blocks_visited(self) -> int:
@@ -101,24 +114,33 @@ class BlockLayout:
             leading = torch.arange(self.partial.shape[-1], device=self.partial.device)
             listed = torch.where(leading < self.own_count[..., None], self.partial, -1)
             own = _unpack(listed, self.n_kb).transpose(1, 2)
-        return _packed(self.block_m, self.block_n, full, partial, n_qb, own)
+        bound = self.bound.by_key if self.bound is not None else None
+        return _packed(self.block_m, self.block_n, full, partial, n_qb, own, bound)
 
 
 def _packed(block_m: int, block_n: int, full: torch.Tensor, partial: torch.Tensor, n_kb: int,
-            own: torch.Tensor | None = None) -> BlockLayout:  # fmt: skip
+            own: torch.Tensor | None = None,
+            bound: BlockLayout | None = None) -> BlockLayout:  # fmt: skip
     """A :class:`BlockLayout` from [G, rows, n_kb] masks of its full and partial blocks
     and, of the partial ones, those holding a pair i == j (``own``; None without self
-    pairs), which lead each row's list."""
+    pairs), which lead each row's list; with a ``bound`` (:class:`BlockLayout`), lists
+    as wide as its and its runs, nothing read from the masks' device."""
     own_count = None if own is None else own.sum(-1).to(torch.int32).contiguous()
-    return BlockLayout(block_m, block_n, *_pack(full), *_pack(partial, own), n_kb, own_count)
+    full_width, width = bound.widths if bound is not None else (None, None)
+    runs = bound.full_runs if bound is not None else None
+    return BlockLayout(block_m, block_n, *_pack(full, width=full_width),
+                       *_pack(partial, own, width), n_kb, own_count, runs, bound)  # fmt: skip
 
 
-def _pack(mask: torch.Tensor,
-          first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """[G, n_qb, n_kb] bool -> (indices [G, n_qb, max(1, widest)] padded with -1, counts),
-    ascending, but the blocks of ``first`` (within ``mask``) ahead of the others."""
+def _pack(mask: torch.Tensor, first: torch.Tensor | None = None,
+          width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """[G, n_qb, n_kb] bool -> (indices [G, n_qb, width] padded with -1, counts),
+    ascending, but the blocks of ``first`` (within ``mask``) ahead of the others.
+    ``width``: at least the widest row's count (None: that count, read from the
+    device; at least 1)."""
     counts = mask.sum(-1).to(torch.int32)
-    width = max(1, int(counts.max()) if counts.numel() else 1)
+    if width is None:
+        width = max(1, int(counts.max()) if counts.numel() else 1)
     rank = (~mask).to(torch.int8) * 2
     if first is not None:
         rank += (~first).to(torch.int8)
@@ -207,7 +229,14 @@ def build_layout(
     full = full & touched
     partial = touched & ~full
     own = partial & ~apart if self_pairs else None
-    return _packed(block_m, block_n, full, partial, len(c), own)
+    bound = None
+    if q_groups is not None and not any(isinstance(x, torch.Tensor) for x in (band.lo, band.hi)):
+        # groups sorted along the kernel order only take blocks away, and keep a row's
+        # full blocks one run where the positions alone do: one group's whole key
+        # blocks are a run, and so is their meet with a run
+        bound = cached_layout(n_q, n_k, band, window, (block_m, block_n), torch.device("cpu"),
+                              self_pairs)  # fmt: skip
+    return _packed(block_m, block_n, full, partial, len(c), own, bound)
 
 
 @lru_cache(maxsize=128)

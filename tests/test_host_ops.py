@@ -8,15 +8,26 @@ from attn_zoo.bench import host_ops
 
 def test_lsh_builds_its_rounds_together():
     """lsh's rounds share one sort and one layout (kernels/grouped.py): its host
-    synchronizations do not grow with the rounds, and each further round adds only
-    its launch's arguments. Built round by round (before), 4 rounds took 13
-    synchronizations and about 590 operations at N = 8,192."""
+    synchronizations do not grow with the rounds (there are none), and each further
+    round adds only its launch's arguments. Built round by round (before), 4 rounds
+    took 13 synchronizations and about 590 operations at N = 8,192."""
     q = torch.randn(1, 2, 256, 32)
     one, eight = (host_ops.host_work(attn_zoo.get("lsh", n_hashes=r, bucket_size=16), q, True)
                   for r in (1, 8))  # fmt: skip
     assert (one.launches, eight.launches) == (1, 8)
-    assert one.syncs == eight.syncs <= 4
+    assert one.syncs == eight.syncs == 0
     assert eight.ops - one.ops <= 7 * 20, (one, eight)
+
+
+def test_grouped_layouts_wait_for_nothing():
+    """lsh's and causal routing's layouts, built per call from their groups, are sized
+    on the host (kernels/layout.py, ``BlockLayout.bound``): no synchronization per
+    call. Before, 4 and 3 (each list's width, its runs, the round codes' range)."""
+    q = torch.randn(1, 2, 256, 32)
+    for name, config in (("lsh", {"bucket_size": 16}), ("routing", {})):
+        for causal in (True, False):
+            work = host_ops.host_work(attn_zoo.get(name, **config), q, causal)
+            assert work.syncs == 0, work
 
 
 def test_a_cached_layout_costs_no_synchronization():

@@ -278,6 +278,79 @@ def test_rounds_built_together_give_each_rounds_own_layout(mode, monkeypatch):
         assert got.full_runs == want.full_runs or not got.full_runs
 
 
+@pytest.mark.parametrize("self_pairs", [False, True])
+@pytest.mark.parametrize("rule", ["band", "window"])
+def test_a_grouped_layout_lists_the_blocks_its_pairs_decide_and_reads_nothing_back(
+    rule, self_pairs
+):  # fmt: skip
+    """A layout with groups (built per call by lsh and routing) is sized by the same
+    positions without groups, kept on the host: warm, it reads no value back from its
+    tensors. Against the pairs themselves: a block pair is listed full exactly when
+    every pair in it is visible (and, with self pairs, none is i == j), listed as
+    partial when some is but not all, and never both; the blocks holding i == j lead
+    the partial list; full runs are contiguous; the key-major lists agree."""
+    from attn_zoo.bench.host_ops import _Counter
+    from attn_zoo.kernels.layout import Window
+
+    torch.manual_seed(3)
+    n, block = 150, 16
+    groups = torch.randint(0, 5, (4, n)).sort(-1).values.to(torch.int32)
+    band, window = (Band(lo=0, hi=20), None) if rule == "band" else (Band(), Window(8, 8, -8, 7))
+
+    def build():
+        return build_layout(n, n, band, window, q_groups=groups, k_groups=groups,
+                            self_pairs=self_pairs, block_m=block, block_n=block)  # fmt: skip
+
+    assert build().by_key.n_kb  # the host bound, built and cached once
+    with _Counter() as counter:
+        layout = build()
+        by_key = layout.by_key
+    assert counter.syncs == 0
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    visible = (i - j >= band.lo) & (i - j <= band.hi) & (groups[:, :, None] == groups[:, None, :])
+    if window is not None:
+        seg = (i // window.seg_len) * window.step
+        visible &= (j >= seg + window.lo) & (j <= seg + window.hi)
+    blocks = range(0, n, block)
+    for g in range(groups.shape[0]):
+        for qb, a in enumerate(blocks):
+            full = set(layout.full[g, qb, : layout.full_count[g, qb]].tolist())
+            partial = layout.partial[g, qb, : layout.partial_count[g, qb]].tolist()
+            own = layout.own_count[g, qb] if self_pairs else 0
+            if layout.full_runs and full:
+                assert full == set(range(min(full), min(full) + len(full)))
+            for kb, c in enumerate(blocks):
+                pairs = visible[g, a : a + block, c : c + block]
+                holds_self = a == c
+                whole = pairs.all() and pairs.shape == (block, block)
+                is_full = bool(whole and not (self_pairs and holds_self))
+                assert (kb in full) == is_full, (g, qb, kb)
+                assert kb not in partial or not is_full
+                if pairs.any() and not is_full:
+                    assert kb in partial, (g, qb, kb)
+                if self_pairs and kb in partial:
+                    assert (partial.index(kb) < own) == holds_self
+                assert (qb in by_key.full[g, kb, : by_key.full_count[g, kb]].tolist()) == is_full
+                listed = by_key.partial[g, kb, : by_key.partial_count[g, kb]].tolist()
+                assert (qb in listed) == (kb in partial)
+
+
+def test_lsh_round_codes_need_no_read_back_given_the_bucket_count():
+    """Given the bucket count, the int32 check of the round codes is decided on the
+    host; the codes are the same as with the count read from the buckets, and a count
+    whose codes would pass 2^31 is refused in one line."""
+    from attn_zoo.kernels.grouped import round_codes
+
+    rounds = torch.randint(0, 6, (1, 1, 2, 40))
+    for mode in ("buckets", "chunks", "window"):
+        read, given = round_codes(rounds, 1, 1, 4, mode), round_codes(rounds, 1, 1, 4, mode, 6)
+        assert torch.equal(read.codes, given.codes) and read.reach == given.reach
+    for mode in ("buckets", "window"):
+        with pytest.raises(ValueError, match="lsh: 1000000000 buckets at N = 40 overflow"):
+            round_codes(rounds, 1, 1, 4, mode, 10**9)
+    round_codes(rounds, 1, 1, 4, "chunks", 10**9)  # codes of places only: no overflow
+
+
 def test_a_round_outside_the_codes_is_refused():
     """A part for round r reads the codes of rounds 0..r-1: r must be one of them."""
     from attn_zoo.kernels.flash import Duplicates
