@@ -33,6 +33,7 @@ import torch
 from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.device_constants import on_device
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
 from attn_zoo.tiles import (
@@ -95,7 +96,9 @@ class SpanPlan(Plan):
         if self.z is not None:  # learnable spans: the gradient reaches z_h through m_z
             spans = self.z.to(distance.device) + self.shift
         else:
-            spans = torch.tensor(self.ramp_spans(), device=distance.device)
+            real = torch.get_default_dtype()
+            spans = on_device(distance.device, lambda: torch.tensor(self.ramp_spans(), dtype=real),
+                              "spans", real, self.ramp_spans())  # fmt: skip
         z = spans[head]
         inside = (distance >= 1) & (distance <= self.max_span)
         return soft_mask(distance.to(spans.dtype), z, self.ramp) * inside

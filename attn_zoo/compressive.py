@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.device_constants import on_device
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
 from attn_zoo.tiles import (
@@ -203,16 +204,19 @@ class Compressive(Mechanism):
             )
         conv = (None, None)
         if cfg.compression == "conv":
-            params = params or self.learnable(q.shape[1], q.shape[3])
+            shape = q.shape[1], q.shape[3]
+            params = params or on_device(q.device, lambda: self.learnable(*shape), self.name,
+                                         cfg, *shape)  # fmt: skip
             conv = (params["conv_k"].to(q.device), params["conv_v"].to(q.device))
         n = q.shape[2]
         evicted = cfg.segment_len if cfg.compress_all_older else min(cfg.segment_len, cfg.mem_len)
         per_segment = evicted // cfg.rate
-        first, positions = slot_layout(n, cfg.segment_len, cfg.mem_len, cfg.rate, per_segment)
+        slots = (n, cfg.segment_len, cfg.mem_len, cfg.rate, per_segment)
+        first, positions = on_device(q.device, lambda: slot_layout(*slots), "slots", *slots)
         return CompressivePlan(
             q.shape[0], q.shape[1], n, n, causal, cfg.segment_len, cfg.mem_len,
             cfg.cmem_len, cfg.rate, cfg.compression, *conv, per_segment, first,
-            positions.to(q.device), cfg.attend_initial_memory, cfg.compress_all_older,
+            positions, cfg.attend_initial_memory, cfg.compress_all_older,
         )  # fmt: skip
 
     def oracle(self, q, k, v, plan: CompressivePlan, rows):

@@ -46,6 +46,7 @@ from attn_zoo.grouped import (
     visible_sorted,
 )
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.device_constants import on_device
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.registry import register
@@ -124,9 +125,8 @@ class LSH(Mechanism):
             raise ValueError(
                 f"lsh: n_buckets must be even (argmax over [xR; -xR]), got {n_buckets}"
             )
-        g = torch.Generator().manual_seed(cfg.seed)
-        rotations = torch.randn(h, cfg.n_hashes, d, n_buckets // 2, generator=g,
-                                dtype=torch.float32).to(q.device)  # fmt: skip
+        rotations = on_device(q.device, lambda: random_rotations(cfg, h, d, n_buckets),
+                              self.name, cfg, h, d, n_buckets)  # fmt: skip
         keys = shared_keys(q).float()
         buckets = torch.stack([hash_round(keys, rotations[:, r]) for r in range(cfg.n_hashes)], 2)
         return LSHPlan(b, h, n, n, causal, buckets, cfg.bucket_size, cfg.self_penalty,
@@ -149,6 +149,14 @@ class LSH(Mechanism):
 
     def pairs(self, q, k, v, plan: LSHPlan) -> int:
         return group_pairs(plan.buckets, plan.bucket_size, plan.mode)
+
+
+def random_rotations(cfg: LSHConfig, heads: int, dim: int, n_buckets: int) -> torch.Tensor:
+    """The random rotations R [H, n_hashes, D, b/2] of each head and round (Sec. 2.1),
+    drawn from ``cfg.seed`` on the host (the same on every device)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    return torch.randn(heads, cfg.n_hashes, dim, n_buckets // 2, generator=g,
+                       dtype=torch.float32)  # fmt: skip
 
 
 def hash_round(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:

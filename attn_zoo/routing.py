@@ -37,6 +37,7 @@ from attn_zoo.grouped import (
     visible_sorted,
 )
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.device_constants import on_device
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.lsh import shared_keys
@@ -96,7 +97,8 @@ def ema_step(mu: torch.Tensor, x: torch.Tensor, decay: float) -> torch.Tensor:
     decay * mu + (1 - decay) * the mean of the tokens x [B, H, N, D] nearest to it,
     renormalized; a centroid nobody chose stays."""
     nearest = torch.einsum("bhnd,hcd->bhnc", x, mu).argmax(-1)
-    onehot = torch.nn.functional.one_hot(nearest, mu.shape[1]).to(x.dtype)
+    # one_hot would check the indices' range on the host: a wait per step on a GPU
+    onehot = x.new_zeros(*nearest.shape, mu.shape[1]).scatter_(-1, nearest[..., None], 1.0)
     sums = torch.einsum("bhnc,bhnd->hcd", onehot, x)
     counts = onehot.sum(dim=(0, 2))[..., None]
     means = torch.where(counts > 0, sums / counts.clamp_min(1), mu)
@@ -163,7 +165,8 @@ class Routing(Mechanism):
             n_clusters = mu.shape[1]
         else:
             n_clusters = self.cluster_count(n)
-            mu = self.centroids(h, d, n_clusters).to(q.device)
+            mu = on_device(q.device, lambda: self.centroids(h, d, n_clusters), self.name, cfg,
+                           h, d, n_clusters)  # fmt: skip
         x = shared_keys(q).float().detach()
         if not causal and cfg.centroid_update == "ema":
             for _ in range(cfg.kmeans_iters):

@@ -37,6 +37,7 @@ import torch
 from attn_zoo import oracle
 from attn_zoo.flex import flex, flex_options
 from attn_zoo.interface import Mechanism, Plan
+from attn_zoo.kernels.device_constants import on_device
 from attn_zoo.kernels.layout import BIG
 from attn_zoo.kernels.runtime import triton_options
 from attn_zoo.registry import register
@@ -82,8 +83,8 @@ class XLPlan(Plan):
 
 def angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
     """d w_t for w_t = 1 / 10000^(2t / dim), t < dim / 2, float64 [len, dim / 2]."""
-    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    return positions.double()[:, None] * inv_freq.to(positions.device)[None, :]
+    steps = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)
+    return positions.double()[:, None] * (1.0 / 10000 ** (steps / dim))[None, :]
 
 
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -126,7 +127,7 @@ def relative_terms(q: torch.Tensor, plan: XLPlan) -> list[Term]:
     terms = [(-clamp, clamp, f, g)]
     a = a.to(q.dtype)  # one tensor for both clamped parts
     for lo, hi, d in ((clamp + 1, BIG, clamp), (-BIG, -clamp - 1, -clamp)):
-        row = sinusoid(torch.tensor([d], device=q.device), dim).to(q.dtype)
+        row = sinusoid(torch.full((1,), d, device=q.device), dim).to(q.dtype)
         terms.append((lo, hi, a, row.expand(q.shape[2], dim)))
     return terms
 
@@ -181,17 +182,18 @@ class XL(Mechanism):
         if cfg.same_length and cfg.mem_len < 1:
             raise ValueError("xl: same_length needs mem_len >= 1 (each query sees M keys)")
         heads, dim = q.shape[1], q.shape[3]
-        params = params or self.learnable(heads, dim)
+        params = params or on_device(q.device, lambda: self.learnable(heads, dim), self.name,
+                                     cfg, heads, dim)  # fmt: skip
         u, vb, w_r = params["u"], params["v"], params["w_r"].double()
         if tuple(u.shape) != (heads, dim) or tuple(w_r.shape[:2]) != (heads, dim):
             raise ValueError(
                 f"xl: parameters for {tuple(u.shape)} heads x dim, inputs have ({heads}, {dim})"
             )
         max_dist = cfg.mem_len + cfg.segment_len
-        dist = torch.arange(-max_dist, max_dist + 1)
+        dist = torch.arange(-max_dist, max_dist + 1, device=w_r.device)
         if cfg.clamp_len is not None and cfg.clamp_len > 0:
             dist = dist.clamp(-cfg.clamp_len, cfg.clamp_len)
-        rel = torch.einsum("hdp,np->hnd", w_r, sinusoid(dist, dim + dim % 2).to(w_r.device))
+        rel = torch.einsum("hdp,np->hnd", w_r, sinusoid(dist, dim + dim % 2))
         real = torch.float64 if u.dtype == torch.float64 else torch.float32
         n = q.shape[2]
         device = q.device

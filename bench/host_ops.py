@@ -12,8 +12,11 @@ PyTorch's dispatcher (``TorchDispatchMode``), synchronizations as
 ``aten._local_scalar_dense`` (a tensor's value read on the host). The plan's own work
 is counted apart. Everything runs on the CPU here, so two things read differently
 on a GPU: a value read from a tensor the mechanism keeps on the host waits for
-nothing there, and a copy of host data to the device (``torch.tensor(list,
-device=...)``) waits for the queue there but counts as a plain operation here.
+nothing there, and a copy of host data to the device waits for the queue there.
+Tensors made from host values (``torch.tensor(list)``) are counted apart, as
+``host copies``; a host tensor moved with ``.to(device)`` is a copy there but no
+operation here (the tests see those by planning on the ``meta`` device). Plans
+and calls are counted warm: the second of each, as in a timed loop.
 
 ``python -m attn_zoo.bench.host_ops [--seq-len 8192] [--batch 4] [--heads 8]
 [--head-dim 64] [--mechanisms all]`` prints the table.
@@ -33,18 +36,22 @@ from attn_zoo.kernels.dry_run import recorded
 from attn_zoo.kernels.flash import launch, new_output, output_rows
 
 SYNC = torch.ops.aten._local_scalar_dense.default
+#: A tensor made from host values (``torch.tensor(list)``): on a GPU, a copy that waits.
+FRESH = torch.ops.aten.lift_fresh.default
 
 
 class _Counter(TorchDispatchMode):
-    """Counts the aten operations dispatched inside, and the synchronizations."""
+    """Counts the aten operations dispatched inside, the synchronizations and the
+    tensors made from host values."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops = self.syncs = 0
+        self.ops = self.syncs = self.copies = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         self.syncs += func is SYNC
+        self.copies += func is FRESH
         return func(*args, **(kwargs or {}))
 
 
@@ -57,6 +64,8 @@ class HostWork:
     plan_ops: int
     plan_syncs: int
     launches: int
+    copies: int = 0  # tensors made from host values
+    plan_copies: int = 0
 
 
 def _call(mech, q: torch.Tensor, plan) -> int:
@@ -76,12 +85,13 @@ def _call(mech, q: torch.Tensor, plan) -> int:
 def host_work(mech, q: torch.Tensor, causal: bool) -> HostWork:
     """The host work of one call of mechanism ``mech``'s triton forward on q = k = v."""
     with torch.no_grad():
+        _call(mech, q, mech.plan(q, q, q, causal))  # warm: cached layouts and constants
         with _Counter() as planning:
             plan = mech.plan(q, q, q, causal)
-        _call(mech, q, plan)  # warm: cached layouts built, as after a warmup
         with _Counter() as call:
             launches = _call(mech, q, plan)
-    return HostWork(mech.name, causal, call.ops, call.syncs, planning.ops, planning.syncs, launches)
+    return HostWork(mech.name, causal, call.ops, call.syncs, planning.ops, planning.syncs,
+                    launches, call.copies, planning.copies)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,13 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     q = torch.randn(args.batch, args.heads, args.seq_len, args.head_dim)
     print(f"host work per triton forward call, [{args.batch}, {args.heads}, {args.seq_len}, "
           f"{args.head_dim}] (kernels not run)\n")  # fmt: skip
-    print("| mechanism | causal | aten ops | host syncs | launches | plan: ops | plan: syncs |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mechanism | causal | aten ops | host syncs | host copies | launches | plan: ops "
+          "| plan: syncs | plan: host copies |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         for causal in (True, False):
             w = host_work(attn_zoo.get(name), q, causal)
             print(f"| {w.mechanism} | {'yes' if causal else 'no'} | {w.ops} | {w.syncs} | "
-                  f"{w.launches} | {w.plan_ops} | {w.plan_syncs} |")  # fmt: skip
+                  f"{w.copies} | {w.launches} | {w.plan_ops} | {w.plan_syncs} | "
+                  f"{w.plan_copies} |")  # fmt: skip
     return 0
 
 

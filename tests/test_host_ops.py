@@ -1,6 +1,8 @@
 """bench/host_ops.py: the host work of a triton forward, counted without a GPU."""
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attn_zoo
 from attn_zoo.bench import host_ops
@@ -51,3 +53,43 @@ def test_an_unknown_mechanism_is_refused_in_one_line(capsys):
         out.startswith("host_ops: unknown mechanism 'nope'; accepted: dense")
         and out.count("\n") == 1
     )
+
+
+class _HostCopies(TorchDispatchMode):
+    """Operations that make a tensor on the ``meta`` device from a host tensor: a
+    plan on a GPU would copy host memory there, a copy that waits for the stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        made = out if isinstance(out, (tuple, list)) else [out]
+        to_meta = any(isinstance(x, torch.Tensor) and x.is_meta for x in made)
+        if to_meta and any(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in args):
+            self.found.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("name", attn_zoo.names())
+def test_a_warm_plan_copies_nothing_from_the_host(name):
+    """A plan made again on one device (as every call of a model or a timed loop
+    does) copies no host tensor to it: seeded parameters, rotations, centroids and
+    slot tables are made once per device (kernels/device_constants.py). Planned on
+    ``meta`` tensors, where such a copy is an operation from a host tensor; before,
+    xl's plan made 4 and lsh's, routing's and compressive's 1."""
+    q = torch.randn(1, 2, 2048, 32, device="meta")
+    mech = attn_zoo.get(name)
+    for causal in (True, False):
+        mech.plan(q, q, q, causal)
+        with _HostCopies() as copies:
+            mech.plan(q, q, q, causal)
+        assert copies.found == [], (causal, copies.found)
+
+
+def test_adaptive_span_makes_its_spans_tensor_once():
+    """The triton call's spans z_h are a tensor kept on the device, not one made from
+    the plan's values every call (1 before)."""
+    work = host_ops.host_work(attn_zoo.get("adaptive_span"), torch.randn(1, 2, 256, 32), True)
+    assert work.copies == 0 and work.plan_copies == 0, work
