@@ -7,8 +7,10 @@
 #   bash scripts/gpu/session.sh sweep RUN    # the README's GPU sweep into results/RUN,
 #                                            # resumed where results/RUN exists
 #   bash scripts/gpu/session.sh times        # scripts/gpu/kernel_times.py
+#   bash scripts/gpu/session.sh profile RUN  # each call's wall time against its kernels'
+#                                            # device time: results/RUN/time-split-d*.csv
 #
-# "sweep" and "times" first compile in parallel, one process per mechanism, so that
+# "sweep", "times" and "profile" first compile in parallel, one process per mechanism, so that
 # Triton's and Inductor's on-disk caches are warm before anything is timed (compiles
 # of the autotuner's candidates took up to 33 s per mechanism on an H100). Each stage
 # stops itself: STAGE_S seconds (default 540), the sweep by SIGINT, which keeps every
@@ -61,7 +63,15 @@ case "${1:-}" in
     export ATTN_ZOO_AUTOTUNE=0
     in_parallel $(( STAGE_S / 3 )) $PY scripts/gpu/kernel_times.py warm
     timeout -k 10 "$(left)" $PY scripts/gpu/kernel_times.py time ;;
+  profile)
+    run=${2:?"profile needs a run id (results/RUN), e.g. h100-80gb-hbm3"}
+    export ATTN_ZOO_AUTOTUNE=0
+    in_parallel $(( STAGE_S / 3 )) $PY scripts/gpu/kernel_times.py warm
+    for dim in 64 128; do
+      timeout -k 10 "$(( $(left) / 2 ))" $PY -m attn_zoo.bench.time_split --head-dim "$dim" \
+          --out "results/$run/time-split-d$dim.csv"
+    done ;;
   *)
-    echo "usage: bash scripts/gpu/session.sh tests | sweep RUN | times" >&2
+    echo "usage: bash scripts/gpu/session.sh tests | sweep RUN | times | profile RUN" >&2
     exit 2 ;;
 esac
