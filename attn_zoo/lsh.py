@@ -197,7 +197,7 @@ def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
         duplicates = round_codes(plan.rounds, *q.shape[:2], plan.bucket_size, plan.mode,
                                  plan.n_buckets)  # fmt: skip
     parts = sorted_parts(q, shared_keys(q), v, plan.buckets, plan.bucket_size, plan.mode,
-                         plan.self_penalty, duplicates, keep=plan.keep)  # fmt: skip
+                         plan.self_penalty, duplicates, keep=plan.keep, prune=False)  # fmt: skip
     return attend(q, parts)[0]
 
 

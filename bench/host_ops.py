@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     q = torch.randn(args.batch, args.heads, args.seq_len, args.head_dim)
     print(f"host work per triton forward call, [{args.batch}, {args.heads}, {args.seq_len}, "
           f"{args.head_dim}] (kernels not run)\n")  # fmt: skip
-    print("| mechanism | causal | aten ops | host syncs | host copies | launches | plan: ops "
-          "| plan: syncs | plan: host copies |")
+    print(
+        "| mechanism | causal | aten ops | host syncs | host copies | launches | plan: ops "
+        "| plan: syncs | plan: host copies |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in names:
         for causal in (True, False):

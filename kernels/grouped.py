@@ -64,13 +64,22 @@ def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str,
 
 
 def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
-                 duplicates: Duplicates | None = None, keep=None) -> list[Part]:  # fmt: skip
+                 duplicates: Duplicates | None = None, keep=None,
+                 prune: bool = True) -> list[Part]:  # fmt: skip
     """One part per round for groups [B|1, H|1, R, N], output in original order,
     built together: one sort of every round's tokens and, for the modes with group
     equality, one layout of every round's rows, split per round (a handful of
-    launches and host synchronizations in all, not a layout's worth per round).
-    With ``duplicates`` (:func:`round_codes` of every round), round r's part hides
-    what rounds 0..r-1 show (Eq. 7)."""
+    launches in all, not a layout's worth per round). With ``duplicates``
+    (:func:`round_codes` of every round), round r's part hides what rounds 0..r-1
+    show (Eq. 7).
+
+    ``prune=False``: no layout of the groups; the kernel tests them in every block of
+    the positions' cached layout, which lists none as full. That visits the blocks
+    whose groups meet nowhere and walks masked the rare blocks of one group, but
+    builds nothing per call: worth it where groups are narrower than a block (lsh's
+    buckets hold chunk / 2 tokens on average, and its layout of groups spares 2% of
+    its scores at N = 8,192), not where they are wider (routing's clusters of about
+    sqrt(N) spare 25%)."""
     b, h, n, _ = q.shape
     rounds = groups.shape[-2]
     tile = tile_for(q, "duplicates" if duplicates is not None else "plain")
@@ -82,13 +91,16 @@ def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
     band = Band(lo=0, hi=chunk) if mode == "window" else Band()
     self_pairs = self_bias is not None
     by_group = mode != "chunks"  # "chunks": whatever the groups, a layout of positions only
+    per_round = by_group and prune
     if by_group:
         ordered = groups.gather(-1, perm).to(torch.int32).contiguous()
+    if per_round:
         layout = build_layout(n, n, band, window, q_groups=ordered, k_groups=ordered,
                               self_pairs=self_pairs, block_m=tile.block_m,
                               block_n=tile.block_n, device=q.device)  # fmt: skip
     else:
-        layout = cached_layout(n, n, band, window, tile.blocks, q.device, self_pairs=self_pairs)
+        layout = cached_layout(n, n, band, window, tile.blocks, q.device, self_pairs=self_pairs,
+                               partial_only=by_group)  # fmt: skip
     perm = perm.to(torch.int32).contiguous()
     parts = []
     for r in range(rounds):
@@ -96,7 +108,7 @@ def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
         index = perm[rows]  # one tensor for q and k: the same order
         grouped = dict(groups=(ordered[rows],) * 2) if by_group else {}
         dup = duplicates.for_round(r) if duplicates is not None else None
-        parts.append(Part(k, v, layout.rows(rows) if by_group else layout, band, window,
+        parts.append(Part(k, v, layout.rows(rows) if per_round else layout, band, window,
                           q_index=index, k_index=index, self_bias=self_bias, duplicates=dup,
                           keep=keep, tile=tile, **grouped))  # fmt: skip
     return parts

@@ -180,6 +180,7 @@ def build_layout(
     k_groups: torch.Tensor | None = None,
     self_pairs: bool = False,
     full_band: Band | None = None,
+    partial_only: bool = False,
     block_m: int = 64,
     block_n: int = 64,
     device=None,
@@ -190,7 +191,11 @@ def build_layout(
     ``self_pairs``: q and k share an order and the kernel scores the pair i == j
     specially, so blocks holding it stay partial, listed first in their row
     (``own_count``). ``full_band`` narrows what may be *full* (the adaptive-span
-    ramp is 1 only there).
+    ramp is 1 only there). ``partial_only``: every visited block is partial, for a
+    launch that tests groups the layout was not given. With groups (and a band of
+    plain integers) the layout reads nothing back from the device: its lists are as
+    wide as those of the same positions without groups, built once on the host
+    (:attr:`BlockLayout.bound`).
     """
     a, b = _ends(n_q, block_m, device)  # query block ends [n_qb]
     c, d = _ends(n_k, block_n, device)  # key block ends [n_kb]
@@ -226,7 +231,7 @@ def build_layout(
     if full_band is not None:
         full = full & (a_ + band.offset - d_ >= rows(full_band.lo))
         full = full & (b_ + band.offset - c_ <= rows(full_band.hi))
-    full = full & touched
+    full = full & touched & (not partial_only)
     partial = touched & ~full
     own = partial & ~apart if self_pairs else None
     bound = None
@@ -248,8 +253,10 @@ def cached_layout(
     blocks: tuple[int, int],
     device: torch.device,
     self_pairs: bool = False,
+    partial_only: bool = False,
 ) -> BlockLayout:
     """:func:`build_layout` for masks that depend on positions only, for ``blocks`` =
     (block_m, block_n), cached per block shape."""
-    return build_layout(n_q, n_k, band, window, self_pairs=self_pairs, block_m=blocks[0],
-                        block_n=blocks[1], device=device)  # fmt: skip
+    return build_layout(n_q, n_k, band, window, self_pairs=self_pairs,
+                        partial_only=partial_only, block_m=blocks[0], block_n=blocks[1],
+                        device=device)  # fmt: skip

@@ -335,6 +335,52 @@ def test_a_grouped_layout_lists_the_blocks_its_pairs_decide_and_reads_nothing_ba
                 assert (qb in listed) == (kb in partial)
 
 
+def test_a_partial_only_layout_lists_every_visited_block_as_partial():
+    """For a launch testing groups its layout was not given (lsh), every block the
+    positions visit is partial: the same blocks, none full, own blocks still first."""
+    from attn_zoo.kernels.layout import Window
+
+    window = Window(16, 16, -16, 15)
+    blocks = dict(block_m=16, block_n=16)
+    plain = build_layout(150, 150, Band(), window, self_pairs=True, **blocks)
+    partial = build_layout(150, 150, Band(), window, self_pairs=True, partial_only=True, **blocks)
+    assert int(plain.full_count.sum()) > 0 and int(partial.full_count.sum()) == 0
+    assert torch.equal(partial.partial_count, plain.full_count + plain.partial_count)
+    assert torch.equal(partial.own_count, plain.own_count)
+    for row in range(plain.full.shape[1]):
+        visited = set(plain.full[0, row, : plain.full_count[0, row]].tolist())
+        visited |= set(plain.partial[0, row, : plain.partial_count[0, row]].tolist())
+        listed = partial.partial[0, row, : partial.partial_count[0, row]].tolist()
+        assert set(listed) == visited
+        own = plain.own_count[0, row]
+        assert listed[:own] == plain.partial[0, row, :own].tolist()
+
+
+def test_lsh_builds_no_layout_per_call(monkeypatch):
+    """lsh's parts read one cached layout of positions (its groups tested in every
+    block), so a warm call builds none; causal routing still builds its clusters'."""
+    import attn_zoo.kernels.grouped as grouped
+    import attn_zoo.kernels.layout as layout_module
+
+    q = torch.randn(1, 2, 256, 32)
+    built = []
+    real = layout_module.build_layout
+    monkeypatch.setattr(grouped, "build_layout", lambda *a, **k: built.append(1) or real(*a, **k))
+    for name, config in (("lsh", {"bucket_size": 16}), ("routing", {})):
+        mech = attn_zoo.get(name, **config)
+        plan = mech.plan(q, q, q, True)
+        with torch.no_grad(), attn_zoo.kernels.dry_run.recorded() as calls:
+            mech.impl("triton").run(mech, q, q, q, plan)
+            built.clear()
+            mech.impl("triton").run(mech, q, q, q, plan)
+        parts = calls[-1][1]
+        if name == "lsh":
+            assert built == [] and len({id(p.layout) for p in parts}) == 1
+            assert int(parts[0].layout.full_count.sum()) == 0
+        else:
+            assert len(built) == 1
+
+
 def test_lsh_round_codes_need_no_read_back_given_the_bucket_count():
     """Given the bucket count, the int32 check of the round codes is decided on the
     host; the codes are the same as with the count read from the buckets, and a count
