@@ -20,18 +20,27 @@ that fits (:func:`fits` prunes by shared memory and accumulator registers) with
 ``triton.autotune`` one level up: ``triton.autotune`` can vary only constexprs
 and launch options, while a tile here also changes the block layout, an argument
 whose shape depends on the block size.
+
+Chosen tiles last for the process. With ``ATTN_ZOO_TILES=FILE`` they also go to a
+JSON-lines file, one line per choice with the GPU's name and Triton's version, and
+a later process reads them from there instead of timing the candidates again (a
+sweep's first calls, stage after stage on a lent GPU; the file is also the record of
+what the autotuner chose).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import importlib.metadata
+import json
 import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -322,6 +331,53 @@ def autotuning() -> bool:
     return os.environ.get("ATTN_ZOO_AUTOTUNE", "1") != "0"
 
 
+def device_name(device) -> str:
+    """The GPU's name and Triton's version: what a stored tile was chosen on."""
+    major, minor = triton_version()
+    return f"{torch.cuda.get_device_name(device)} | triton {major}.{minor}"
+
+
+def tiles_file() -> Path | None:
+    """The file of stored tiles (``ATTN_ZOO_TILES``), None when unset."""
+    path = os.environ.get("ATTN_ZOO_TILES")
+    return Path(path) if path else None
+
+
+#: Stored tiles read so far, by file: {(device name, repr(key)): tile}.
+_STORED: dict[Path, dict[tuple[str, str], Tile]] = {}
+
+
+def _stored(path: Path) -> dict[tuple[str, str], Tile]:
+    """The tiles of ``path``, read once per process (a later line wins; a line that
+    does not parse, such as one cut short by a killed writer, is skipped)."""
+    if path not in _STORED:
+        found = {}
+        lines = path.read_text().splitlines() if path.exists() else []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                found[(entry["device"], entry["key"])] = Tile(**entry["tile"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        _STORED[path] = found
+    return _STORED[path]
+
+
+def stored_tile(path: Path, device: str, key: tuple) -> Tile | None:
+    """The tile stored in ``path`` for ``key`` on ``device`` (:func:`device_name`)."""
+    return _stored(path).get((device, repr(key)))
+
+
+def store_tile(path: Path, device: str, key: tuple, tile: Tile) -> None:
+    """Appends the choice to ``path``: one line, written by one ``write`` in append
+    mode, so that processes storing at once do not mix their lines."""
+    entry = {"device": device, "key": repr(key), "tile": dataclasses.asdict(tile)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    _stored(path)[(device, repr(key))] = tile
+
+
 def tuned_call(kind: str, mechanism: str, config: dict, causal: bool, q: torch.Tensor,
                call: Callable[[], torch.Tensor]) -> torch.Tensor:  # fmt: skip
     """``call()`` with the autotuned tile on CUDA (a forced tile wins), else as is."""
@@ -330,7 +386,14 @@ def tuned_call(kind: str, mechanism: str, config: dict, causal: bool, q: torch.T
     key = tune_key(mechanism, config, q, causal)
     tile = CHOSEN.get(key)  # a tuned key lists no candidates (50 us of host time a call)
     if tile is None:
-        tile = autotune(key, call, candidates(q.shape[-1], q.dtype, kind))
+        path = tiles_file()
+        device = device_name(q.device) if path is not None else ""
+        tile = stored_tile(path, device, key) if path is not None else None
+        if tile is None:
+            tile = autotune(key, call, candidates(q.shape[-1], q.dtype, kind))
+            if path is not None:
+                store_tile(path, device, key, tile)
+        CHOSEN[key] = tile
     LAST[:] = [tile]
     with use_tile(tile):
         return call()

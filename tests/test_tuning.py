@@ -255,3 +255,36 @@ def test_xl_dq_stages_follow_the_compiler():
     assert plain.stages == plain.stages_dq == 3
     major, minor = tuning.triton_version()
     assert (major, minor) >= (3, 6)
+
+
+def test_tuned_tiles_go_to_the_tiles_file_and_a_later_process_reads_them(monkeypatch, tmp_path):
+    """With ATTN_ZOO_TILES, a choice is appended to the file with the GPU's name, and
+    a process that starts later (its chosen tiles empty) runs the stored tile
+    without timing a candidate; another GPU's line, or a line cut short, is not
+    read as this one's."""
+    from types import SimpleNamespace
+
+    path = tmp_path / "tiles.jsonl"
+    monkeypatch.setenv("ATTN_ZOO_TILES", str(path))
+    monkeypatch.setattr(tuning, "CHOSEN", {})
+    monkeypatch.setattr(tuning, "_STORED", {})
+    monkeypatch.setattr(tuning, "device_name", lambda device: "H100 | triton 3.6")
+    monkeypatch.setattr(tuning, "_time", lambda call: 1.0 if tuning._FORCED.get() ==
+                        Tile(64, 64, 4) else 2.0)  # fmt: skip
+    q = SimpleNamespace(device=SimpleNamespace(type="cuda"), shape=(1, 8, 1000, 64),
+                        dtype=torch.float16)  # fmt: skip
+    tuning.tuned_call("plain", "dense", {}, True, q, lambda: None)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and '"device": "H100 | triton 3.6"' in lines[0]
+    key = tuning.tune_key("dense", {}, q, True)
+    with path.open("a") as f:  # another GPU's choice for the same key, and a torn line
+        f.write(lines[0].replace("H100", "A100").replace('"block_m": 64', '"block_m": 128')
+                + "\n" + lines[0][:20] + "\n")  # fmt: skip
+    monkeypatch.setattr(tuning, "CHOSEN", {})  # a new process
+    monkeypatch.setattr(tuning, "_STORED", {})
+    monkeypatch.setattr(tuning, "candidates", None)  # timing anything would fail
+    ran = []
+    tuning.tuned_call("plain", "dense", {}, True, q, lambda: ran.append(tuning._FORCED.get()))
+    chosen = dict(tuning.CHOSEN)
+    assert ran == [Tile(64, 64, 4)] and chosen == {key: Tile(64, 64, 4)}
+    assert len(path.read_text().splitlines()) == 3  # read, not stored again

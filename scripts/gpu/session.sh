@@ -51,12 +51,16 @@ case "${1:-}" in
     ATTN_ZOO_AUTOTUNE=0 timeout -k 10 "$STAGE_S" $PY -m pytest -m gpu -q "${jobs[@]}" ;;
   sweep)
     run=${2:?"sweep needs a run id (results/RUN), e.g. h100-80gb-hbm3"}
+    # the autotuner's choices, kept for the next stage and committed with the rows (the
+    # warm processes tune side by side on one GPU, so their timings are not stored)
+    tiles="results/$run/tiles.jsonl"
     if [ -f "results/$run/meta.json" ]; then
-      timeout -s INT -k 30 "$(left)" $PY -m attn_zoo.bench run --resume "results/$run"
+      ATTN_ZOO_TILES=$tiles timeout -s INT -k 30 "$(left)" $PY -m attn_zoo.bench run \
+          --resume "results/$run"
     else
       warm_sweep $(( STAGE_S / 3 ))
-      timeout -s INT -k 30 "$(left)" $PY -m attn_zoo.bench run --seq-lens "$LENS" \
-          --dtype float16 --impls triton,flex,reference,sdpa --run-id "$run"
+      ATTN_ZOO_TILES=$tiles timeout -s INT -k 30 "$(left)" $PY -m attn_zoo.bench run \
+          --seq-lens "$LENS" --dtype float16 --impls triton,flex,reference,sdpa --run-id "$run"
     fi
     echo "results/$run: $(( $(wc -l < "results/$run/results.csv") - 1 )) rows" ;;
   times)
