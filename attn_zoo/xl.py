@@ -111,25 +111,42 @@ def relative_terms(q: torch.Tensor, plan: XLPlan) -> list[Term]:
     exactly, for every distance of either sign: no distance table and no shift, one
     more product beside q . k. Beyond ``clamp_len`` c, R is R_(+-c) whatever the
     distance, so there f = a and g = R_(+-c) for every key: a term each for
-    i - j > c and i - j < -c."""
+    i - j > c and i - j < -c.
+
+    The features are laid out by frequency, (f_s, f_c) of frequency t side by side
+    (g and R alike: a product is the same sum in any order both share), so that the
+    rotation is one complex product per pair, (a_s + i a_c)(sin - i cos) = f_s + i f_c:
+    in all four passes over [B, H, N, D] (q + v, the product with W_R, the rotation,
+    the cast to q's dtype), with the tables of the positions made once per device."""
     dim = plan.w_r.shape[-1]
-    qv = q.float() + plan.v.float()[:, None, :]
-    a = torch.einsum("bhnd,hdp->bhnp", qv, plan.w_r.float())
-    sines, cosines = a.chunk(2, dim=-1)
-    theta = angles(torch.arange(q.shape[2], device=q.device), dim)
-    sin_i, cos_i = theta.sin().float(), theta.cos().float()
-    f = torch.cat([sines * sin_i + cosines * cos_i, cosines * sin_i - sines * cos_i], dim=-1)
-    g = torch.cat([cos_i, sin_i], dim=-1)  # keys and queries share positions (n_q = n_k)
-    f, g = f.to(q.dtype), g.to(q.dtype)  # once, not at each of the three launches
+    by_frequency = torch.arange(dim, device=q.device).view(2, dim // 2).T.reshape(-1)
+    real = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64
+    w_r = plan.w_r.to(real)[..., by_frequency]  # [H, D, D'], columns (s_0, c_0, s_1, ...)
+    a = torch.matmul(torch.add(q, plan.v[:, None, :].to(real)), w_r[None])
+    turn, g = on_device(q.device, lambda: _position_tables(q.shape[2], dim, q.dtype),
+                        "xl-positions", q.shape[2], dim, q.dtype)  # fmt: skip
+    f = torch.view_as_real(torch.view_as_complex(a.unflatten(-1, (-1, 2))) * turn)
+    f = f.flatten(-2).to(q.dtype)  # once, not at each of the three launches
     clamp = plan.clamp_len
     if clamp is None or clamp <= 0 or clamp >= plan.max_dist:
         return [(-BIG, BIG, f, g)]
     terms = [(-clamp, clamp, f, g)]
     a = a.to(q.dtype)  # one tensor for both clamped parts
     for lo, hi, d in ((clamp + 1, BIG, clamp), (-BIG, -clamp - 1, -clamp)):
-        row = sinusoid(torch.full((1,), d, device=q.device), dim).to(q.dtype)
-        terms.append((lo, hi, a, row.expand(q.shape[2], dim)))
+        row = sinusoid(torch.full((1,), d, device=q.device), dim)[..., by_frequency]
+        terms.append((lo, hi, a, row.to(q.dtype).expand(q.shape[2], dim)))
     return terms
+
+
+def _position_tables(n: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """For positions 0..n-1, by frequency (:func:`relative_terms`): sin(iw) - i cos(iw)
+    [n, D' / 2] complex (of float32, or of float64 for ``dtype`` float64), the queries'
+    rotation, and g = (cos(jw), sin(jw)) pairs [n, D'] in ``dtype``, the keys' features."""
+    theta = angles(torch.arange(n), dim)
+    real = torch.promote_types(dtype, torch.float32)
+    turn = torch.complex(theta.sin(), -theta.cos()).to(real.to_complex())
+    g = torch.stack([theta.cos(), theta.sin()], dim=-1).flatten(-2).to(dtype)
+    return turn, g
 
 
 def rel_shift(x: torch.Tensor, klen: int) -> torch.Tensor:

@@ -40,19 +40,39 @@ SYNC = torch.ops.aten._local_scalar_dense.default
 FRESH = torch.ops.aten.lift_fresh.default
 
 
+def _tensors(values) -> list[torch.Tensor]:
+    """The tensors among ``values``, and in the lists and tuples among them."""
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found += _tensors(value)
+    return found
+
+
 class _Counter(TorchDispatchMode):
-    """Counts the aten operations dispatched inside, the synchronizations and the
-    tensors made from host values."""
+    """Counts the aten operations dispatched inside, the synchronizations, the
+    tensors made from host values, and the bytes the operations that are neither
+    views nor allocations read and write (their tensors' sizes: on a GPU each such
+    operation is a pass over memory, outside the flash kernels)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops = self.syncs = self.copies = 0
+        self.ops = self.syncs = self.copies = self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         self.syncs += func is SYNC
         self.copies += func is FRESH
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__
+        allocates = name.startswith(("empty", "new_empty"))  # writes nothing
+        makes = name.startswith("new_") or "_like" in name  # reads only its input's shape
+        if not getattr(func, "is_view", False) and not allocates:
+            moved = _tensors([out] if makes else [*args, *(kwargs or {}).values(), out])
+            self.bytes += sum(t.numel() * t.element_size() for t in moved)
+        return out
 
 
 @dataclass(frozen=True)
@@ -66,20 +86,26 @@ class HostWork:
     launches: int
     copies: int = 0  # tensors made from host values
     plan_copies: int = 0
+    megabytes: float = 0.0  # read and written by the call's operations
+    plan_megabytes: float = 0.0
 
 
-def _call(mech, q: torch.Tensor, plan) -> int:
+def _call(mech, q: torch.Tensor, plan) -> tuple[int, int]:
     """One call of ``mech``'s triton forward on q = k = v with its kernels recorded, then
     each recorded launch's arguments and outputs built, as the forward builds them.
-    Returns the launches."""
+    Returns the launches, and the bytes of the zeros the recording returned in place
+    of each output and log-sum-exp (written by the kernels on a GPU, not by an
+    operation)."""
     with recorded() as calls:
         mech.impl("triton").run(mech, q, q, q, plan)
+    stand_ins = 0
     for query, parts in calls:
         rows = output_rows(query, parts[0])
         out = new_output(query, (*query.shape[:2], rows, query.shape[3]), query.dtype)
+        stand_ins += out.numel() * out.element_size() + out.numel() // out.shape[-1] * 4
         for part in parts:
             launch(query, part, out)
-    return sum(len(parts) for _, parts in calls)
+    return sum(len(parts) for _, parts in calls), stand_ins
 
 
 def host_work(mech, q: torch.Tensor, causal: bool) -> HostWork:
@@ -89,9 +115,10 @@ def host_work(mech, q: torch.Tensor, causal: bool) -> HostWork:
         with _Counter() as planning:
             plan = mech.plan(q, q, q, causal)
         with _Counter() as call:
-            launches = _call(mech, q, plan)
+            launches, stand_ins = _call(mech, q, plan)
     return HostWork(mech.name, causal, call.ops, call.syncs, planning.ops, planning.syncs,
-                    launches, call.copies, planning.copies)  # fmt: skip
+                    launches, call.copies, planning.copies, (call.bytes - stand_ins) / 1e6,
+                    planning.bytes / 1e6)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,18 +136,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     q = torch.randn(args.batch, args.heads, args.seq_len, args.head_dim)
     print(f"host work per triton forward call, [{args.batch}, {args.heads}, {args.seq_len}, "
-          f"{args.head_dim}] (kernels not run)\n")  # fmt: skip
-    print(
-        "| mechanism | causal | aten ops | host syncs | host copies | launches | plan: ops "
-        "| plan: syncs | plan: host copies |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"{args.head_dim}] float32 (kernels not run; MB: read and written by the aten "
+          f"operations that are not views)\n")  # fmt: skip
+    print("| mechanism | causal | aten ops | host syncs | host copies | MB | launches | "
+          "plan: ops | plan: syncs | plan: host copies | plan: MB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         for causal in (True, False):
             w = host_work(attn_zoo.get(name), q, causal)
             print(f"| {w.mechanism} | {'yes' if causal else 'no'} | {w.ops} | {w.syncs} | "
-                  f"{w.copies} | {w.launches} | {w.plan_ops} | {w.plan_syncs} | "
-                  f"{w.plan_copies} |")  # fmt: skip
+                  f"{w.copies} | {w.megabytes:.0f} | {w.launches} | {w.plan_ops} | "
+                  f"{w.plan_syncs} | {w.plan_copies} | {w.plan_megabytes:.0f} |")  # fmt: skip
     return 0
 
 

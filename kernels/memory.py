@@ -47,7 +47,8 @@ def xl_attention(q, k, v, plan, terms: Sequence[tuple[int, int, torch.Tensor, to
         within = Band(max(band.lo, lo), min(band.hi, hi))
         if within.lo <= within.hi:
             parts.append(_raw_part(q, k, v, plan, within, Relative(f, g)))
-    content = (q.float() + plan.u.float()[:, None, :]).to(q.dtype)
+    real = torch.promote_types(q.dtype, torch.float32)  # q + u in float32 (two passes)
+    content = torch.add(q, plan.u[:, None, :].to(real)).to(q.dtype)
     return attend(content, parts)[0]
 
 
