@@ -51,6 +51,15 @@ def _tensors(values) -> list[torch.Tensor]:
     return found
 
 
+def _aliases(name: str, inputs: list[torch.Tensor], out) -> bool:
+    """Whether an operation that is not in place returned its input's memory (a view
+    by another name, such as ``_unsafe_view``)."""
+    if name.split(".")[0].endswith("_"):
+        return False
+    held = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    return any(t.untyped_storage().data_ptr() in held for t in _tensors([out]) if t.numel())
+
+
 class _Counter(TorchDispatchMode):
     """Counts the aten operations dispatched inside, the synchronizations, the
     tensors made from host values, and the bytes the operations that are neither
@@ -69,8 +78,13 @@ class _Counter(TorchDispatchMode):
         name = func.__name__
         allocates = name.startswith(("empty", "new_empty"))  # writes nothing
         makes = name.startswith("new_") or "_like" in name  # reads only its input's shape
-        if not getattr(func, "is_view", False) and not allocates:
-            moved = _tensors([out] if makes else [*args, *(kwargs or {}).values(), out])
+        inputs = _tensors([*args, *(kwargs or {}).values()])
+        if (
+            not getattr(func, "is_view", False)
+            and not allocates
+            and not _aliases(name, inputs, out)
+        ):
+            moved = _tensors([out]) + ([] if makes else inputs)
             self.bytes += sum(t.numel() * t.element_size() for t in moved)
         return out
 
