@@ -163,7 +163,7 @@ def hash_round(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """h(x) = argmax([xR; -xR]) (Sec. 2.1) for x [B, H, N, D] and one round's
     rotations [H, D, b/2]: [B, H, N] buckets, holding only this round's xR (never the
     concatenation; ties go to the first index, as argmax over it would)."""
-    xr = torch.einsum("bhnd,hdk->bhnk", x, rotation)
+    xr = torch.matmul(x, rotation[None])  # [B, H, N, b/2], x read in place (no permuted copy)
     top, low = xr.max(dim=-1), xr.min(dim=-1)
     return torch.where(top.values >= -low.values, top.indices, xr.shape[-1] + low.indices)
 
