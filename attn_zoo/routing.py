@@ -96,7 +96,7 @@ def ema_step(mu: torch.Tensor, x: torch.Tensor, decay: float) -> torch.Tensor:
     """One online k-means step (Sec. 4.1): each centroid [H, C, D] moves to
     decay * mu + (1 - decay) * the mean of the tokens x [B, H, N, D] nearest to it,
     renormalized; a centroid nobody chose stays."""
-    nearest = torch.einsum("bhnd,hcd->bhnc", x, mu).argmax(-1)
+    nearest = torch.matmul(x, mu.transpose(-1, -2)[None]).argmax(-1)  # x read in place
     # one_hot would check the indices' range on the host: a wait per step on a GPU
     onehot = x.new_zeros(*nearest.shape, mu.shape[1]).scatter_(-1, nearest[..., None], 1.0)
     sums = torch.einsum("bhnc,bhnd->hcd", onehot, x)
@@ -171,7 +171,7 @@ class Routing(Mechanism):
         if not causal and cfg.centroid_update == "ema":
             for _ in range(cfg.kmeans_iters):
                 mu = ema_step(mu, x, cfg.ema_decay)
-        similarity = torch.einsum("bhnd,hcd->bhcn", x, mu)
+        similarity = torch.matmul(mu[None], x.transpose(-1, -2))  # [B, H, C, N], no copy of x
         width = math.ceil(n / n_clusters)
         if causal:
             return RoutingPlan(b, h, n, n, causal, cfg.window, width, None, similarity.argmax(2))
