@@ -10,7 +10,9 @@ whose wall time is far above its device time is bound by its host; one whose dev
 time is mostly the flash core's kernels (``_flash``) is bound by them.
 
 ``python -m attn_zoo.bench.time_split [--impl triton] [--seq-len 8192] [--batch 4]
-[--heads 8] [--head-dim 64] [--calls 20] [--mechanisms all] [--out FILE.csv]``
+[--heads 8] [--head-dim 64] [--calls 20] [--mechanisms all] [--out FILE.csv]
+[--host-top K]``; ``--host-top`` also names, per row, the K Python functions that
+took the most host time (cProfile), where a host-bound call's time goes.
 
 On a CPU, kernels are not device work: the device columns are 0 and the table says
 only what the host did. Timings from a GPU machine (``scripts/gpu/session.sh
@@ -20,7 +22,9 @@ profile RUN``) are committed under ``results/``.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import csv
+import pstats
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +54,7 @@ class Split:
     kernels: float  # launched per call
     waits: float  # host synchronizations per call
     copies: float  # memory copies per call
+    host_top: str = ""  # the Python functions that took the most host time (--host-top)
 
     @property
     def host_bound(self) -> float:
@@ -88,9 +93,26 @@ def split(call: Callable[[], object], calls: int, device: torch.device) -> dict[
             "copies": sum(name in COPIES for name in names) / calls}  # fmt: skip
 
 
+def host_top(call: Callable[[], object], calls: int, top: int) -> str:
+    """The ``top`` functions by their own host time over ``calls`` calls (cProfile),
+    as "function (file:line) microseconds per call; ...": where a host-bound call's
+    time goes, on the machine that is slow."""
+    call()  # warm
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (cc, nc, tt, ct, callers)}
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return "; ".join(f"{name} ({Path(file).name}:{line}) {own * 1e6 / calls:.0f} us"
+                     for (file, line, name), (_, _, own, _, _) in ranked)  # fmt: skip
+
+
 def time_split(name: str, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               calls: int) -> list[Split]:  # fmt: skip
-    """Both causalities of mechanism ``name``'s ``impl``, plan made before and inside."""
+               calls: int, top: int = 0) -> list[Split]:  # fmt: skip
+    """Both causalities of mechanism ``name``'s ``impl``, plan made before and inside;
+    with ``top``, each row names its ``top`` functions by host time (:func:`host_top`)."""
     mech = attn_zoo.get(name)
     found = []
     with torch.no_grad():
@@ -99,7 +121,9 @@ def time_split(name: str, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.
             runs = ((False, lambda: mech(q, k, v, causal, impl, plan)),  # noqa: B023
                     (True, lambda: mech(q, k, v, causal, impl)))  # noqa: B023  # fmt: skip
             for planning, call in runs:
-                found.append(Split(name, causal, planning, **split(call, calls, q.device)))
+                where = host_top(call, calls, top) if top else ""
+                found.append(Split(name, causal, planning, **split(call, calls, q.device),
+                                   host_top=where))  # fmt: skip
     return found
 
 
@@ -122,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=20)
     parser.add_argument("--mechanisms", default="all", help="comma-separated, or all")
     parser.add_argument("--out", type=Path, help="also write the rows to this CSV")
+    top = "name each row's K functions that took the most host time"
+    parser.add_argument("--host-top", type=int, default=0, metavar="K", help=top)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -146,13 +172,17 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in names:
-        for row in time_split(name, args.impl, q, k, v, args.calls):
+        for row in time_split(name, args.impl, q, k, v, args.calls, args.host_top):
             rows.append(row)
             print(f"| {row.mechanism} | {'yes' if row.causal else 'no'} | "
                   f"{'inside' if row.planning else 'before'} | {row.wall_ms:.3f} | "
                   f"{row.device_ms:.3f} | {row.flash_ms:.3f} | {row.kernels:g} | "
                   f"{row.waits:g} | {row.copies:g} | {row.host_bound:.2f} |",
                   flush=True)  # fmt: skip
+    for row in rows:
+        if row.host_top:
+            when = "inside" if row.planning else "before"
+            print(f"\n{row.mechanism}, causal {row.causal}, plan {when}: {row.host_top}")
     if args.out is not None:
         write_csv(rows, args.out)
     return 0

@@ -53,3 +53,16 @@ def test_waits_and_copies_are_counted_per_call(monkeypatch):
     monkeypatch.setattr(time_split, "profile", Profile)
     found = time_split.split(lambda: None, 2, time_split.torch.device("cpu"))
     assert found["waits"] == 2 and found["copies"] == 2 and found["kernels"] == 0
+
+
+def test_host_top_names_the_functions_that_took_the_host_time(capsys):
+    def slow():
+        sum(range(20000))
+
+    found = time_split.host_top(lambda: slow(), 3, 2)
+    assert found.count(" us") == 2 and "sum" in found
+    assert time_split.main(["--impl", "reference", "--seq-len", "64", "--batch", "1",
+                            "--heads", "2", "--head-dim", "32", "--calls", "1",
+                            "--mechanisms", "dense", "--host-top", "2"]) == 0  # fmt: skip
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("dense, causal")]
+    assert len(lines) == 4 and lines[0].count(" us") == 2

@@ -72,9 +72,12 @@ case "${1:-}" in
     export ATTN_ZOO_AUTOTUNE=0
     in_parallel $(( STAGE_S / 3 )) $PY scripts/gpu/kernel_times.py warm
     for dim in 64 128; do
-      timeout -k 10 "$(( $(left) / 2 ))" $PY -m attn_zoo.bench.time_split --head-dim "$dim" \
+      timeout -k 10 "$(( $(left) / 3 ))" $PY -m attn_zoo.bench.time_split --head-dim "$dim" \
           --out "results/$run/time-split-d$dim.csv"
-    done ;;
+    done
+    # where a small call's host time goes (0.4 ms for dense at N = 512 on the H100)
+    timeout -k 10 "$(left)" $PY -m attn_zoo.bench.time_split --seq-len 512 --host-top 8 \
+        --out "results/$run/time-split-n512.csv" ;;
   *)
     echo "usage: bash scripts/gpu/session.sh tests | sweep RUN | times | profile RUN" >&2
     exit 2 ;;
