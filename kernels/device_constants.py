@@ -6,6 +6,8 @@ the same values on every device, and a mechanism's fixed tables (compressive's s
 adaptive span's spans) are host data too. Copied to a GPU on every call, each copy
 of host memory waits for the stream: the host stops issuing work until the GPU has
 finished the previous call. :func:`on_device` makes each once per key and device.
+xl's tables of the positions (:func:`attn_zoo.xl.relative_terms`) are kept the same
+way, made once per length instead of in passes over memory every call.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ import torch
 
 T = TypeVar("T")
 
-#: Entries kept (least recently used dropped first).
-LIMIT = 64
-_KEPT: OrderedDict[tuple, object] = OrderedDict()
+#: Bytes of tensors kept, over every device (least recently used dropped first): a
+#: model whose length changes every batch keeps the latest lengths' tables, not all.
+LIMIT_BYTES = 256 * 2**20
+_KEPT: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
 
 
 def moved(value, device: torch.device):
@@ -34,17 +37,31 @@ def moved(value, device: torch.device):
     return value
 
 
+def size(value) -> int:
+    """Bytes of the tensors in ``value`` (as :func:`moved` walks it)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(size(x) for x in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(size(x) for x in value)
+    return 0
+
+
 def on_device(device: torch.device | str, make: Callable[[], T], *key: Hashable) -> T:
     """``make()`` moved to ``device``, made once per ``key`` (which must name
-    everything ``make`` depends on) and device. The tensors are shared between
-    callers: read them, never write to them."""
+    everything ``make`` depends on) and device while it stays among the
+    :data:`LIMIT_BYTES` most recently used. The tensors are shared between callers:
+    read them, never write to them."""
     device = torch.device(device)
     index = (key, device)
     if index in _KEPT:
         _KEPT.move_to_end(index)
-        return _KEPT[index]
+        return _KEPT[index][0]
     value = moved(make(), device)
-    _KEPT[index] = value
-    if len(_KEPT) > LIMIT:
-        _KEPT.popitem(last=False)
+    bytes_ = size(value)
+    if bytes_ <= LIMIT_BYTES:
+        _KEPT[index] = (value, bytes_)
+        while sum(kept for _, kept in _KEPT.values()) > LIMIT_BYTES:
+            _KEPT.popitem(last=False)
     return value

@@ -22,13 +22,19 @@ def test_made_once_per_key_and_device():
     assert meta["pair"][0] == 2
 
 
-def test_the_oldest_entry_goes_past_the_limit(monkeypatch):
-    monkeypatch.setattr(device_constants, "LIMIT", 2)
+def test_the_least_recently_used_go_past_the_byte_limit(monkeypatch):
+    """Kept tensors stay under LIMIT_BYTES: the least recently used go first, and one
+    larger than the limit is made and returned but not kept."""
+    monkeypatch.setattr(device_constants, "LIMIT_BYTES", 2 * 4 * 10)  # two [10] float32
     monkeypatch.setattr(device_constants, "_KEPT", type(device_constants._KEPT)())
     for key in range(3):
-        on_device("cpu", lambda: torch.zeros(1), "test-limit", key)
+        on_device("cpu", lambda: torch.zeros(10), "test-limit", key)
+    on_device("cpu", lambda: torch.zeros(10), "test-limit", 1)  # used again: kept longer
+    on_device("cpu", lambda: torch.zeros(10), "test-limit", 3)
     assert [index[0] for index in device_constants._KEPT] == [("test-limit", 1),
-                                                              ("test-limit", 2)]  # fmt: skip
+                                                              ("test-limit", 3)]  # fmt: skip
+    big = on_device("cpu", lambda: torch.zeros(100), "test-limit", "big")
+    assert big.numel() == 100 and len(device_constants._KEPT) == 2
 
 
 def test_moved_keeps_the_containers():
