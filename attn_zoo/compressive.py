@@ -296,9 +296,12 @@ def _pool(x: torch.Tensor, plan: CompressivePlan, weight: torch.Tensor | None) -
 
 
 def compressed_memory(k, v, plan: CompressivePlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """f_c of every slot with real positions, [B, H, G, D] each (no gradient to k, v)."""
-    index = as_tiles(plan.slot_positions.reshape(-1))
-    return (compress(gather(x.detach(), index), plan.rate, plan.compression, w)
+    """f_c of every slot with real positions, [B, H, G, D] each (no gradient to k, v).
+    A slot's c positions start at t L - M + r c, a multiple of c (c divides L and M),
+    so each slot is one of f_c's groups over the whole sequence: the sequence is
+    compressed in one pass and the slots' groups picked, not gathered first."""
+    groups = torch.div(plan.slot_positions[:, 0], plan.rate, rounding_mode="floor")
+    return (compress(x.detach(), plan.rate, plan.compression, w).index_select(2, groups)
             for x, w in ((k, plan.conv_k), (v, plan.conv_v)))  # fmt: skip
 
 
