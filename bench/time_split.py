@@ -24,10 +24,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import csv
+import functools
 import pstats
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Split:
     waits: float  # host synchronizations per call
     copies: float  # memory copies per call
     host_top: str = ""  # the Python functions that took the most host time (--host-top)
+    status: str = "ok"  # or "failed: ..." (figures NaN), or "ok, no profile: ..."
 
     @property
     def host_bound(self) -> float:
@@ -79,10 +81,16 @@ def split(call: Callable[[], object], calls: int, device: torch.device) -> dict[
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        for _ in range(calls):
-            call()
-        _sync(device)
+    try:
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                call()
+            _sync(device)
+    except RuntimeError as error:  # no profiler here (CUPTI): the wall time stands
+        nan = float("nan")
+        return {"wall_ms": wall, "device_ms": nan, "flash_ms": nan, "kernels": nan,
+                "waits": nan, "copies": nan,
+                "status": f"ok, no profile: {_short(error)}"}  # fmt: skip
     kernels = [e for e in prof.events() if e.device_type != DeviceType.CPU]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3
     flash = sum(e.time_range.elapsed_us() for e in kernels if "_flash" in e.name) / 1e3
@@ -109,31 +117,50 @@ def host_top(call: Callable[[], object], calls: int, top: int) -> str:
                      for (file, line, name), (_, _, own, _, _) in ranked)  # fmt: skip
 
 
+def _short(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:160]}"
+
+
 def time_split(name: str, impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               calls: int, top: int = 0) -> list[Split]:  # fmt: skip
-    """Both causalities of mechanism ``name``'s ``impl``, plan made before and inside;
-    with ``top``, each row names its ``top`` functions by host time (:func:`host_top`)."""
+               calls: int, top: int = 0) -> Iterator[Split]:  # fmt: skip
+    """Both causalities of mechanism ``name``'s ``impl``, plan made before and inside,
+    a row each as it is measured; with ``top``, each row names its ``top`` functions
+    by host time (:func:`host_top`). A case that fails is a row with its status (its
+    figures NaN), and the next case runs."""
     mech = attn_zoo.get(name)
-    found = []
+    nan = float("nan")
     with torch.no_grad():
         for causal in (True, False):
-            plan = mech.plan(q, k, v, causal)
-            runs = ((False, lambda: mech(q, k, v, causal, impl, plan)),  # noqa: B023
-                    (True, lambda: mech(q, k, v, causal, impl)))  # noqa: B023  # fmt: skip
-            for planning, call in runs:
-                where = host_top(call, calls, top) if top else ""
-                found.append(Split(name, causal, planning, **split(call, calls, q.device),
-                                   host_top=where))  # fmt: skip
-    return found
+            for planning in (False, True):
+                try:
+                    plan = None if planning else mech.plan(q, k, v, causal)
+                    call = functools.partial(mech, q, k, v, causal, impl, plan)
+                    where = host_top(call, calls, top) if top else ""
+                    yield Split(name, causal, planning, **split(call, calls, q.device),
+                                host_top=where)  # fmt: skip
+                except Exception as error:  # a case's own failure (out of memory, ...)
+                    yield Split(name, causal, planning, nan, nan, nan, nan, nan, nan,
+                                status=f"failed: {_short(error)}")  # fmt: skip
 
 
-def write_csv(rows: list[Split], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, [f.name for f in fields(Split)] + ["host_bound"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(asdict(row) | {"host_bound": round(row.host_bound, 2)})
+class CsvRows:
+    """The rows of a CSV file, each written (and flushed) as it comes, so that a run
+    stopped at a time limit keeps what it measured."""
+
+    columns = [f.name for f in fields(Split)] + ["host_bound"]
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("w", newline="")
+        self.writer = csv.DictWriter(self.file, self.columns)
+        self.writer.writeheader()
+
+    def add(self, row: Split) -> None:
+        self.writer.writerow(asdict(row) | {"host_bound": round(row.host_bound, 2)})
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,21 +197,26 @@ def main(argv: list[str] | None = None) -> int:
         "waits | copies | wall / device |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
-    for name in names:
-        for row in time_split(name, args.impl, q, k, v, args.calls, args.host_top):
-            rows.append(row)
-            print(f"| {row.mechanism} | {'yes' if row.causal else 'no'} | "
-                  f"{'inside' if row.planning else 'before'} | {row.wall_ms:.3f} | "
-                  f"{row.device_ms:.3f} | {row.flash_ms:.3f} | {row.kernels:g} | "
-                  f"{row.waits:g} | {row.copies:g} | {row.host_bound:.2f} |",
-                  flush=True)  # fmt: skip
+    rows, out = [], CsvRows(args.out) if args.out is not None else None
+    try:
+        for name in names:
+            for row in time_split(name, args.impl, q, k, v, args.calls, args.host_top):
+                rows.append(row)
+                if out is not None:
+                    out.add(row)
+                status = "" if row.status == "ok" else f" {row.status}"
+                print(f"| {row.mechanism} | {'yes' if row.causal else 'no'} | "
+                      f"{'inside' if row.planning else 'before'} | {row.wall_ms:.3f} | "
+                      f"{row.device_ms:.3f} | {row.flash_ms:.3f} | {row.kernels:g} | "
+                      f"{row.waits:g} | {row.copies:g} | {row.host_bound:.2f}{status} |",
+                      flush=True)  # fmt: skip
+    finally:
+        if out is not None:
+            out.close()
     for row in rows:
         if row.host_top:
             when = "inside" if row.planning else "before"
             print(f"\n{row.mechanism}, causal {row.causal}, plan {when}: {row.host_top}")
-    if args.out is not None:
-        write_csv(rows, args.out)
     return 0
 
 

@@ -66,3 +66,36 @@ def test_host_top_names_the_functions_that_took_the_host_time(capsys):
                             "--mechanisms", "dense", "--host-top", "2"]) == 0  # fmt: skip
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("dense, causal")]
     assert len(lines) == 4 and lines[0].count(" us") == 2
+
+
+def test_a_failing_case_is_a_row_and_the_rest_still_runs(monkeypatch, tmp_path, capsys):
+    """A case that raises (out of memory, say) is a row with its status, each row is
+    in the CSV as soon as it is measured, and a machine without a profiler still gets
+    its wall times."""
+    real = time_split.split
+    seen = []
+
+    def flaky(call, calls, device):
+        seen.append(1)
+        if len(seen) == 2:
+            raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+        return real(call, calls, device)
+
+    monkeypatch.setattr(time_split, "split", flaky)
+    out = tmp_path / "split.csv"
+    assert time_split.main(["--impl", "reference", "--seq-len", "64", "--batch", "1",
+                            "--heads", "2", "--head-dim", "32", "--calls", "1",
+                            "--mechanisms", "dense", "--out", str(out)]) == 0  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert [r["status"] for r in rows] == [
+        "ok", "failed: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB", "ok", "ok",
+    ]  # fmt: skip
+    assert rows[1]["wall_ms"] == "nan" and "failed: RuntimeError" in capsys.readouterr().out
+
+    def no_profiler(*args, **kwargs):
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(time_split, "profile", no_profiler)
+    found = real(lambda: None, 2, time_split.torch.device("cpu"))
+    assert found["wall_ms"] >= 0 and found["device_ms"] != found["device_ms"]  # NaN
+    assert found["status"] == "ok, no profile: RuntimeError: CUPTI unavailable"
