@@ -104,6 +104,15 @@ def _compiled() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
+@cache
+def _compiled_block_mask() -> Callable:
+    """create_block_mask compiled, as its ``_compile=True`` did (torch 2.13 deprecates
+    the flag for this form)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
 def flex(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -134,8 +143,8 @@ def flex(
         batch, heads = (b, h) if per_head else (None, None)
         # compiled, the mask is evaluated block by block instead of as an N x N tensor
         # (N = 8192 on the CPU: 0.09 s and no N x N bytes against 1.1 s and about 1 GB)
-        block_mask = create_block_mask(mask_mod, batch, heads, n_q, k.shape[2], device=q.device,
-                                       _compile=can_compile(q.device))  # fmt: skip
+        make = _compiled_block_mask() if can_compile(q.device) else create_block_mask
+        block_mask = make(mask_mod, batch, heads, n_q, k.shape[2], device=q.device)
     options = dict(score_mod=score_mod, block_mask=block_mask, return_lse=need_lse)
     if gpu_options and q.device.type == "cuda":
         options["kernel_options"] = gpu_options
