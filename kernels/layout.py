@@ -26,6 +26,8 @@ from functools import cached_property, lru_cache
 
 import torch
 
+from attn_zoo.kernels.device_constants import on_device
+
 BIG = 1 << 40  # an unbounded edge
 
 
@@ -195,13 +197,54 @@ def build_layout(
     launch that tests groups the layout was not given. With groups (and a band of
     plain integers) the layout reads nothing back from the device: its lists are as
     wide as those of the same positions without groups, built once on the host
-    (:attr:`BlockLayout.bound`).
+    (:attr:`BlockLayout.bound`), and the positions' part of its masks is made once
+    per device.
     """
+    shape = (n_q, n_k, band, window, self_pairs, block_m, block_n)
+    plain = not any(isinstance(x, torch.Tensor) for x in (band.lo, band.hi))
+    if q_groups is not None and plain:  # built per call: the positions' part kept
+        where = torch.device(device) if device is not None else q_groups.device
+        found = on_device(where, lambda: _positions(*shape), "layout-positions", *shape)
+    else:
+        found = _positions(*shape, device)
+    a_, b_, c_, d_, touched, full, apart = found
+    if q_groups is not None:
+        a, b, c, d = a_[:, 0], b_[:, 0], c_[0], d_[0]
+        qa, qb = q_groups[:, a][..., :, None], q_groups[:, b][..., :, None]
+        kc, kd = k_groups[:, c][..., None, :], k_groups[:, d][..., None, :]
+        touched = touched & (qa <= kd) & (kc <= qb)
+        full = full & (qa == qb) & (kc == kd) & (qa == kc)
+    if full_band is not None:
+        full = full & (a_ + band.offset - d_ >= _rows(full_band.lo, device))
+        full = full & (b_ + band.offset - c_ <= _rows(full_band.hi, device))
+    full = full & touched & (not partial_only)
+    partial = touched & ~full
+    own = partial & ~apart if self_pairs else None
+    bound = None
+    if q_groups is not None and plain:
+        # groups sorted along the kernel order only take blocks away, and keep a row's
+        # full blocks one run where the positions alone do: one group's whole key
+        # blocks are a run, and so is their meet with a run
+        bound = cached_layout(n_q, n_k, band, window, (block_m, block_n), torch.device("cpu"),
+                              self_pairs)  # fmt: skip
+    return _packed(block_m, block_n, full, partial, d_.shape[-1], own, bound)
+
+
+def _rows(x, device):
+    """A per-layout-row band edge [G] as [G, 1, 1] (an int as it is)."""
+    return x.to(device).view(-1, 1, 1) if isinstance(x, torch.Tensor) else x
+
+
+def _positions(n_q: int, n_k: int, band: Band, window: Window | None, self_pairs: bool,
+               block_m: int, block_n: int, device=None):  # fmt: skip
+    """What the positions alone decide: the blocks' first and last indices (a, b
+    [n_qb, 1] of the queries', c, d [1, n_kb] of the keys'), and which block pairs they
+    touch, which they see whole, and which hold no pair i == j ([G|1, n_qb, n_kb])."""
     a, b = _ends(n_q, block_m, device)  # query block ends [n_qb]
     c, d = _ends(n_k, block_n, device)  # key block ends [n_kb]
 
-    def rows(x):  # a per-layout-row band edge [G] -> [G, 1, 1]
-        return x.to(device).view(-1, 1, 1) if isinstance(x, torch.Tensor) else x
+    def rows(x):
+        return _rows(x, device)
 
     def first(i):
         lo = i + band.offset - rows(band.hi)
@@ -223,25 +266,7 @@ def build_layout(
     if self_pairs:
         full &= apart
     touched, full = (x if x.dim() == 3 else x[None] for x in (touched, full))  # [G|1, ..]
-    if q_groups is not None:
-        qa, qb = q_groups[:, a][..., :, None], q_groups[:, b][..., :, None]
-        kc, kd = k_groups[:, c][..., None, :], k_groups[:, d][..., None, :]
-        touched = touched & (qa <= kd) & (kc <= qb)
-        full = full & (qa == qb) & (kc == kd) & (qa == kc)
-    if full_band is not None:
-        full = full & (a_ + band.offset - d_ >= rows(full_band.lo))
-        full = full & (b_ + band.offset - c_ <= rows(full_band.hi))
-    full = full & touched & (not partial_only)
-    partial = touched & ~full
-    own = partial & ~apart if self_pairs else None
-    bound = None
-    if q_groups is not None and not any(isinstance(x, torch.Tensor) for x in (band.lo, band.hi)):
-        # groups sorted along the kernel order only take blocks away, and keep a row's
-        # full blocks one run where the positions alone do: one group's whole key
-        # blocks are a run, and so is their meet with a run
-        bound = cached_layout(n_q, n_k, band, window, (block_m, block_n), torch.device("cpu"),
-                              self_pairs)  # fmt: skip
-    return _packed(block_m, block_n, full, partial, len(c), own, bound)
+    return a_, b_, c_, d_, touched, full, apart
 
 
 @lru_cache(maxsize=128)
