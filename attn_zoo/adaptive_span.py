@@ -90,15 +90,18 @@ class SpanPlan(Plan):
         """z_h + shift: m_z(x - shift) = clamp((R + z_h + shift - x) / R, 0, 1)."""
         return tuple(z + self.shift for z in self.spans)
 
+    def ramp_spans_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """:meth:`ramp_spans` as a tensor [H] on ``device``, made once per values."""
+        spans = self.ramp_spans()
+        return on_device(device, lambda: torch.tensor(spans, dtype=dtype), "spans", dtype, spans)
+
     def weight(self, distance: torch.Tensor, head: int | torch.Tensor) -> torch.Tensor:
         """m_z(x - shift) on 1 <= x <= S, 0 elsewhere (Eq. 4-5); ``head`` an int or a
         tensor of heads broadcasting against ``distance``."""
         if self.z is not None:  # learnable spans: the gradient reaches z_h through m_z
             spans = self.z.to(distance.device) + self.shift
         else:
-            real = torch.get_default_dtype()
-            spans = on_device(distance.device, lambda: torch.tensor(self.ramp_spans(), dtype=real),
-                              "spans", real, self.ramp_spans())  # fmt: skip
+            spans = self.ramp_spans_on(distance.device, torch.get_default_dtype())
         z = spans[head]
         inside = (distance >= 1) & (distance <= self.max_span)
         return soft_mask(distance.to(spans.dtype), z, self.ramp) * inside

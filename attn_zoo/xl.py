@@ -119,12 +119,11 @@ def relative_terms(q: torch.Tensor, plan: XLPlan) -> list[Term]:
     in all four passes over [B, H, N, D] (q + v, the product with W_R, the rotation,
     the cast to q's dtype), with the tables of the positions made once per device."""
     dim = plan.w_r.shape[-1]
-    by_frequency = torch.arange(dim, device=q.device).view(2, dim // 2).T.reshape(-1)
+    turn, g, by_frequency = on_device(q.device, lambda: _position_tables(q.shape[2], dim, q.dtype),
+                                      "xl-positions", q.shape[2], dim, q.dtype)  # fmt: skip
     real = torch.promote_types(q.dtype, torch.float32)  # float32, or float64 for float64
     w_r = plan.w_r.to(real)[..., by_frequency]  # [H, D, D'], columns (s_0, c_0, s_1, ...)
     a = torch.matmul(torch.add(q, plan.v[:, None, :].to(real)), w_r[None])
-    turn, g = on_device(q.device, lambda: _position_tables(q.shape[2], dim, q.dtype),
-                        "xl-positions", q.shape[2], dim, q.dtype)  # fmt: skip
     f = torch.view_as_real(torch.view_as_complex(a.unflatten(-1, (-1, 2))) * turn)
     f = f.flatten(-2).to(q.dtype)  # once, not at each of the three launches
     clamp = plan.clamp_len
@@ -138,15 +137,17 @@ def relative_terms(q: torch.Tensor, plan: XLPlan) -> list[Term]:
     return terms
 
 
-def _position_tables(n: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _position_tables(n: int, dim: int, dtype: torch.dtype):
     """For positions 0..n-1, by frequency (:func:`relative_terms`): sin(iw) - i cos(iw)
     [n, D' / 2] complex (of float32, or of float64 for ``dtype`` float64), the queries'
-    rotation, and g = (cos(jw), sin(jw)) pairs [n, D'] in ``dtype``, the keys' features."""
+    rotation; g = (cos(jw), sin(jw)) pairs [n, D'] in ``dtype``, the keys' features; and
+    the order that lays a [sines | cosines] vector out by frequency (s_0, c_0, s_1, ...)."""
     theta = angles(torch.arange(n), dim)
     real = torch.promote_types(dtype, torch.float32)
     turn = torch.complex(theta.sin(), -theta.cos()).to(real.to_complex())
     g = torch.stack([theta.cos(), theta.sin()], dim=-1).flatten(-2).to(dtype)
-    return turn, g
+    by_frequency = torch.arange(dim).view(2, dim // 2).T.reshape(-1)
+    return turn, g, by_frequency
 
 
 def rel_shift(x: torch.Tensor, klen: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import attn_zoo
 from attn_zoo.kernels.dry_run import recorded
@@ -42,13 +43,7 @@ FRESH = torch.ops.aten.lift_fresh.default
 
 def _tensors(values) -> list[torch.Tensor]:
     """The tensors among ``values``, and in the lists and tuples among them."""
-    found = []
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif isinstance(value, (list, tuple)):
-            found += _tensors(value)
-    return found
+    return [x for x in tree_leaves(values) if isinstance(x, torch.Tensor)]
 
 
 def _aliases(name: str, inputs: list[torch.Tensor], out) -> bool:

@@ -14,7 +14,6 @@ from functools import lru_cache
 import torch
 
 from attn_zoo.kernels.autograd import attend
-from attn_zoo.kernels.device_constants import on_device
 from attn_zoo.kernels.flash import Part, Ramp
 from attn_zoo.kernels.layout import Band, BlockLayout, build_layout
 from attn_zoo.kernels.tuning import tile_for
@@ -41,8 +40,7 @@ def adaptive_span_attention(q, k, v, plan) -> torch.Tensor:
     if plan.z is not None:  # learnable z_h: the backward gives their gradient
         spans = plan.z.to(q.device, torch.float32) + plan.shift
     else:
-        spans = on_device(q.device, lambda: torch.tensor(plan.ramp_spans(), dtype=torch.float32),
-                          "spans", torch.float32, plan.ramp_spans())  # fmt: skip
+        spans = plan.ramp_spans_on(q.device, torch.float32)
     ramp = Ramp(spans, plan.ramp, symmetric=not plan.causal)
     far = max(reach)  # over the heads; the layout never visits blocks past each one's
     band = Band(lo=1, hi=far) if plan.causal else Band(lo=-far, hi=far)

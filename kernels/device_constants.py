@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable
 from typing import TypeVar
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 T = TypeVar("T")
 
@@ -28,24 +29,12 @@ _KEPT: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
 
 def moved(value, device: torch.device):
     """``value`` with every tensor in it (alone, or in a dict, tuple or list) on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {name: moved(x, device) for name, x in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(moved(x, device) for x in value)
-    return value
+    return tree_map_only(torch.Tensor, lambda t: t.to(device), value)
 
 
 def size(value) -> int:
     """Bytes of the tensors in ``value`` (as :func:`moved` walks it)."""
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(size(x) for x in value.values())
-    if isinstance(value, (tuple, list)):
-        return sum(size(x) for x in value)
-    return 0
+    return sum(t.nbytes for t in tree_leaves(value) if isinstance(t, torch.Tensor))
 
 
 def on_device(device: torch.device | str, make: Callable[[], T], *key: Hashable) -> T:

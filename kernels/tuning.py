@@ -378,6 +378,21 @@ def store_tile(path: Path, device: str, key: tuple, tile: Tile) -> None:
     _stored(path)[(device, repr(key))] = tile
 
 
+def _stored_or_tuned(kind: str, key: tuple, q: torch.Tensor, call: Callable) -> Tile:
+    """The tile of ``key``: read from the tiles file, else autotuned (and stored there
+    when there is one); kept in :data:`CHOSEN` either way."""
+    path = tiles_file()
+    if path is None:
+        return autotune(key, call, candidates(q.shape[-1], q.dtype, kind))
+    device = device_name(q.device)
+    tile = stored_tile(path, device, key)
+    if tile is None:
+        tile = autotune(key, call, candidates(q.shape[-1], q.dtype, kind))
+        store_tile(path, device, key, tile)
+    CHOSEN[key] = tile
+    return tile
+
+
 def tuned_call(kind: str, mechanism: str, config: dict, causal: bool, q: torch.Tensor,
                call: Callable[[], torch.Tensor]) -> torch.Tensor:  # fmt: skip
     """``call()`` with the autotuned tile on CUDA (a forced tile wins), else as is."""
@@ -386,14 +401,7 @@ def tuned_call(kind: str, mechanism: str, config: dict, causal: bool, q: torch.T
     key = tune_key(mechanism, config, q, causal)
     tile = CHOSEN.get(key)  # a tuned key lists no candidates (50 us of host time a call)
     if tile is None:
-        path = tiles_file()
-        device = device_name(q.device) if path is not None else ""
-        tile = stored_tile(path, device, key) if path is not None else None
-        if tile is None:
-            tile = autotune(key, call, candidates(q.shape[-1], q.dtype, kind))
-            if path is not None:
-                store_tile(path, device, key, tile)
-        CHOSEN[key] = tile
+        tile = _stored_or_tuned(kind, key, q, call)
     LAST[:] = [tile]
     with use_tile(tile):
         return call()
