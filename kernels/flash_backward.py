@@ -50,7 +50,7 @@ from attn_zoo.kernels.flash import (
     launch,
 )
 from attn_zoo.kernels.layout import Window, cached_layout
-from attn_zoo.kernels.tuning import backward_tile
+from attn_zoo.kernels.tuning import backward_tile_for
 
 LN2 = tl.constexpr(0.6931471805599453)  # the log2-unit scale back to natural-log scores
 
@@ -273,7 +273,7 @@ def backward(
     for part in parts:
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
-        tile = backward_tile(dim, q.dtype, part.kind, run.tile)
+        tile = backward_tile_for(q, part.kind, run.tile)
         shape = (batch, heads, run.n_q, dim)
         dq_rows = flash.new_output(q, shape, torch.float32)
         df_rows = flash.new_output(q, shape, torch.float32) if rel else dq_rows

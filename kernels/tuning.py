@@ -126,6 +126,14 @@ def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile,
     (6,736 against 7,968 per 4,096 scores, fp16), neither spills; with 3.6, the GPU
     image's, 1 spills 92 bytes and 2 none (5,808). So 2 before 3.9."""
     _check_kind(kind)
+    if dtype == torch.float32:
+        return float32_backward_tile(head_dim, triton)
+    return _mma_backward_tile(head_dim, kind, tile, triton)
+
+
+def _mma_backward_tile(head_dim: int, kind: str, tile: Tile,
+                       triton: tuple[int, int] | None = None) -> BackwardTile:  # fmt: skip
+    """:func:`backward_tile` for fp16 and bf16."""
     program = min(tile.block_m, tile.block_n, 64)
     narrow = head_dim > 64 or kind == "duplicates"
     step = min(32, program) if narrow else program
@@ -194,13 +202,11 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       3.9, 128 x 64;
     * lsh: 64 x 64 with 4 warps at every head_dim (2,232 and 2,596; with 8 warps, or
       128 x 64, more per score or more pairs scored than its 64-place chunks need);
-    * float32 (IEEE dots on FMA units, no MMA): 64 x 64, 32 x 32 at head_dim 128.
+    * float32: :func:`float32_tile`.
     """
     _check_kind(kind)
-    heavy = kind not in ("plain", "ramp")
     if dtype == torch.float32:
-        block = 32 if head_dim > 64 else 64
-        return Tile(block, block, 8 if heavy else 4)
+        return float32_tile(head_dim, kind)
     if kind == "relative" and head_dim <= 64:
         return Tile(128, 128, 8)
     if kind == "relative":
@@ -214,9 +220,60 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     return Tile(128, 128, 8)
 
 
+def float32_tile(head_dim: int, kind: str = "plain") -> Tile:
+    """The untuned float32 tile: IEEE dots run on the FMA units (no MMA) with their
+    operands in registers, so the tile is the fastest by the compile report that
+    spills nothing in any variant with Triton 3.9 or 3.6 (warp-instructions per
+    4,096 scores of the full-block walk, dense):
+
+    * up to head_dim 32, 64 x 64 with 8 warps and 2 stages (11,392);
+    * at 64, 32 x 32 with 4 warps and 2 stages (22,272); 64 x 32 with 8 warps for
+      dense and xl (21,840); 32 x 64 with 8 warps for lsh, whose earlier rounds'
+      codes spill the others;
+    * at 128, 32 x 64 with 8 warps and 2 stages (42,256), 3 for lsh (2 spills 1,880
+      bytes with Triton 3.6, 3 none).
+
+    The tiles before (64 x 64, 32 x 32 at 128, 4 warps but for dense, xl and lsh)
+    spilled in most variants: up to 40 bytes at head_dim 32, 5,192 at 64 and 1,784
+    at 128."""
+    if head_dim <= 32:
+        return Tile(64, 64, 8, 2)
+    if head_dim > 64:
+        return Tile(32, 64, 8, 3 if kind == "duplicates" else 2)
+    if kind == "duplicates":
+        return Tile(32, 64, 8, 2)
+    return Tile(64, 32, 8, 2) if kind in ("dense", "relative") else Tile(32, 32, 4, 2)
+
+
+def float32_backward_tile(head_dim: int, triton: tuple[int, int] | None = None) -> BackwardTile:
+    """The float32 backward's programs (FMA dots, operands in registers), by the
+    compile report (warp-instructions per 4,096 scores, dense, dQ and dK/dV):
+
+    * up to head_dim 32, 32 rows or keys in steps of 16 with 4 warps (16,896 and
+      25,824);
+    * above, 16 in steps of 16 with 8 warps (40,192 and 60,800 at 64). At 128 the
+      dK/dV pass's stages follow the compiler (``triton``, the installed version by
+      default): with Triton 3.9, 1 (105,344; 2 spill 164-472 bytes, 1 only 16 in
+      causal lsh), before it 2 (none spill there, 1 spills 4-8 bytes).
+
+    Nothing else spills, but Triton 3.6's dQ of lsh across buckets at 64 (8 bytes).
+
+    The 64 x 64 programs before (32 x 32 at 128) spilled in dK/dV in every variant:
+    1,316 bytes at head_dim 32 (11,048 for gathered keys), 2,980 at 64 (xl's dQ
+    32,588), 5,040 at 128 (lsh's 20,872). Both divide every float32 forward tile
+    (:func:`float32_tile`)."""
+    if head_dim > 64:
+        return BackwardTile(16, 16, 8, stages=1 if _newer(triton) else 2, stages_dq=2)
+    if head_dim > 32:
+        return BackwardTile(16, 16, 8, stages=2, stages_dq=2)
+    return BackwardTile(32, 16, 4, stages=2, stages_dq=2)
+
+
 def interpreter_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile:
-    """The fixed tile under the interpreter: the default's shape capped at 64."""
-    tile = default_tile(head_dim, dtype, kind)
+    """The fixed tile under the interpreter: the fp16 default's shape capped at 64, for
+    every dtype (the interpreter's cost is per program and step, so the GPU's smaller
+    float32 tiles would only slow the tests; ``GPU_TILES`` in the tests runs those)."""
+    tile = default_tile(head_dim, torch.float16, kind)
     return Tile(min(tile.block_m, 64), min(tile.block_n, 64), tile.warps, 1)
 
 
@@ -235,13 +292,18 @@ def fits(tile: Tile, head_dim: int, itemsize: int, kind: str = "plain") -> bool:
 
 
 def candidates(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> list[Tile]:
-    """The autotuner's configs that :func:`fits`, the default first."""
+    """The autotuner's configs that :func:`fits`, the default first; for float32
+    (FMA dots) only tiles of at most 64 x 64, the larger spill."""
     _check_kind(kind)
-    shapes = [(128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4), (64, 64, 4), (64, 64, 8),
-              (32, 32, 4)]  # fmt: skip
     configs = [default_tile(head_dim, dtype, kind)]
+    if dtype == torch.float32:
+        shapes = [(64, 64, 8), (64, 32, 8), (32, 64, 8), (64, 32, 4), (32, 32, 4)]
+    else:
+        shapes = [(128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4), (64, 64, 4),
+                  (64, 64, 8), (32, 32, 4)]  # fmt: skip
     configs += [Tile(m, n, w, s) for m, n, w in shapes for s in (2, 3, 4)]
-    configs += [Tile(64, 64, 8, s, step_n=32) for s in (2, 3)]
+    if dtype != torch.float32:
+        configs += [Tile(64, 64, 8, s, step_n=32) for s in (2, 3)]
     itemsize = torch.empty((), dtype=dtype).element_size()
     found: list[Tile] = []
     for tile in configs:
@@ -267,14 +329,28 @@ def use_tile(tile: Tile) -> Iterator[Tile]:
 GPU_TILES: contextvars.ContextVar[bool] = contextvars.ContextVar("gpu_tiles", default=False)
 
 
+def _off_the_gpu(q: torch.Tensor) -> bool:
+    """Whether a launch on ``q`` runs in the interpreter's fixed tiles."""
+    return (interpreting() or q.device.type != "cuda") and not GPU_TILES.get()
+
+
 def tile_for(q: torch.Tensor, kind: str = "plain") -> Tile:
     """The tile of a launch on ``q``: forced, interpreter's, or the default."""
     forced = _FORCED.get()
     if forced is not None:
         return forced
-    if (interpreting() or q.device.type != "cuda") and not GPU_TILES.get():
+    if _off_the_gpu(q):
         return interpreter_tile(q.shape[-1], q.dtype, kind)
     return default_tile(q.shape[-1], q.dtype, kind)
+
+
+def backward_tile_for(q: torch.Tensor, kind: str, tile: Tile) -> BackwardTile:
+    """The backward's programs for a launch on ``q`` whose forward ran ``tile``: in
+    the interpreter the fp16 rule for every dtype (:func:`interpreter_tile`), else
+    :func:`backward_tile` (float32's programs, 32 and 16, divide every candidate)."""
+    if _off_the_gpu(q):
+        return _mma_backward_tile(q.shape[-1], kind, tile)
+    return backward_tile(q.shape[-1], q.dtype, kind, tile)
 
 
 #: Chosen tiles by key (see :func:`tune_key`), for this process.

@@ -116,7 +116,7 @@ def strict() -> list[str]:
     "kernels,dtypes,dims",
     [
         ("fwd", "fp16,bf16", "32,64,128"),
-        ("fwd", "fp32", "32"),
+        ("fwd", "fp32", "32,64,128"),
         ("bwd_dq,bwd_dkdv", "fp16", "64,128"),
     ],
 )
@@ -211,7 +211,11 @@ def test_strict_gaps_name_new_gaps_and_fixed_known_ones(monkeypatch):
         assert compile_check._gaps(row) == ["K/V single-buffered"]
     gathered = dense | {"variant": "lsh buckets", "spill_store_bytes": 0, "hgmma": 8}
     assert compile_check._gaps(gathered | {"loop_async_copies": 0}) == []
-    assert compile_check._gaps(dense | {"dtype": "fp32", "spill_store_bytes": 8, "hgmma": 0}) == []
+    # float32 runs on the FMA units (no HGMMA); its forward must not spill, at every head_dim
+    fp32 = dense | {"dtype": "fp32", "hgmma": 0, "head_dim": 32}
+    assert compile_check._gaps(fp32 | {"spill_store_bytes": 0}) == []
+    assert compile_check._gaps(fp32 | {"spill_store_bytes": 8}) == ["spills"]
+    assert compile_check._gaps(fp32 | {"spill_store_bytes": 8, "kernel": "bwd_dkdv"}) == []
 
 
 @pytest.mark.parametrize("mode", ["buckets", "chunks", "window"])

@@ -2,6 +2,8 @@
 (128-row, rectangular) give the same results as the interpreter's 64 x 64, the
 candidates fit, the autotuner picks the fastest and skips what cannot run."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -167,19 +169,55 @@ def test_a_step_that_does_not_divide_the_block_is_refused(fields, message):
         Tile(128, 128, 8, **fields)
 
 
+@pytest.mark.parametrize("kind", tuning.KINDS)
+@pytest.mark.parametrize("dim", [16, 32, 64, 128])
+def test_float32_backward_programs_divide_every_float32_tile(dim, kind):
+    """The backward's programs split the forward's layout blocks, whichever float32
+    tile the autotuner picks."""
+    back = tuning.backward_tile(dim, torch.float32, kind, tuning.float32_tile(dim, kind))
+    for tile in tuning.candidates(dim, torch.float32, kind):
+        for block in tile.blocks:
+            assert block % back.program == 0 and block % back.step == 0, (tile, back)
+
+
+@pytest.fixture
+def gpu_tiles():
+    """Launches in the interpreter take the tiles (and backward programs) a GPU runs."""
+    token = tuning.GPU_TILES.set(True)
+    yield
+    tuning.GPU_TILES.reset(token)
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+@pytest.mark.parametrize("name", ["dense", "sparse_strided", "adaptive_span", "xl", "lsh",
+                                  "routing"])  # fmt: skip
+def test_float32_gpu_tiles_match_reference_oracle_and_gradients(name, dim, gpu_tiles):
+    """float32's own tiles (:func:`tuning.float32_tile`: 64 x 32, 32 x 32 and 32 x 64)
+    and backward programs (16 and 32 rows or keys in steps of 16), which the
+    interpreter does not run by default."""
+    q = torch.empty(1, 1, 1, dim)
+    kind = "duplicates" if name == "lsh" else "plain"
+    assert tuning.tile_for(q, kind) == tuning.float32_tile(dim, kind)
+    assert tuning.backward_tile_for(q, kind, tuning.tile_for(q)).step == 16
+    check_impl(small(name), "triton", 100, dim, torch.float32, name != "lsh")
+    _same_gradients(name, None, causal=name != "lsh", dim=dim)
+
+
 def _same_outputs(name, tile, n, causal):
     """The triton impl on ``tile`` against the reference and the float64 oracle."""
     with tuning.use_tile(tile):
         check_impl(small(name), "triton", n, 32, torch.float32, causal)
 
 
-def _same_gradients(name, tile, causal=True):
+def _same_gradients(name, tile, causal=True, dim=32):
+    """The triton impl's gradients on ``tile`` (None: the tile a launch takes) against
+    the reference's."""
     mech = small(name)
-    q, k, v = (torch.randn(1, 2, 150, 32, dtype=torch.float64).float().requires_grad_()
+    q, k, v = (torch.randn(1, 2, 150, dim, dtype=torch.float64).float().requires_grad_()
                for _ in range(3))  # fmt: skip
     plan = mech.plan(q, k, v, causal)
-    upstream = torch.randn(1, 2, 150, 32)
-    with tuning.use_tile(tile):
+    upstream = torch.randn(1, 2, 150, dim)
+    with tuning.use_tile(tile) if tile else contextlib.nullcontext():
         mine = torch.autograd.grad(mech(q, k, v, causal, "triton", plan), (q, k, v), upstream,
                                    allow_unused=True)  # fmt: skip
     reference = torch.autograd.grad(mech(q, k, v, causal, "reference", plan), (q, k, v),
@@ -243,7 +281,7 @@ def test_a_tuned_call_on_cuda_runs_and_records_the_fastest_candidate(monkeypatch
     assert tuning.tuned_call("plain", "dense", {}, True, q, lambda: tuning._FORCED.get()) is None
 
 
-def test_xl_dq_stages_follow_the_compiler():
+def test_backward_stages_follow_the_compiler():
     tile = tuning.default_tile(128, torch.float16, "relative")
     # Triton 3.6 (the GPU image's) spills 92 bytes in xl's dQ pass with 1 stage, 3.9 does not
     old = tuning.backward_tile(128, torch.float16, "relative", tile, triton=(3, 6))
@@ -255,6 +293,10 @@ def test_xl_dq_stages_follow_the_compiler():
     assert plain.stages == plain.stages_dq == 3
     major, minor = tuning.triton_version()
     assert (major, minor) >= (3, 6)
+    # float32's dK/dV at head_dim 128: 2 stages spill with Triton 3.9, 1 with 3.6
+    fp32 = tuning.default_tile(128, torch.float32)
+    assert tuning.backward_tile(128, torch.float32, "plain", fp32, triton=(3, 9)).stages == 1
+    assert tuning.backward_tile(128, torch.float32, "plain", fp32, triton=(3, 6)).stages == 2
 
 
 def test_tuned_tiles_go_to_the_tiles_file_and_a_later_process_reads_them(monkeypatch, tmp_path):
