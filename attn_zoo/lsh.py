@@ -47,7 +47,7 @@ from attn_zoo.grouped import (
 )
 from attn_zoo.interface import Mechanism, Plan
 from attn_zoo.kernels.device_constants import on_device
-from attn_zoo.kernels.runtime import triton_options
+from attn_zoo.kernels.runtime import triton_installed, triton_options
 from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.registry import register
 from attn_zoo.tiles import merge, upcast
@@ -127,8 +127,8 @@ class LSH(Mechanism):
             )
         rotations = on_device(q.device, lambda: random_rotations(cfg, h, d, n_buckets),
                               self.name, cfg, h, d, n_buckets)  # fmt: skip
-        keys = shared_keys(q).float()
-        buckets = torch.stack([hash_round(keys, rotations[:, r]) for r in range(cfg.n_hashes)], 2)
+        keys = shared_keys(q)
+        buckets = hash_rounds(keys, rotations)
         return LSHPlan(b, h, n, n, causal, buckets, cfg.bucket_size, cfg.self_penalty,
                        cfg.attend_across_buckets, cfg.allow_duplicate_attention,
                        n_buckets)  # fmt: skip
@@ -157,6 +157,24 @@ def random_rotations(cfg: LSHConfig, heads: int, dim: int, n_buckets: int) -> to
     g = torch.Generator().manual_seed(cfg.seed)
     return torch.randn(heads, cfg.n_hashes, dim, n_buckets // 2, generator=g,
                        dtype=torch.float32)  # fmt: skip
+
+
+def hash_rounds(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Every round's buckets [B, H, rounds, N] of x under rotations [H, rounds, D, b/2]:
+    on a GPU one kernel that never writes xR (:mod:`attn_zoo.kernels.hashing`), else
+    :func:`hash_round` per round on x in float32."""
+
+    def per_round():
+        keys = x.float()
+        rounds = range(rotations.shape[1])
+        return torch.stack([hash_round(keys, rotations[:, r]) for r in rounds], 2)
+
+    if triton_installed():
+        from attn_zoo.kernels import hashing
+
+        if hashing.runs_on(x):
+            return hashing.hash_rounds(x, rotations, per_round)
+    return per_round()
 
 
 def hash_round(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:

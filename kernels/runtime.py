@@ -14,9 +14,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_unavailable(device: torch.device) -> str | None:
     """None when Triton kernels run on ``device``, else why not."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return "triton is not installed"
     if device.type == "cuda":
         return None
