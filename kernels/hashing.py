@@ -4,10 +4,11 @@ round: h(x) = argmax([xR; -xR]) per token, head and round.
 The PyTorch form (:func:`attn_zoo.lsh.hash_round`) writes xR, [B, H, N, b/2] in
 float32, for each round, and reads it twice (its max and its min): at [4, 8,
 8,192, 64] with 256 buckets and 4 rounds, 1,994 of the plan's 2,266 MB of memory
-traffic outside kernels (``python -m attn_zoo.bench.host_ops``). Here each program holds a block of tokens' x in registers and walks the
-round's rotation CHUNK columns at a time, keeping each row's running max and min
-of xR with their first indices, so xR never leaves the chip: the traffic is x
-read once per round and the buckets written. Ties go to the first index, as
+traffic outside kernels (``python -m attn_zoo.bench.host_ops``). Here each
+program holds a block of tokens' x in registers and walks the round's rotation
+CHUNK columns at a time, keeping each row's running max and min of xR with their
+first indices, so xR never leaves the chip: the traffic is x read once per round
+and the buckets written. Ties go to the first index, as
 argmax over the concatenation [xR; -xR] gives them (a max of xR that equals -min
 wins over it). The products are IEEE float32 (no TF32), as torch.matmul's; their
 summation order differs, so a row whose two best candidates differ by a rounding
