@@ -208,14 +208,17 @@ def lsh_reference(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
 def lsh_triton(mech, q, k, v, plan: LSHPlan) -> torch.Tensor:
     """One sorted part per round, merged by log-sum-exp (kernels/grouped.py)."""
     from attn_zoo.kernels.autograd import attend
-    from attn_zoo.kernels.grouped import round_codes, sorted_parts
+    from attn_zoo.kernels.grouped import SortedRounds, round_codes, sorted_parts
 
+    b, h = q.shape[:2]
+    order = SortedRounds.of(plan.buckets, b, h)  # one sort for the parts and the codes
     duplicates = None
     if plan.rounds is not None:  # Eq. 7's codes, shared by every round's part
-        duplicates = round_codes(plan.rounds, *q.shape[:2], plan.bucket_size, plan.mode,
-                                 plan.n_buckets)  # fmt: skip
+        duplicates = round_codes(plan.rounds, b, h, plan.bucket_size, plan.mode, plan.n_buckets,
+                                 place=order.places(b, h))  # fmt: skip
     parts = sorted_parts(q, shared_keys(q), v, plan.buckets, plan.bucket_size, plan.mode,
-                         plan.self_penalty, duplicates, keep=plan.keep, prune=False)  # fmt: skip
+                         plan.self_penalty, duplicates, keep=plan.keep, prune=False,
+                         order=order)  # fmt: skip
     return attend(q, parts)[0]
 
 

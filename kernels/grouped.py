@@ -19,6 +19,8 @@ shows, so each pair of the rounds' union counts once (Reformer, Eq. 7:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from attn_zoo.kernels.autograd import attend
@@ -28,8 +30,32 @@ from attn_zoo.kernels.sorting import sort_by_group
 from attn_zoo.kernels.tuning import tile_for
 
 
+@dataclass(frozen=True)
+class SortedRounds:
+    """Every round's tokens sorted by (group, position), one row per round, batch and
+    head ([R * B * H, N]): ``groups`` in positions' order, ``perm[p]`` the position at
+    sorted place p, ``rank[i]`` the sorted place of position i."""
+
+    groups: torch.Tensor
+    perm: torch.Tensor
+    rank: torch.Tensor
+
+    @classmethod
+    def of(cls, groups: torch.Tensor, b: int, h: int) -> SortedRounds:
+        """For groups [B|1, H|1, R, N]: one sort of every round."""
+        rounds, n = groups.shape[-2:]
+        rows = groups.expand(b, h, rounds, n).transpose(1, 2).transpose(0, 1)  # [R, B, H, N]
+        rows = rows.reshape(rounds * b * h, n)
+        return cls(rows, *sort_by_group(rows))
+
+    def places(self, b: int, h: int) -> torch.Tensor:
+        """``rank`` as [B, H, R, N] (a view)."""
+        return self.rank.view(-1, b, h, self.rank.shape[-1]).permute(1, 2, 0, 3)
+
+
 def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str,
-                groups: int | None = None) -> Duplicates:  # fmt: skip
+                groups: int | None = None,
+                place: torch.Tensor | None = None) -> Duplicates:  # fmt: skip
     """Every round's visibility rule for Eq. 7 as one integer per position, from the
     groups [B|1, H|1, R, N] and the places p they sort to: key j is visible to query
     i in a round exactly when 0 <= code_i - code_j <= reach.
@@ -43,9 +69,12 @@ def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str,
 
     ``groups``: how many groups there are (ids 0 to groups - 1), so that the int32
     check reads nothing back from the device (None: the largest id is read).
+    ``place``: the places [B, H, R, N] when the caller has sorted the rounds already
+    (:meth:`SortedRounds.places`), else they are sorted here.
     """
     rounds = rounds.expand(b, h, -1, -1).long()
-    _, place = sort_by_group(rounds)
+    if place is None:
+        _, place = sort_by_group(rounds)
     n = rounds.shape[-1]
     chunks = -(-n // chunk)
     if mode == "window":
@@ -65,7 +94,7 @@ def round_codes(rounds: torch.Tensor, b: int, h: int, chunk: int, mode: str,
 
 def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
                  duplicates: Duplicates | None = None, keep=None,
-                 prune: bool = True) -> list[Part]:  # fmt: skip
+                 prune: bool = True, order: SortedRounds | None = None) -> list[Part]:  # fmt: skip
     """One part per round for groups [B|1, H|1, R, N], output in original order,
     built together: one sort of every round's tokens and, for the modes with group
     equality, one layout of every round's rows, split per round (a handful of
@@ -79,13 +108,13 @@ def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
     builds nothing per call: worth it where groups are narrower than a block (lsh's
     buckets hold chunk / 2 tokens on average, and its layout of groups spares 1.6% of
     its scores at N = 8,192), not where they are wider (routing's clusters of about
-    sqrt(N) spare 25%)."""
+    sqrt(N) spare 25%). ``order``: the rounds already sorted (:class:`SortedRounds`
+    of ``groups``), else sorted here."""
     b, h, n, _ = q.shape
     rounds = groups.shape[-2]
     tile = tile_for(q, "duplicates" if duplicates is not None else "plain")
-    groups = groups.expand(b, h, rounds, n).transpose(1, 2).transpose(0, 1)  # [R, B, H, N]
-    groups = groups.reshape(rounds * b * h, n)
-    perm, _ = sort_by_group(groups)
+    order = order or SortedRounds.of(groups, b, h)
+    groups, perm = order.groups, order.perm
     # chunks c - 1 and c of sorted places (a segment window), or a sorted-place band
     window = None if mode == "window" else Window(chunk, chunk, lo=-chunk, hi=chunk - 1)
     band = Band(lo=0, hi=chunk) if mode == "window" else Band()

@@ -94,7 +94,9 @@ def test_plans_hash_with_the_kernel_on_a_gpu_and_in_a_dry_run(monkeypatch):
 
 def test_kernel_compiles_for_h100_without_spills():
     """Each head_dim's tile through Triton's whole pipeline for sm_90 (no GPU): IEEE
-    float32 dots keep their operands in registers, so a wider tile spills."""
+    float32 dots keep their operands in registers, so a wider tile spills. And a
+    launch whose integer arguments are 1 (one head, 2 buckets), which the JIT turns
+    into constants."""
     script = (
         "import json, triton\n"
         "from triton.backends.compiler import GPUTarget\n"
@@ -110,6 +112,10 @@ def test_kernel_compiles_for_h100_without_spills():
         "    c = triton.compile(source, target=GPUTarget('cuda', 90, 32),\n"
         "                       options={'num_warps': warps})\n"
         "    print(json.dumps(compile_check.analyze(c, 90)))\n"
+        "# integer arguments of 1 arrive as constants (the JIT's specialization)\n"
+        "ones = dict(n=1, H=1, half=1, ROUNDS=1, HEAD_DIM=32, BLOCK=64, CHUNK=16)\n"
+        "s = sig | dict.fromkeys(ones, 'constexpr')\n"
+        "triton.compile(ASTSource(k, s, ones, {}), target=GPUTarget('cuda', 90, 32))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", script], env=env,

@@ -401,6 +401,29 @@ def test_lsh_round_codes_need_no_read_back_given_the_bucket_count():
     round_codes(rounds, 1, 1, 4, "chunks", 10**9)  # codes of places only: no overflow
 
 
+@pytest.mark.parametrize("mode", ["buckets", "chunks", "window"])
+def test_one_sort_serves_the_round_codes_and_the_parts(mode):
+    """lsh sorts its rounds once per call (SortedRounds): the codes from those places
+    are the codes round_codes sorts for itself, with batch and heads apart, and the
+    parts take that order."""
+    from attn_zoo.kernels.grouped import SortedRounds, round_codes, sorted_parts
+
+    b, h, n = 2, 3, 40
+    rounds = torch.randint(0, 6, (b, h, 3, n))
+    order = SortedRounds.of(rounds, b, h)
+    own = round_codes(rounds, b, h, 4, mode, 6)
+    shared = round_codes(rounds, b, h, 4, mode, 6, place=order.places(b, h))
+    assert torch.equal(own.codes, shared.codes) and own.reach == shared.reach
+    q = torch.randn(b, h, n, 32)
+    parts = sorted_parts(q, q, q, rounds, 4, mode, -1e4, shared, order=order)
+    for r, part in enumerate(parts):
+        rows = order.perm[r * b * h : (r + 1) * b * h]
+        assert torch.equal(part.q_index, rows.to(torch.int32))
+    assert order.perm.shape == (3 * b * h, n)
+    assert torch.equal(order.groups.gather(-1, order.perm).diff(dim=-1) >= 0,
+                       torch.ones(3 * b * h, n - 1, dtype=torch.bool))  # fmt: skip
+
+
 def test_a_round_outside_the_codes_is_refused():
     """A part for round r reads the codes of rounds 0..r-1: r must be one of them."""
     from attn_zoo.kernels.flash import Duplicates
