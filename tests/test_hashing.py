@@ -128,3 +128,25 @@ def test_kernel_compiles_for_h100_without_spills():
     for row in rows:
         assert row["registers"] > 0 and row["spill_store_bytes"] == 0, row
         assert row["loop_instructions"] > 0, row  # the column loop, FFMA dots
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dim", sorted(hashing.TILES))
+def test_kernel_on_gpu_and_a_plan_there(dim, monkeypatch):
+    """On CUDA: the kernel against the per-round form (near-ties aside), and lsh's plan
+    hashing through it, with the CPU plan's buckets but where rounding decides."""
+    g = torch.Generator().manual_seed(dim)
+    x = torch.nn.functional.normalize(torch.randn(2, 4, 4113, dim, generator=g), dim=-1)
+    rotations = torch.randn(4, 4, dim, 64, generator=g)
+    got = hashing.hash_rounds(x.cuda().half(), rotations.cuda()).cpu()
+    want = per_round(x.half(), rotations)
+    assert (got == want).float().mean() > 0.999
+    entered = []
+    kernel_entry = hashing.hash_rounds
+    monkeypatch.setattr(hashing, "hash_rounds", lambda *a: entered.append(1) or kernel_entry(*a))
+    mech = attn_zoo.get("lsh")
+    q = torch.randn(1, 4, 4113, dim, generator=g)
+    on_gpu = mech.plan(q.cuda(), None, None, True).buckets.cpu()
+    assert entered == [1]
+    assert (on_gpu == mech.plan(q, None, None, True).buckets).float().mean() > 0.999

@@ -86,10 +86,12 @@ def test_triton_config_corners(name, config, causal):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=["fp16", "bf16", "fp32"])  # fmt: skip
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("name", MECHANISMS)
 def test_triton_on_gpu(name, causal, dtype):
-    """Default configs at a length with several of their structures, all head dims."""
+    """Default configs at a length with several of their structures, all head dims
+    (float32 on its own tiles, :func:`attn_zoo.kernels.tuning.float32_tile`)."""
     for dim in (32, 64, 128):
         check(attn_zoo.get(name), 2048 + 17, dim, dtype, causal)
