@@ -127,8 +127,7 @@ class LSH(Mechanism):
             )
         rotations = on_device(q.device, lambda: random_rotations(cfg, h, d, n_buckets),
                               self.name, cfg, h, d, n_buckets)  # fmt: skip
-        keys = shared_keys(q)
-        buckets = hash_rounds(keys, rotations)
+        buckets = hash_rounds(q, rotations)
         return LSHPlan(b, h, n, n, causal, buckets, cfg.bucket_size, cfg.self_penalty,
                        cfg.attend_across_buckets, cfg.allow_duplicate_attention,
                        n_buckets)  # fmt: skip
@@ -159,21 +158,22 @@ def random_rotations(cfg: LSHConfig, heads: int, dim: int, n_buckets: int) -> to
                        dtype=torch.float32)  # fmt: skip
 
 
-def hash_rounds(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Every round's buckets [B, H, rounds, N] of x under rotations [H, rounds, D, b/2]:
-    on a GPU one kernel that never writes xR (:mod:`attn_zoo.kernels.hashing`), else
-    :func:`hash_round` per round on x in float32."""
+def hash_rounds(q: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Every round's buckets [B, H, rounds, N] of the shared keys of q (Sec. 2.2) under
+    rotations [H, rounds, D, b/2]: on a GPU one kernel that normalizes the keys and
+    never writes xR (:mod:`attn_zoo.kernels.hashing`), else :func:`hash_round` per
+    round on the keys in float32."""
 
     def per_round():
-        keys = x.float()
+        keys = shared_keys(q).float()
         rounds = range(rotations.shape[1])
         return torch.stack([hash_round(keys, rotations[:, r]) for r in rounds], 2)
 
     if triton_installed():
         from attn_zoo.kernels import hashing
 
-        if hashing.runs_on(x):
-            return hashing.hash_rounds(x, rotations, per_round)
+        if hashing.runs_on(q):
+            return hashing.hash_rounds(q, rotations, per_round, normalize=True)
     return per_round()
 
 

@@ -1,5 +1,6 @@
 """Reformer's angular LSH (Kitaev et al. 2020, Sec. 2.1) in one kernel for every
-round: h(x) = argmax([xR; -xR]) per token, head and round.
+round: h(x) = argmax([xR; -xR]) per token, head and round, of the shared keys x
+(the queries L2-normalized, Sec. 2.2: normalized here, in registers).
 
 The PyTorch form (:func:`attn_zoo.lsh.hash_round`) writes xR, [B, H, N, b/2] in
 float32, for each round, and reads it twice (its max and its min): at [4, 8,
@@ -24,21 +25,26 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from attn_zoo.kernels import autograd
 
-#: Tokens per program and rotation columns per step by head_dim: IEEE float32 dots
-#: run on the FMA units with their operands in registers (sm_90, no spill).
-TILES = {32: (64, 64, 4), 64: (64, 32, 4), 128: (32, 32, 4)}
+#: (tokens per program, rotation columns per step, warps) by head_dim: IEEE float32
+#: dots run on the FMA units with their operands in registers. Compiled for sm_90, none
+#: spills with Triton 3.9 or 3.6, at 59, 123 and 169 thread-instructions per product
+#: of a row and a column (64 x 64 at head_dim 64 spills 764 bytes; with 3.6, 64 x 32
+#: and 4 warps there spills 3,828).
+TILES = {32: (64, 32, 4), 64: (64, 32, 8), 128: (128, 32, 8)}
 
 
 @triton.jit
 def _hash_rounds(
     X, R, OUT, sxb, sxh, sxn, n, H, half,
     ROUNDS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, CHUNK: tl.constexpr, NORMALIZE: tl.constexpr,
 ):  # fmt: skip
     """Buckets [B, H, ROUNDS, N] (int64) of x [B, H, N, HEAD_DIM] under rotations R
     [H, ROUNDS, HEAD_DIM, half] (contiguous float32): one block of BLOCK tokens of
     one head and round per program (``half``, b/2, is not compile-time: one build
-    serves every sequence length's bucket count)."""
+    serves every sequence length's bucket count). ``NORMALIZE``: hash x's rows
+    L2-normalized (Reformer's shared keys), as ``F.normalize`` in float32 then cast
+    back to x's dtype gives them."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     r = tl.program_id(2)
@@ -46,7 +52,12 @@ def _hash_rounds(
     rows = pid_n * BLOCK + tl.arange(0, BLOCK)
     dims = tl.arange(0, HEAD_DIM)
     x_ptrs = X + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxn + dims[None, :]
-    x = tl.load(x_ptrs, mask=rows[:, None] < n, other=0.0).to(tl.float32)
+    x = tl.load(x_ptrs, mask=rows[:, None] < n, other=0.0)
+    if NORMALIZE:  # the shared keys: x / max(|x|, 1e-12) in float32, rounded to x's dtype
+        wide = x.to(tl.float32)
+        norm = tl.maximum(tl.sqrt(tl.sum(wide * wide, 1)), 1e-12)
+        x = (wide / norm[:, None]).to(X.dtype.element_ty)
+    x = x.to(tl.float32)
     rotation = R + (h * ROUNDS + r) * HEAD_DIM * half
     top = tl.full([BLOCK], float("-inf"), tl.float32)
     low = tl.full([BLOCK], float("inf"), tl.float32)
@@ -72,20 +83,27 @@ def _hash_rounds(
     tl.store(out, bucket, mask=rows < n)
 
 
+#: The dtypes the kernel reads (float64 would be hashed in float32: it is not taken).
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def runs_on(x: torch.Tensor) -> bool:
     """Whether a plan hashes ``x`` with :func:`hash_rounds`: on CUDA, or in a dry run
     (:func:`attn_zoo.kernels.dry_run.recorded`, which counts what a GPU's plan does),
-    at a head_dim the kernel takes."""
+    at a head_dim and dtype the kernel takes."""
     on_gpu = x.device.type == "cuda" or autograd.RECORDING.get() is not None
-    return on_gpu and x.shape[-1] in TILES
+    return on_gpu and x.shape[-1] in TILES and x.dtype in DTYPES
 
 
-def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, reference=None) -> torch.Tensor:
-    """h(x) = argmax([xR; -xR]) of x [B, H, N, D] (any float dtype; read as float32)
-    under rotations [H, rounds, D, b/2]: buckets [B, H, rounds, N] (int64), what
-    ``torch.stack([hash_round(x.float(), rotations[:, r]) ...], 2)`` gives. In a dry
-    run off the GPU, ``reference()`` computes them instead, hidden from the dispatch
-    modes that count the host's work (on a GPU it is this one launch)."""
+def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, reference=None,
+                normalize: bool = False) -> torch.Tensor:  # fmt: skip
+    """h(x) = argmax([xR; -xR]) of x [B, H, N, D] (float32, float16 or bfloat16; read
+    as float32) under rotations [H, rounds, D, b/2]: buckets [B, H, rounds, N]
+    (int64), what ``torch.stack([hash_round(x.float(), rotations[:, r]) ...], 2)``
+    gives; with ``normalize``, of x's rows L2-normalized first (in the kernel, as
+    :func:`attn_zoo.lsh.shared_keys` normalizes them). In a dry run off the GPU,
+    ``reference()`` computes them instead, hidden from the dispatch modes that count
+    the host's work (on a GPU it is this one launch)."""
     if autograd.RECORDING.get() is not None and x.device.type != "cuda":
         with _disable_current_modes():
             return reference()
@@ -95,6 +113,8 @@ def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, reference=None) -> tor
                          f"{tuple(x.shape)}; accepted: [H, rounds, D, b/2]")  # fmt: skip
     if dim not in TILES:
         raise ValueError(f"lsh hashing: head_dim {dim}; accepted: {', '.join(map(str, TILES))}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"lsh hashing: dtype {x.dtype}; accepted: float32, float16, bfloat16")
     if x.stride(-1) != 1:
         x = x.contiguous()
     rotations = rotations.float().contiguous()
@@ -105,5 +125,5 @@ def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, reference=None) -> tor
     grid = (triton.cdiv(n, block), batch * heads, rounds)
     _hash_rounds[grid](x, rotations, out, x.stride(0), x.stride(1), x.stride(2), n, heads, half,
                        ROUNDS=rounds, HEAD_DIM=dim, BLOCK=block, CHUNK=chunk,
-                       num_warps=warps)  # fmt: skip
+                       NORMALIZE=normalize, num_warps=warps)  # fmt: skip
     return out

@@ -10,10 +10,19 @@ import torch
 
 import attn_zoo
 from attn_zoo.kernels.dry_run import recorded
-from attn_zoo.lsh import hash_round
+from attn_zoo.lsh import hash_round, shared_keys
 
 pytest.importorskip("triton")
 hashing = pytest.importorskip("attn_zoo.kernels.hashing")
+
+
+def spy_on_the_kernel(monkeypatch) -> list:
+    """A list that gains an item at each call of the kernel's entry."""
+    entered = []
+    entry = hashing.hash_rounds
+    monkeypatch.setattr(hashing, "hash_rounds",
+                        lambda *a, **k: entered.append(1) or entry(*a, **k))  # fmt: skip
+    return entered
 
 
 def per_round(x, rotations):
@@ -45,6 +54,21 @@ def test_kernel_buckets_are_the_per_round_argmax(dim, half, rounds, n, dtype):
     assert (got == want).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_kernel_normalizes_the_shared_keys_as_the_per_round_form(dtype):
+    """normalize=True: rows of every scale, a zero row among them, hashed as their
+    shared keys (F.normalize in float32, cast back to q's dtype) are."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 90, 64, generator=g) * torch.logspace(-3, 3, 90)[:, None]
+    q[0, 0, 7] = 0.0
+    q = q.to(dtype)
+    rotations = torch.randn(2, 3, 64, 40, generator=g)
+    got = hashing.hash_rounds(q, rotations, normalize=True)
+    want = per_round(shared_keys(q), rotations)
+    assert got[0, 0, :, 7].tolist() == want[0, 0, :, 7].tolist() == [0, 0, 0]
+    assert (got == want).float().mean() > 0.99
+
+
 def test_ties_go_to_the_first_index_of_the_concatenation():
     """Equal maxima in two steps of columns (indices 5 and 40 at head_dim 64, 32 columns
     a step): the first; a max of xR equal to -min: the max's (first half)."""
@@ -69,6 +93,16 @@ def test_bad_shapes_are_refused_in_one_line(rotations, dim, message):
         hashing.hash_rounds(torch.randn(1, 1, 16, dim), torch.randn(rotations))
 
 
+def test_float64_is_refused_and_plans_hash_it_per_round():
+    """The kernel reads float32 at most: float64 would be hashed coarser than the
+    per-round form, so it is refused, and a plan never sends it there."""
+    x = torch.randn(1, 1, 16, 64, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"dtype torch\.float64; accepted: float32, float16"):
+        hashing.hash_rounds(x, torch.randn(1, 1, 64, 8))
+    with recorded():
+        assert not hashing.runs_on(x)
+
+
 def test_plans_hash_with_the_kernel_on_a_gpu_and_in_a_dry_run(monkeypatch):
     """On the CPU a plan hashes per round in PyTorch; in a dry run (what a GPU's plan
     does, counted by bench.host_ops) through the kernel's entry, which there computes
@@ -79,9 +113,7 @@ def test_plans_hash_with_the_kernel_on_a_gpu_and_in_a_dry_run(monkeypatch):
     with recorded():
         assert hashing.runs_on(x)
         assert not hashing.runs_on(torch.randn(1, 2, 16, 48))
-    entered = []
-    kernel_entry = hashing.hash_rounds
-    monkeypatch.setattr(hashing, "hash_rounds", lambda *a: entered.append(1) or kernel_entry(*a))
+    entered = spy_on_the_kernel(monkeypatch)
     mech = attn_zoo.get("lsh", bucket_size=4, n_hashes=2)
     q = torch.randn(1, 2, 64, 64)
     plain = mech.plan(q, q, q, True)
@@ -106,14 +138,15 @@ def test_kernel_compiles_for_h100_without_spills():
         "sig = dict(X='*fp16', R='*fp32', OUT='*i64', sxb='i32', sxh='i32', sxn='i32',\n"
         "           n='i32', H='i32', half='i32')\n"
         "for dim, (block, chunk, warps) in hashing.TILES.items():\n"
-        "    consts = dict(ROUNDS=4, HEAD_DIM=dim, BLOCK=block, CHUNK=chunk)\n"
+        "    consts = dict(ROUNDS=4, HEAD_DIM=dim, BLOCK=block, CHUNK=chunk, NORMALIZE=True)\n"
         "    s = sig | dict.fromkeys(consts, 'constexpr')\n"
         "    source = ASTSource(k, s, consts, {})\n"
         "    c = triton.compile(source, target=GPUTarget('cuda', 90, 32),\n"
         "                       options={'num_warps': warps})\n"
         "    print(json.dumps(compile_check.analyze(c, 90)))\n"
         "# integer arguments of 1 arrive as constants (the JIT's specialization)\n"
-        "ones = dict(n=1, H=1, half=1, ROUNDS=1, HEAD_DIM=32, BLOCK=64, CHUNK=16)\n"
+        "ones = dict(n=1, H=1, half=1, ROUNDS=1, HEAD_DIM=32, BLOCK=64, CHUNK=16,\n"
+        "            NORMALIZE=False)\n"
         "s = sig | dict.fromkeys(ones, 'constexpr')\n"
         "triton.compile(ASTSource(k, s, ones, {}), target=GPUTarget('cuda', 90, 32))\n"
     )
@@ -142,9 +175,7 @@ def test_kernel_on_gpu_and_a_plan_there(dim, monkeypatch):
     got = hashing.hash_rounds(x.cuda().half(), rotations.cuda()).cpu()
     want = per_round(x.half(), rotations)
     assert (got == want).float().mean() > 0.999
-    entered = []
-    kernel_entry = hashing.hash_rounds
-    monkeypatch.setattr(hashing, "hash_rounds", lambda *a: entered.append(1) or kernel_entry(*a))
+    entered = spy_on_the_kernel(monkeypatch)
     mech = attn_zoo.get("lsh")
     q = torch.randn(1, 4, 4113, dim, generator=g)
     on_gpu = mech.plan(q.cuda(), None, None, True).buckets.cpu()
