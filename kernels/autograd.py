@@ -39,6 +39,9 @@ class FlashFunction(torch.autograd.Function):
 #: Set inside :func:`attn_zoo.kernels.dry_run.dry_run`: where :func:`attend` records
 #: its calls instead of launching.
 RECORDING: contextvars.ContextVar[list | None] = contextvars.ContextVar("recording", default=None)
+#: Set while a dry run computes on the host what a kernel computes on a GPU (lsh's
+#: hashing, :mod:`attn_zoo.kernels.hashing`): counters of the host's work skip it.
+STAND_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("stand_in", default=False)
 
 
 def attend(q: torch.Tensor, parts: Sequence[Part]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import _disable_current_modes
 
 from attn_zoo.kernels import autograd
 
@@ -102,11 +101,15 @@ def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, reference=None,
     (int64), what ``torch.stack([hash_round(x.float(), rotations[:, r]) ...], 2)``
     gives; with ``normalize``, of x's rows L2-normalized first (in the kernel, as
     :func:`attn_zoo.lsh.shared_keys` normalizes them). In a dry run off the GPU,
-    ``reference()`` computes them instead, hidden from the dispatch modes that count
-    the host's work (on a GPU it is this one launch)."""
+    ``reference()`` computes them instead, marked as a kernel's work
+    (``autograd.STAND_IN``) for the counters of the host's work: on a GPU it is this
+    one launch."""
     if autograd.RECORDING.get() is not None and x.device.type != "cuda":
-        with _disable_current_modes():
+        token = autograd.STAND_IN.set(True)
+        try:
             return reference()
+        finally:
+            autograd.STAND_IN.reset(token)
     batch, heads, n, dim = x.shape
     if rotations.shape[0] != heads or rotations.shape[2] != dim:
         raise ValueError(f"lsh hashing: rotations {tuple(rotations.shape)} for x "

@@ -21,6 +21,17 @@ def test_lsh_builds_its_rounds_together():
     assert eight.ops - one.ops <= 7 * 20, (one, eight)
 
 
+def test_lsh_plans_as_a_gpu_does_with_nothing_outside_its_hashing_kernel():
+    """Plans are counted as a GPU makes them: lsh's is one hashing kernel there
+    (kernels/hashing.py), computed on the host in the dry run but not counted; per
+    round in PyTorch (before) it was 65 operations and 2,266 MB at [4, 8, 8192, 64]."""
+    q = torch.randn(1, 2, 256, 32)
+    work = host_ops.host_work(attn_zoo.get("lsh", bucket_size=16), q, True)
+    assert (work.plan_ops, work.plan_syncs, work.plan_megabytes) == (0, 0, 0.0), work
+    other = q.to(torch.float64)  # the kernel reads at most float32: hashed per round
+    assert host_ops.host_work(attn_zoo.get("lsh", bucket_size=16), other, True).plan_ops > 0
+
+
 def test_grouped_layouts_wait_for_nothing():
     """lsh's and causal routing's layouts, built per call from their groups, are sized
     on the host (kernels/layout.py, ``BlockLayout.bound``): no synchronization per
