@@ -405,13 +405,12 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
         shape += f" by {tile.step}" if tile.step != tile.block_n else ""
         shape += f" (own by {tile.own_step})" if tile.own_step != tile.step else ""
     else:
-        stages = back.stages_dq if kernel_name == "bwd_dq" else back.stages
-        options = {"num_warps": back.warps, "num_stages": stages}
-        program = "ROWS" if kernel_name == "bwd_dq" else "KEYS"
-        step = "SUB_N" if kernel_name == "bwd_dq" else "SUB_M"
-        constants |= {program: back.program, step: back.step}
-        scores = own_scores = back.program * back.step
-        shape = f"{back.program}x{back.step} of {tile.block_m}x{tile.block_n}"
+        program, step, warps, stages = back.of(kernel_name)
+        options = {"num_warps": warps, "num_stages": stages}
+        names = ("ROWS", "SUB_N") if kernel_name == "bwd_dq" else ("KEYS", "SUB_M")
+        constants |= dict(zip(names, (program, step), strict=True))
+        scores = own_scores = program * step
+        shape = f"{program}x{step} of {tile.block_m}x{tile.block_n}"
     sig, attrs = signature(kernel, dtype), aligned_attrs(kernel)
     if unit:
         unit_scalars(sig, constants, attrs, kernel)

@@ -278,10 +278,11 @@ def backward(
         dq_rows = flash.new_output(q, shape, torch.float32)
         df_rows = flash.new_output(q, shape, torch.float32) if rel else dq_rows
         dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
-        grid = (triton.cdiv(run.n_q, tile.program), batch * heads)
+        rows, step, warps, stages = tile.of("bwd_dq")
+        grid = (triton.cdiv(run.n_q, rows), batch * heads)
         _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, df_rows, dspans, *run.args,
-                            **run.flags, ROWS=tile.program, SUB_N=tile.step,
-                            num_warps=tile.warps, num_stages=tile.stages_dq)  # fmt: skip
+                            **run.flags, ROWS=rows, SUB_N=step, num_warps=warps,
+                            num_stages=stages)  # fmt: skip
         if rel is not None:  # f is read where q is
             grads[id(rel.f)] = _add_rows(grads.get(id(rel.f)), df_rows, part.q_index, n)
         if ramp is not None:
@@ -292,10 +293,11 @@ def backward(
         run = launch(q, keyed, dout, keyed.layout.by_key)
         dk_rows, dv_rows = (flash.new_output(q, (batch, heads, run.n_k, dim), torch.float32)
                             for _ in range(2))  # fmt: skip
-        grid = (triton.cdiv(run.n_k, tile.program), batch * heads)
+        keys, step, warps, stages = tile.of("bwd_dkdv")
+        grid = (triton.cdiv(run.n_k, keys), batch * heads)
         _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, *run.args, **run.flags,
-                              KEYS=tile.program, SUB_M=tile.step, num_warps=tile.warps,
-                              num_stages=tile.stages)  # fmt: skip
+                              KEYS=keys, SUB_M=step, num_warps=warps,
+                              num_stages=stages)  # fmt: skip
         for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
             grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
                                           tensor.shape[2])  # fmt: skip

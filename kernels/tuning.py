@@ -112,6 +112,13 @@ class BackwardTile:
     warps: int = 8
     stages: int = 3  # the dK/dV pass's
     stages_dq: int = 3  # the dQ pass's
+    dq: tuple[int, int, int] | None = None  # the dQ pass's (program, step, warps), if others
+
+    def of(self, kernel: str) -> tuple[int, int, int, int]:
+        """(program, step, warps, stages) of the ``"bwd_dq"`` or ``"bwd_dkdv"`` pass."""
+        if kernel == "bwd_dq":
+            return (*(self.dq or (self.program, self.step, self.warps)), self.stages_dq)
+        return self.program, self.step, self.warps, self.stages
 
 
 def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile,
@@ -251,21 +258,24 @@ def float32_backward_tile(head_dim: int, triton: tuple[int, int] | None = None) 
 
     * up to head_dim 32, 32 rows or keys in steps of 16 with 4 warps (16,896 and
       25,824);
-    * above, 16 in steps of 16 with 8 warps (40,192 and 60,800 at 64). At 128 the
-      dK/dV pass's stages follow the compiler (``triton``, the installed version by
+    * above, dK/dV 16 keys in steps of 16 with 8 warps (60,800 at 64); dQ 32 rows in
+      steps of 32 with 4 warps at 64 (30,352; 40,192 on dK/dV's programs), 16 in
+      steps of 16 with 4 warps at 128 (68,416, 10% below 8 warps'). At 128 the dK/dV
+      pass's stages follow the compiler (``triton``, the installed version by
       default): with Triton 3.9, 1 (105,344; 2 spill 164-472 bytes, 1 only 16 in
       causal lsh), before it 2 (none spill there, 1 spills 4-8 bytes).
 
-    Nothing else spills, but Triton 3.6's dQ of lsh across buckets at 64 (8 bytes).
+    Nothing else spills, but Triton 3.6's dQ of lsh at 128 (16 bytes; 8 warps none).
 
     The 64 x 64 programs before (32 x 32 at 128) spilled in dK/dV in every variant:
     1,316 bytes at head_dim 32 (11,048 for gathered keys), 2,980 at 64 (xl's dQ
     32,588), 5,040 at 128 (lsh's 20,872). Both divide every float32 forward tile
     (:func:`float32_tile`)."""
     if head_dim > 64:
-        return BackwardTile(16, 16, 8, stages=1 if _newer(triton) else 2, stages_dq=2)
+        return BackwardTile(16, 16, 8, stages=1 if _newer(triton) else 2, stages_dq=2,
+                            dq=(16, 16, 4))  # fmt: skip
     if head_dim > 32:
-        return BackwardTile(16, 16, 8, stages=2, stages_dq=2)
+        return BackwardTile(16, 16, 8, stages=2, stages_dq=2, dq=(32, 32, 4))
     return BackwardTile(32, 16, 4, stages=2, stages_dq=2)
 
 

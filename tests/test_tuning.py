@@ -176,8 +176,10 @@ def test_float32_backward_programs_divide_every_float32_tile(dim, kind):
     tile the autotuner picks."""
     back = tuning.backward_tile(dim, torch.float32, kind, tuning.float32_tile(dim, kind))
     for tile in tuning.candidates(dim, torch.float32, kind):
-        for block in tile.blocks:
-            assert block % back.program == 0 and block % back.step == 0, (tile, back)
+        for kernel in ("bwd_dq", "bwd_dkdv"):
+            program, step, _, _ = back.of(kernel)
+            for block in tile.blocks:
+                assert block % program == 0 and block % step == 0, (tile, back, kernel)
 
 
 @pytest.fixture
@@ -198,7 +200,7 @@ def test_float32_gpu_tiles_match_reference_oracle_and_gradients(name, dim, gpu_t
     q = torch.empty(1, 1, 1, dim)
     kind = "duplicates" if name == "lsh" else "plain"
     assert tuning.tile_for(q, kind) == tuning.float32_tile(dim, kind)
-    assert tuning.backward_tile_for(q, kind, tuning.tile_for(q)).step == 16
+    assert tuning.backward_tile_for(q, kind, tuning.tile_for(q)).of("bwd_dkdv")[1] == 16
     check_impl(small(name), "triton", 100, dim, torch.float32, name != "lsh")
     _same_gradients(name, None, causal=name != "lsh", dim=dim)
 
