@@ -113,7 +113,8 @@ def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
     b, h, n, _ = q.shape
     rounds = groups.shape[-2]
     tile = tile_for(q, "duplicates" if duplicates is not None else "plain")
-    order = order or SortedRounds.of(groups, b, h)
+    if order is None:
+        order = SortedRounds.of(groups, b, h)
     groups, perm = order.groups, order.perm
     # chunks c - 1 and c of sorted places (a segment window), or a sorted-place band
     window = None if mode == "window" else Window(chunk, chunk, lo=-chunk, hi=chunk - 1)

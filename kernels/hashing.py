@@ -104,12 +104,6 @@ def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, reference=None,
     ``reference()`` computes them instead, marked as a kernel's work
     (``autograd.STAND_IN``) for the counters of the host's work: on a GPU it is this
     one launch."""
-    if autograd.RECORDING.get() is not None and x.device.type != "cuda":
-        token = autograd.STAND_IN.set(True)
-        try:
-            return reference()
-        finally:
-            autograd.STAND_IN.reset(token)
     batch, heads, n, dim = x.shape
     if rotations.shape[0] != heads or rotations.shape[2] != dim:
         raise ValueError(f"lsh hashing: rotations {tuple(rotations.shape)} for x "
@@ -118,6 +112,15 @@ def hash_rounds(x: torch.Tensor, rotations: torch.Tensor, reference=None,
         raise ValueError(f"lsh hashing: head_dim {dim}; accepted: {', '.join(map(str, TILES))}")
     if x.dtype not in DTYPES:
         raise ValueError(f"lsh hashing: dtype {x.dtype}; accepted: float32, float16, bfloat16")
+    if autograd.RECORDING.get() is not None and x.device.type != "cuda":
+        if reference is None:
+            raise ValueError("lsh hashing: a dry run off the GPU needs the reference that "
+                             "computes the buckets; accepted: a callable")  # fmt: skip
+        token = autograd.STAND_IN.set(True)
+        try:
+            return reference()
+        finally:
+            autograd.STAND_IN.reset(token)
     if x.stride(-1) != 1:
         x = x.contiguous()
     rotations = rotations.float().contiguous()

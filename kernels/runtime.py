@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -14,7 +15,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache
 def triton_installed() -> bool:
+    """Looked up once per process: lsh's plan asks at every call."""
     return importlib.util.find_spec("triton") is not None
 
 
