@@ -179,7 +179,11 @@ class Part:
         """Its kind of launch (:func:`~attn_zoo.kernels.tuning.kind_of`): what picks its
         warps and stages, and the backward's programs."""
         symmetric = self.ramp is not None and self.ramp.symmetric
-        return kind_of(self.relative is not None, self.duplicates is not None, ramp=symmetric)
+        rules = (self.window, self.q_index, self.k_index, self.groups, self.self_bias,
+                 self.ramp, self.relative, self.duplicates)  # fmt: skip
+        band_only = all(rule is None for rule in rules)  # key padding aside
+        return kind_of(self.relative is not None, self.duplicates is not None, band_only,
+                       ramp=symmetric)  # fmt: skip
 
     def differentiable(self) -> list[torch.Tensor]:
         """The tensors a gradient can reach besides q: k, v, the relative term's f, the
@@ -193,7 +197,29 @@ class Part:
 
 
 @triton.jit
-def _seen_before(q_pos, k_pos, RCODE, n_pos, reach, DUP: tl.constexpr):
+def _by_row(x, TRANS: tl.constexpr):
+    """A per-query vector laid along the query axis of a score tile: [M, 1] of an
+    [M, N] tile, or [1, M] of a transposed [N, M] one (``TRANS``: the dK/dV pass
+    scores k q^T, so that P^T and dS^T come out of the MMA as its next operands)."""
+    if TRANS:  # one return: Triton type-checks every return of a function alike
+        laid = x[None, :]
+    else:
+        laid = x[:, None]
+    return laid
+
+
+@triton.jit
+def _by_col(x, TRANS: tl.constexpr):
+    """A per-key vector laid along the key axis of a score tile (:func:`_by_row`)."""
+    if TRANS:
+        laid = x[:, None]
+    else:
+        laid = x[None, :]
+    return laid
+
+
+@triton.jit
+def _seen_before(q_pos, k_pos, RCODE, n_pos, reach, DUP: tl.constexpr, TRANS: tl.constexpr):
     """Whether key k_pos is visible to query q_pos in one of the DUP rounds before
     this part's (Eq. 7, :class:`Duplicates`): one code per side and round, and per
     pair one difference d and one unsigned minimum per round, then one compare:
@@ -201,9 +227,10 @@ def _seen_before(q_pos, k_pos, RCODE, n_pos, reach, DUP: tl.constexpr):
     unsigned (negative d wraps past every reach), is at most reach. The rounds unroll
     (DUP is compile-time): a loop nested in the key-block walk would keep the
     software pipeliner from multi-buffering K and V."""
-    nearest = tl.full([q_pos.shape[0], k_pos.shape[0]], 0xFFFFFFFF, tl.uint32)
+    nearest = 0xFFFFFFFF
     for r in tl.static_range(DUP):
-        step = tl.load(RCODE + r * n_pos + q_pos)[:, None] - tl.load(RCODE + r * n_pos + k_pos)
+        step = (_by_row(tl.load(RCODE + r * n_pos + q_pos), TRANS)
+                - _by_col(tl.load(RCODE + r * n_pos + k_pos), TRANS))  # fmt: skip
         nearest = tl.minimum(nearest, step.to(tl.uint32, bitcast=True))
     return nearest <= tl.cast(reach, tl.uint32)  # reach == 1 arrives as a constexpr
 
@@ -263,7 +290,8 @@ def _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step, win_lo, win_hi
 
 
 @triton.jit
-def _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC: tl.constexpr, STRADDLES: tl.constexpr):
+def _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC: tl.constexpr, STRADDLES: tl.constexpr,
+          TRANS: tl.constexpr):  # fmt: skip
     """Adaptive span's soft mask m_z(x) = clamp((R + z - x) / R, 0, 1) of a tile
     (Eq. 4; its hard edge m > 0 is in the rows' key runs: :func:`_key_interval`), with
     x = i + offset - j, or |x| bidirectionally. Split per row and per column around
@@ -278,12 +306,12 @@ def _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC: tl.constexpr, STRADDLES: t
     near = (at - start).to(tl.float32) * per  # per row
     far = cols.to(tl.float32) * per  # constants
     if SYMMETRIC and STRADDLES:
-        return tl.clamp(reach - tl.abs(near[:, None] - far[None, :]), 0.0, 1.0)
+        return tl.clamp(reach - tl.abs(_by_row(near, TRANS) - _by_col(far, TRANS)), 0.0, 1.0)
     if SYMMETRIC:  # keys all before the row (s = 1) or all after it (s = -1)
         side = tl.where(near > 0.0, 1.0, -1.0)
-        return tl.clamp(tl.fma(side[:, None], far[None, :], (reach - side * near)[:, None]),
-                        0.0, 1.0)  # fmt: skip
-    return tl.clamp((reach - near)[:, None] + far[None, :], 0.0, 1.0)
+        return tl.clamp(tl.fma(_by_row(side, TRANS), _by_col(far, TRANS),
+                               _by_row(reach - side * near, TRANS)), 0.0, 1.0)  # fmt: skip
+    return tl.clamp(_by_row(reach - near, TRANS) + _by_col(far, TRANS), 0.0, 1.0)
 
 
 @triton.jit
@@ -407,7 +435,7 @@ def _scores(
     SPANS, RCODE, KEEP, self_bias, ramp, h, qk_scale, n_pos, dup_reach,
     MASKED: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TRANS: tl.constexpr = False,
 ):  # fmt: skip
     """(scores, weights) of one tile. The scores are before the softmax scale: q . k
     plus every bias divided by ``qk_scale`` (= log2(e) / sqrt(d)), -inf where a pair
@@ -418,27 +446,35 @@ def _scores(
     the row max taken without it bounds the weighted scores from above.
     ``k`` is k^T [HEAD_DIM, BLOCK_N]; with ``REL_TERM`` the features f . g^T
     (:class:`Relative`) accumulate onto q . k in the same MMA accumulator.
+    ``TRANS``: the transposed tile [BLOCK_N, BLOCK_M], k q^T from key rows ``k``
+    [BLOCK_N, HEAD_DIM] (the dK/dV pass: :func:`_by_row`), every rule the same.
     The forward and both backward passes score tiles here, so they cannot disagree."""
-    qk = tl.dot(q, k, input_precision=PRECISION)
-    if REL_TERM:
-        qk = tl.dot(f, tl.trans(g), qk, input_precision=PRECISION)
+    if TRANS:
+        qk = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        if REL_TERM:
+            qk = tl.dot(g, tl.trans(f), qk, input_precision=PRECISION)
+    else:
+        qk = tl.dot(q, k, input_precision=PRECISION)
+        if REL_TERM:
+            qk = tl.dot(f, tl.trans(g), qk, input_precision=PRECISION)
     weight = 1.0
     if DUP:  # a pair an earlier round shows was counted there
-        qk = tl.where(_seen_before(q_pos, k_pos, RCODE, n_pos, dup_reach, DUP), float("-inf"),
-                      qk)  # fmt: skip
+        qk = tl.where(_seen_before(q_pos, k_pos, RCODE, n_pos, dup_reach, DUP, TRANS),
+                      float("-inf"), qk)  # fmt: skip
     if PADDED:  # key padding, in every block (the layout does not know it)
         kept = tl.load(KEEP + k_pos, mask=in_range, other=0)
-        qk = tl.where(kept[None, :] != 0, qk, float("-inf"))
+        qk = tl.where(_by_col(kept, TRANS) != 0, qk, float("-inf"))
     if MASKED:  # band, window, group and key range: the row's run (:func:`_key_interval`)
         cols = tl.arange(0, offs_n.shape[0])  # offs_n - start, constants: no add per key
-        ahead = (cols[None, :] - (key_lo - start)[:, None]).to(tl.uint32, bitcast=True)
-        visible = ahead < keys[:, None]  # 0 <= offs_n - key_lo < keys, one compare
+        ahead = _by_col(cols, TRANS) - _by_row(key_lo - start, TRANS)
+        ahead = ahead.to(tl.uint32, bitcast=True)
+        visible = ahead < _by_row(keys, TRANS)  # 0 <= offs_n - key_lo < keys, one compare
         qk = tl.where(visible, qk, float("-inf"))
         if SELF:  # the pair i == j of kernel indices (:class:`Part`), against constants
-            own = ahead == (offs_m - key_lo).to(tl.uint32, bitcast=True)[:, None]
+            own = ahead == _by_row((offs_m - key_lo).to(tl.uint32, bitcast=True), TRANS)
             qk = tl.where(own, qk + self_bias, qk)
         if RAMP:  # m > 0 on the row's interval: the soft part only, no division
-            weight = _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC, SELF)
+            weight = _ramp(at, start, cols, SPANS, h, ramp, SYMMETRIC, SELF, TRANS)
     return qk, weight
 
 

@@ -179,6 +179,7 @@ def _flash_bwd_dkdv(
     offs_d = tl.arange(0, HEAD_DIM)
     in_range = offs_n < n_k
     k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM, True, GATHER_K)
+    k = tl.trans(k)  # key rows [KEYS, HEAD_DIM]: the tiles are scored transposed, k q^T
     g = _key_features(KF, k_pos, in_range, sgn, HEAD_DIM, True, REL_TERM)
     dk = tl.zeros([KEYS, HEAD_DIM], tl.float32)
     dv = tl.zeros([KEYS, HEAD_DIM], tl.float32)
@@ -200,18 +201,20 @@ def _flash_bwd_dkdv(
             do, row_max, logsum, delta = _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows,
                                                     rows_in, sob, soh, som, n_out,
                                                     HEAD_DIM)  # fmt: skip
+            # P^T and dS^T [KEYS, SUB_M], each the A operand of the MMA after it as it
+            # comes out of the one before (no transposition through shared memory)
             qk, weight = _scores(
                 q, f, k, g, q_pos, k_pos, offs_m, offs_n, start, in_range, key_lo, keys, at,
                 SPANS, RCODE, KEEP, self_bias, ramp, h, qk_scale, n_pos, dup_reach,
-                walk > 0, walk == 2, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION,
+                walk > 0, walk == 2, RAMP, SYMMETRIC, REL_TERM, DUP, PADDED, PRECISION, True,
             )  # fmt: skip
-            p = tl.math.exp2((qk * qk_scale - row_max[:, None]) - logsum[:, None])
+            p = tl.math.exp2((qk * qk_scale - row_max[None, :]) - logsum[None, :])
             if RAMP and walk > 0:
                 p = p * weight
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+            dv += tl.dot(p.to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds = p * (dp - delta[None, :])
+            dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
     rows = pid_bh * n_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
     tl.store(DK + rows, dk * (qk_scale * LN2), mask=in_range[:, None])
     tl.store(DV + rows, dv, mask=in_range[:, None])
