@@ -123,30 +123,59 @@ class BackwardTile:
 
 def backward_tile(head_dim: int, dtype: torch.dtype, kind: str, tile: Tile,
                   triton: tuple[int, int] | None = None) -> BackwardTile:  # fmt: skip
-    """Per the compile report: programs of at most 64 (two float32 [program, D]
-    accumulators beside the tile fill 8 warps' registers), steps of 32 at head_dim
-    128 and for lsh's rounds (a 64 step spills); 8 warps (4 spill at head_dim 64);
-    3 stages, but fewer for xl at head_dim 128, whose passes hold the features
-    beside k, v and the accumulators. Its dK/dV pass takes 1 (20 bytes spill with
-    3). Its dQ pass depends on the compiler (``triton``, the installed version by
-    default): with Triton 3.9, 1 stage issues 15% fewer instructions per step than 2
-    (6,736 against 7,968 per 4,096 scores, fp16), neither spills; with 3.6, the GPU
-    image's, 1 spills 92 bytes and 2 none (5,808). So 2 before 3.9."""
+    """The backward's programs for a forward that ran ``tile``: float32's
+    (:func:`float32_backward_tile`) or fp16/bf16's (:func:`mma_backward_tile`)."""
     _check_kind(kind)
     if dtype == torch.float32:
         return float32_backward_tile(head_dim, triton)
-    return _mma_backward_tile(head_dim, kind, tile, triton)
+    return mma_backward_tile(head_dim, kind, tile, triton)
 
 
-def _mma_backward_tile(head_dim: int, kind: str, tile: Tile,
-                       triton: tuple[int, int] | None = None) -> BackwardTile:  # fmt: skip
-    """:func:`backward_tile` for fp16 and bf16."""
-    program = min(tile.block_m, tile.block_n, 64)
-    narrow = head_dim > 64 or kind == "duplicates"
-    step = min(32, program) if narrow else program
-    if kind == "relative" and head_dim > 64:
-        return BackwardTile(program, step, 8, stages=1, stages_dq=1 if _newer(triton) else 2)
-    return BackwardTile(program, step, 8)
+def mma_backward_tile(head_dim: int, kind: str, tile: Tile,
+                      triton: tuple[int, int] | None = None) -> BackwardTile:  # fmt: skip
+    """fp16/bf16's backward programs, per the compile report (sm_90 SASS; dense's
+    warp-instructions per 4,096 scores of the full-block walk, fp16, head_dim 64 and 128;
+    Triton tutorial 06's backward compiled the same way: dQ 1,088 and dK/dV 1,328 at 64):
+
+    * dQ: the forward's query block up to 128 rows, in steps of 64 keys, 8 warps (4 for
+      64 rows), 3 stages: 1,232 and 1,480, against 2,528 and 4,848 on 64 x 64 programs
+      with 8 warps before;
+    * dK/dV (scored transposed, k q^T, so that P^T and dS^T feed the next MMA from
+      registers): the key block up to 128 keys, in steps of 32 rows, 2 stages; 4 warps
+      up to head_dim 64 (1,692 against 3,568), 8 above (2,768 against 5,152; for a
+      band alone, kind ``"dense"``, steps of 64: 2,116; with any other rule they spill
+      68-128 bytes);
+    * xl's relative term at 128 (its forward's blocks are 64 x 128 with Triton 3.9,
+      128 x 64 before): dQ 64 rows in steps of 64 with 4 warps, 2 stages (1,964);
+      dK/dV in steps of 32 with 8 warps for 128 keys (4 for 64), 1 stage with Triton
+      3.9 and 2 before it (3,064);
+    * lsh (64 x 64 blocks, its rounds' codes per pair): dQ 64 x 64 with 4 warps and 2
+      stages (2,596 and 2,940, against 5,584 and 7,824), dK/dV 64 keys in steps of 32
+      with 4 warps and 2 stages (at 128, 3 stages spill 48 bytes across buckets).
+
+    Triton 3.6 (the GPU image's; ``triton``, the installed version by default) spills
+    where 3.9 does not: up to head_dim 64, dK/dV takes steps of 16 rows there but for a
+    band (4 bytes spill with key padding); lsh at 128 dQ steps of 32 keys and dK/dV of
+    16 rows.
+
+    Every program divides the forward's blocks, so a full block's pieces are full."""
+    wide, newer = head_dim > 64, _newer(triton)
+    if kind == "duplicates":
+        narrow = wide and not newer  # Triton 3.6 at 128: 4 bytes spill in dQ, 40-108 in dK/dV
+        dq = (min(tile.block_m, 64), min(tile.block_n, 32 if narrow else 64), 4)
+        return BackwardTile(min(tile.block_n, 64), min(tile.block_m, 16 if narrow else 32), 4,
+                            2, 2, dq)  # fmt: skip
+    rows, keys = min(tile.block_m, 128), min(tile.block_n, 128)
+    if kind == "relative" and wide:
+        return BackwardTile(keys, min(tile.block_m, 32), 8 if keys == 128 else 4,
+                            stages=1 if newer else 2, stages_dq=2,
+                            dq=(min(rows, 64), min(tile.block_n, 64), 4))  # fmt: skip
+    dq = (rows, min(tile.block_n, 64), 8 if rows == 128 else 4)
+    band = kind == "dense"
+    # Triton 3.6 spills 8-136 bytes up to head_dim 64 in steps of 32 with any rule but a band
+    step = (64 if band else 32) if wide else (32 if newer or band else 16)
+    return BackwardTile(keys, min(tile.block_m, step), 8 if wide else 4, stages=2, stages_dq=3,
+                        dq=dq)  # fmt: skip
 
 
 @functools.cache
@@ -359,7 +388,7 @@ def backward_tile_for(q: torch.Tensor, kind: str, tile: Tile) -> BackwardTile:
     the interpreter the fp16 rule for every dtype (:func:`interpreter_tile`), else
     :func:`backward_tile` (float32's programs, 32 and 16, divide every candidate)."""
     if _off_the_gpu(q):
-        return _mma_backward_tile(q.shape[-1], kind, tile)
+        return mma_backward_tile(q.shape[-1], kind, tile)
     return backward_tile(q.shape[-1], q.dtype, kind, tile)
 
 

@@ -48,6 +48,19 @@ def test_an_unknown_kind_is_refused():
         tuning.default_tile(64, torch.float16, "banded")
 
 
+def test_a_part_of_a_band_alone_is_dense_and_any_other_rule_makes_it_plain():
+    """A launch's kind picks its backward programs (a band alone walks wider dK/dV steps
+    at head_dim 128); key padding keeps a band dense, a window does not."""
+    k = torch.zeros(1, 1, 256, 64)
+    layout = build_layout(256, 256, Band(lo=0), None, block_m=128, block_n=128)
+    part = attn_zoo.kernels.flash.Part(k, k, layout, Band(lo=0))
+    assert part.kind == "dense"
+    keep = torch.ones(1, 256, dtype=torch.bool)
+    assert attn_zoo.kernels.flash.Part(k, k, layout, Band(lo=0), keep=keep).kind == "dense"
+    window = Window(128, 128, lo=0, hi=127)
+    assert attn_zoo.kernels.flash.Part(k, k, layout, Band(), window).kind == "plain"
+
+
 def test_autotune_picks_the_fastest_skips_failures_and_caches(monkeypatch):
     monkeypatch.setattr(tuning, "CHOSEN", {})
     configs = [Tile(128, 128, 8), Tile(64, 64, 4), Tile(32, 32, 4)]
@@ -182,6 +195,20 @@ def test_float32_backward_programs_divide_every_float32_tile(dim, kind):
                 assert block % program == 0 and block % step == 0, (tile, back, kernel)
 
 
+@pytest.mark.parametrize("kind", tuning.KINDS)
+@pytest.mark.parametrize("dim", [32, 64, 128])
+def test_mma_backward_programs_divide_the_forward_tile_they_follow(dim, kind):
+    """fp16/bf16's backward programs follow the forward's tile, whichever candidate the
+    autotuner picks: dQ rows and dK/dV keys split its query and key blocks, and each
+    pass's steps the other block, so a full block's pieces are full."""
+    for tile in tuning.candidates(dim, torch.float16, kind):
+        back = tuning.backward_tile(dim, torch.bfloat16, kind, tile)
+        rows, keys_step, _, _ = back.of("bwd_dq")
+        keys, rows_step, _, _ = back.of("bwd_dkdv")
+        assert tile.block_m % rows == 0 and tile.block_n % keys_step == 0, (tile, back)
+        assert tile.block_n % keys == 0 and tile.block_m % rows_step == 0, (tile, back)
+
+
 @pytest.fixture
 def gpu_tiles():
     """Launches in the interpreter take the tiles (and backward programs) a GPU runs."""
@@ -285,14 +312,22 @@ def test_a_tuned_call_on_cuda_runs_and_records_the_fastest_candidate(monkeypatch
 
 def test_backward_stages_follow_the_compiler():
     tile = tuning.default_tile(128, torch.float16, "relative")
-    # Triton 3.6 (the GPU image's) spills 92 bytes in xl's dQ pass with 1 stage, 3.9 does not
+    # xl's dK/dV at head_dim 128: 1 stage with Triton 3.9, 2 with 3.6 (the GPU image's)
     old = tuning.backward_tile(128, torch.float16, "relative", tile, triton=(3, 6))
     new = tuning.backward_tile(128, torch.float16, "relative", tile, triton=(3, 9))
-    assert (old.stages, old.stages_dq) == (1, 2)
-    assert (new.stages, new.stages_dq) == (1, 1)
+    assert (old.stages, old.stages_dq) == (2, 2)
+    assert (new.stages, new.stages_dq) == (1, 2)
     dense = tuning.default_tile(128, torch.float16)
     plain = tuning.backward_tile(128, torch.float16, "plain", dense)
-    assert plain.stages == plain.stages_dq == 3
+    assert (plain.stages, plain.stages_dq) == (2, 3)
+    # a band alone walks 64 query rows a step in dK/dV at 128; any other rule 32
+    assert tuning.backward_tile(128, torch.float16, "dense", dense).of("bwd_dkdv")[:2] == (128, 64)
+    assert plain.of("bwd_dkdv")[:2] == (128, 32) and plain.of("bwd_dq")[:3] == (128, 64, 8)
+    # at 64, Triton 3.6 spills in dK/dV's steps of 32 but for a band: 16 there
+    at_64 = tuning.default_tile(64, torch.float16)
+    assert tuning.backward_tile(64, torch.float16, "plain", at_64, triton=(3, 6)).step == 16
+    assert tuning.backward_tile(64, torch.float16, "plain", at_64, triton=(3, 9)).step == 32
+    assert tuning.backward_tile(64, torch.float16, "dense", at_64, triton=(3, 6)).step == 32
     major, minor = tuning.triton_version()
     assert (major, minor) >= (3, 6)
     # float32's dK/dV at head_dim 128: 2 stages spill with Triton 3.9, 1 with 3.6
