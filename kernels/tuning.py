@@ -286,15 +286,18 @@ def float32_backward_tile(head_dim: int, triton: tuple[int, int] | None = None) 
     compile report (warp-instructions per 4,096 scores, dense, dQ and dK/dV):
 
     * up to head_dim 32, 32 rows or keys in steps of 16 with 4 warps (16,896 and
-      25,824);
-    * above, dK/dV 16 keys in steps of 16 with 8 warps (60,800 at 64); dQ 32 rows in
+      22,624); the dK/dV pass, which scores its tiles transposed, in 1 stage with Triton
+      3.9 (2 spill 32 bytes in lsh's) and 2 before it (1 spills 8 there);
+    * above, dK/dV 16 keys in steps of 16 with 8 warps (56,320 at 64); dQ 32 rows in
       steps of 32 with 4 warps at 64 (30,352; 40,192 on dK/dV's programs), 16 in
       steps of 16 with 4 warps at 128 (68,416, 10% below 8 warps'). At 128 the dK/dV
       pass's stages follow the compiler (``triton``, the installed version by
-      default): with Triton 3.9, 1 (105,344; 2 spill 164-472 bytes, 1 only 16 in
-      causal lsh), before it 2 (none spill there, 1 spills 4-8 bytes).
+      default): with Triton 3.9, 1 (96,640; 2 spilled 164-472 bytes), before it 2
+      (none spill there, 1 spills 4-8 bytes).
 
     Nothing else spills, but Triton 3.6's dQ of lsh at 128 (16 bytes; 8 warps none).
+    Scoring dK/dV's tiles transposed took 7-9% off its instructions per score (dense:
+    25,824, 60,800 and 105,344 before at 32, 64 and 128).
 
     The 64 x 64 programs before (32 x 32 at 128) spilled in dK/dV in every variant:
     1,316 bytes at head_dim 32 (11,048 for gathered keys), 2,980 at 64 (xl's dQ
@@ -305,7 +308,7 @@ def float32_backward_tile(head_dim: int, triton: tuple[int, int] | None = None) 
                             dq=(16, 16, 4))  # fmt: skip
     if head_dim > 32:
         return BackwardTile(16, 16, 8, stages=2, stages_dq=2, dq=(32, 32, 4))
-    return BackwardTile(32, 16, 4, stages=2, stages_dq=2)
+    return BackwardTile(32, 16, 4, stages=1 if _newer(triton) else 2, stages_dq=2)
 
 
 def interpreter_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile:

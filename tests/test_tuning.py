@@ -334,6 +334,10 @@ def test_backward_stages_follow_the_compiler():
     fp32 = tuning.default_tile(128, torch.float32)
     assert tuning.backward_tile(128, torch.float32, "plain", fp32, triton=(3, 9)).stages == 1
     assert tuning.backward_tile(128, torch.float32, "plain", fp32, triton=(3, 6)).stages == 2
+    # and at 32 (lsh's transposed dK/dV tiles: 3.9 spills 32 bytes with 2, 3.6 8 with 1)
+    fp32 = tuning.default_tile(32, torch.float32)
+    assert tuning.backward_tile(32, torch.float32, "duplicates", fp32, triton=(3, 9)).stages == 1
+    assert tuning.backward_tile(32, torch.float32, "duplicates", fp32, triton=(3, 6)).stages == 2
 
 
 def test_tuned_tiles_go_to_the_tiles_file_and_a_later_process_reads_them(monkeypatch, tmp_path):
