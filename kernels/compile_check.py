@@ -265,6 +265,12 @@ def write_report(rows: list[dict], out: Path, triton_version: str) -> None:
 #: Triton's tutorial 06 forward compiled the same way for sm_90 (fp16): warp-instructions per
 #: 4,096 scores in its inner loop at head_dim 64 and 128 (issue #9's figure).
 TUTORIAL_PER_4K = 1040
+#: Its backward (``_attn_bwd``, the tutorial's 4 warps, 5 stages, dK/dV programs of 128 keys
+#: in steps of 32 rows, dQ programs of 128 rows in steps of 32 keys, on K pre-scaled by the
+#: host) compiled the same way with Triton 3.9, fp16, head_dim 64: the full-block loops of
+#: its dQ and dK/dV parts (at 128 that configuration spills 2,196 bytes, so no figure).
+#: A reference beside dense's backward, not a target.
+TUTORIAL_BACKWARD_PER_4K = {"bwd_dq": 1088, "bwd_dkdv": 1328}
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -296,7 +302,24 @@ def targets(rows: list[dict]) -> list[str]:
         lines.append(f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['variant']} | "
                      f"{figure} | {ratio:.2f}x {against} | {limit}x | "
                      f"{'yes' if ratio <= limit else 'no'} |")  # fmt: skip
-    return lines + buffering(rows)
+    return lines + tutorial_backward(rows) + buffering(rows)
+
+
+def tutorial_backward(rows: list[dict]) -> list[str]:
+    """Dense's backward passes beside the tutorial's (:data:`TUTORIAL_BACKWARD_PER_4K`)."""
+    lines = ["", "Dense's backward beside Triton tutorial 06's, compiled the same way (fp16, "
+             "head_dim 64; a reference, not a target: the tutorial scores a causal band on "
+             "K pre-scaled by the host, with one softmax statistic per row).", "",
+             "| kernel | dtype | head_dim | warp_instr_per_4k | tutorial | ratio |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        base = TUTORIAL_BACKWARD_PER_4K.get(r["kernel"])
+        figure = r.get("warp_instr_per_4k")
+        if base and r["variant"] == "dense / band" and r["head_dim"] == 64 and figure \
+                and r["dtype"] != "fp32":  # fmt: skip
+            lines.append(f"| {r['kernel']} | {r['dtype']} | 64 | {figure} | {base} | "
+                         f"{figure / base:.2f}x |")  # fmt: skip
+    return lines
 
 
 #: Variants whose layouts are bands or windows (contiguous runs of key blocks).
