@@ -6,6 +6,8 @@
 #   bash scripts/gpu/session.sh tests        # pytest -m gpu on the default tiles
 #   bash scripts/gpu/session.sh sweep RUN    # the README's GPU sweep into results/RUN,
 #                                            # resumed where results/RUN exists
+#   bash scripts/gpu/session.sh backward RUN # the backward alone (bench run --mode bwd) of
+#                                            # triton and sdpa into results/RUN-bwd, resumed
 #   bash scripts/gpu/session.sh times        # scripts/gpu/kernel_times.py
 #   bash scripts/gpu/session.sh profile RUN  # each call's wall time against its kernels'
 #                                            # device time: results/RUN/time-split-d*.csv
@@ -63,6 +65,17 @@ case "${1:-}" in
           --seq-lens "$LENS" --dtype float16 --impls triton,flex,reference,sdpa --run-id "$run"
     fi
     echo "results/$run: $(( $(wc -l < "results/$run/results.csv") - 1 )) rows" ;;
+  backward)
+    run="${2:?"backward needs a run id, e.g. h100-80gb-hbm3"}-bwd"
+    tiles="results/${2}/tiles.jsonl"  # the forward's autotuned tiles, where a sweep stored them
+    if [ -f "results/$run/meta.json" ]; then
+      ATTN_ZOO_TILES=$tiles timeout -s INT -k 30 "$(left)" $PY -m attn_zoo.bench run \
+          --resume "results/$run"
+    else
+      ATTN_ZOO_TILES=$tiles timeout -s INT -k 30 "$(left)" $PY -m attn_zoo.bench run \
+          --seq-lens 2048,8192 --dtype float16 --impls triton,sdpa --mode bwd --run-id "$run"
+    fi
+    echo "results/$run: $(( $(wc -l < "results/$run/results.csv") - 1 )) rows" ;;
   times)
     export ATTN_ZOO_AUTOTUNE=0
     in_parallel $(( STAGE_S / 3 )) $PY scripts/gpu/kernel_times.py warm
@@ -79,6 +92,6 @@ case "${1:-}" in
     timeout -k 10 "$(left)" $PY -m attn_zoo.bench.time_split --seq-len 512 --host-top 8 \
         --out "results/$run/time-split-n512.csv" ;;
   *)
-    echo "usage: bash scripts/gpu/session.sh tests | sweep RUN | times | profile RUN" >&2
+    echo "usage: bash scripts/gpu/session.sh tests | sweep RUN | backward RUN | times | profile RUN" >&2
     exit 2 ;;
 esac
