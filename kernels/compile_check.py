@@ -305,13 +305,19 @@ def targets(rows: list[dict]) -> list[str]:
     return lines + tutorial_backward(rows) + buffering(rows)
 
 
+def _table(prose: str, columns: list[str]) -> list[str]:
+    """A report section's lines up to its table's rows: the prose, the header."""
+    return ["", prose, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def tutorial_backward(rows: list[dict]) -> list[str]:
     """Dense's backward passes beside the tutorial's (:data:`TUTORIAL_BACKWARD_PER_4K`)."""
-    lines = ["", "Dense's backward beside Triton tutorial 06's, compiled the same way (fp16, "
-             "head_dim 64; a reference, not a target: the tutorial scores a causal band on "
-             "K pre-scaled by the host, with one softmax statistic per row).", "",
-             "| kernel | dtype | head_dim | warp_instr_per_4k | tutorial | ratio |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = _table(
+        "Dense's backward beside Triton tutorial 06's, compiled the same way (fp16, "
+        "head_dim 64; a reference, not a target: the tutorial scores a causal band "
+        "on K pre-scaled by the host, with one softmax statistic per row).",
+        ["kernel", "dtype", "head_dim", "warp_instr_per_4k", "tutorial", "ratio"],
+    )
     for r in rows:
         base = TUTORIAL_BACKWARD_PER_4K.get(r["kernel"])
         figure = r.get("warp_instr_per_4k")
@@ -331,11 +337,12 @@ BANDED = ("dense / band", "strided near, bidirectional", "fixed own block, compr
 def buffering(rows: list[dict]) -> list[str]:
     """The target that the forward's K/V loads are multi-buffered for band and window
     layouts: at least 2 stages and asynchronous copies issued inside the hot loop."""
-    lines = ["", "K/V tiles multi-buffered in the forward's hot loop (band and window "
-             "layouts, fp16/bf16 at head_dim 64 and 128): at least 2 stages and "
-             "asynchronous copies (cp.async or TMA) issued inside the loop.", "",
-             "| dtype | head_dim | variant | stages | loop_async_copies | met |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = _table(
+        "K/V tiles multi-buffered in the forward's hot loop (band and window "
+        "layouts, fp16/bf16 at head_dim 64 and 128): at least 2 stages and "
+        "asynchronous copies (cp.async or TMA) issued inside the loop.",
+        ["dtype", "head_dim", "variant", "stages", "loop_async_copies", "met"],
+    )
     for r in rows:
         if r["kernel"] != "fwd" or r["variant"] not in BANDED or r["dtype"] == "fp32":
             continue
