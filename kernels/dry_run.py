@@ -6,7 +6,8 @@ meaningless). Each recorded part becomes a :class:`Planned`: the compile-time fl
 its launch takes, its tile, and how many of its (query block, key block) pairs are
 full, how many need the element mask, and of those how many hold a pair i == j its
 self bias marks: the walks of the core, which cost very differently per score
-(``reports/kernels-sm90``).
+(``reports/kernels-sm90``); the same for the pairs whose keys get a gradient, which the
+backward's dK/dV pass walks (all of them but stop-gradient memories).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from attn_zoo.kernels import autograd, compile_check, tuning
 from attn_zoo.kernels.flash import launch, output_rows, part_tile
+from attn_zoo.kernels.flash_backward import key_gradient_part
 from attn_zoo.kernels.tuning import Tile
 
 #: The compile-time flags that tell the core's variants apart, and whether full blocks
@@ -37,6 +39,18 @@ class Planned:
     full_scores: int
     masked_scores: int  # in masked blocks holding no pair i == j a self bias marks
     own_scores: int = 0  # in those that do (the third walk, with SELF)
+    #: (full, masked, own) scores of the dK/dV pass; None: the same as the forward's
+    key_scores: tuple[int, int, int] | None = None
+
+    @property
+    def walks(self) -> tuple[int, int, int]:
+        """Scores in the (full, masked, own) walks of the forward and the dQ pass."""
+        return self.full_scores, self.masked_scores, self.own_scores
+
+    @property
+    def key_walks(self) -> tuple[int, int, int]:
+        """Scores in the (full, masked, own) walks of the dK/dV pass."""
+        return self.key_scores if self.key_scores is not None else self.walks
 
 
 def planned(q: torch.Tensor, parts) -> list[Planned]:
@@ -47,15 +61,21 @@ def planned(q: torch.Tensor, parts) -> list[Planned]:
         run = launch(q, part, out)
         flags = {f: run.flags[f] for f in FLAGS if f in run.flags}
         flags["ACCUMULATE"] = i > 0  # merged into the parts before it
-        layout = part.layout
-        per_row = q.shape[0] * q.shape[1] // layout.full.shape[0]  # (b, h) pairs per row
-        block = layout.block_m * layout.block_n * per_row
-        own = int(layout.own_count.sum()) if flags["SELF"] else 0
-        found.append(Planned(tuple(sorted(flags.items())), part_tile(q, part),
-                             int(layout.full_count.sum()) * block,
-                             (int(layout.partial_count.sum()) - own) * block,
-                             own * block))  # fmt: skip
+        walks = _walks(q, part.layout, flags["SELF"])
+        keyed = key_gradient_part(part, q)
+        key_walks = walks if keyed is part else _walks(q, keyed.layout, flags["SELF"])
+        found.append(Planned(tuple(sorted(flags.items())), part_tile(q, part), *walks,
+                             key_scores=key_walks))  # fmt: skip
     return found
+
+
+def _walks(q: torch.Tensor, layout, self_bias: bool) -> tuple[int, int, int]:
+    """Scores of ``layout``'s (full, masked, own) blocks over every (batch, head)."""
+    per_row = q.shape[0] * q.shape[1] // layout.full.shape[0]  # (b, h) pairs per row
+    block = layout.block_m * layout.block_n * per_row
+    own = int(layout.own_count.sum()) if self_bias else 0
+    full, partial = int(layout.full_count.sum()), int(layout.partial_count.sum())
+    return full * block, (partial - own) * block, own * block
 
 
 @contextlib.contextmanager

@@ -233,7 +233,7 @@ def _add_rows(total: torch.Tensor | None, rows: torch.Tensor, index: torch.Tenso
     return total
 
 
-def _key_gradient_part(part: Part, q: torch.Tensor) -> Part:
+def key_gradient_part(part: Part, q: torch.Tensor) -> Part:
     """The pairs whose key and value receive a gradient: with ``frozen_memory`` the
     window starts at the query's own segment (memories are stop-gradient)."""
     if not part.frozen_memory:
@@ -292,7 +292,7 @@ def backward(
             _add(grads, ramp.spans, dspans)
         dq = _add_rows(dq, dq_rows, part.q_index, n)
 
-        keyed = _key_gradient_part(part, q)
+        keyed = key_gradient_part(part, q)
         run = launch(q, keyed, dout, keyed.layout.by_key)
         dk_rows, dv_rows = (flash.new_output(q, (batch, heads, run.n_k, dim), torch.float32)
                             for _ in range(2))  # fmt: skip

@@ -67,17 +67,18 @@ def test_weighting_and_the_ratio_to_dense_with_stand_in_figures():
     found = [Planned((("DUP", 0),), None, full_scores=300, masked_scores=100),
              Planned((("DUP", 1),), None, full_scores=0, masked_scores=100)]  # fmt: skip
     stand_in = (1000, 2000, None)
-    row = kernel_mix.weighted(found, lambda launch, dim, dtype: stand_in, 64, "fp16")
+    row = kernel_mix.weighted(found, lambda launch, dim, dtype, kernel: stand_in, 64, "fp16")
     assert row == {"launches": 2, "scores": 500, "masked_share": 0.4, "per_4k": 1400}
     # a self bias's own walk (3,000) weighs its scores; a walk with scores needs a figure
     found.append(Planned((("SELF", True),), None, full_scores=0, masked_scores=0,
                          own_scores=500))  # fmt: skip
-    own = kernel_mix.weighted(found, lambda launch, dim, dtype: (1000, 2000, 3000), 64, "fp16")
+    own = kernel_mix.weighted(found, lambda launch, dim, dtype, kernel: (1000, 2000, 3000), 64,
+                              "fp16")  # fmt: skip
     assert own == {"launches": 3, "scores": 1000, "masked_share": 0.7, "per_4k": 2200}
-    with pytest.raises(ValueError, match="no instruction count for a walk"):
-        kernel_mix.weighted(found, lambda launch, dim, dtype: stand_in, 64, "fp16")
+    with pytest.raises(ValueError, match="no fwd instruction count for a walk"):
+        kernel_mix.weighted(found, lambda launch, dim, dtype, kernel: stand_in, 64, "fp16")
 
-    def figures(launch, dim, dtype):
+    def figures(launch, dim, dtype, kernel="fwd"):
         return (1000, 3000, 3000)
 
     rows = kernel_mix.mix_rows(["dense", "lsh"], 1024, [64], 2, "fp16", figures)
@@ -87,12 +88,48 @@ def test_weighting_and_the_ratio_to_dense_with_stand_in_figures():
     assert by["lsh", False]["ratio"] == round(by["lsh", False]["per_4k"] / 1000, 2)
 
 
+def test_the_backward_weighs_dq_on_the_forward_walks_and_dkdv_on_its_own():
+    """Stand-in figures per kernel: dQ walks the forward's scores, dK/dV the pairs whose
+    keys get a gradient (here a stop-gradient memory leaves it 200 of 400); both per
+    4,096 of the forward's scores, and the ratio against dense's backward."""
+    found = [Planned((), None, full_scores=300, masked_scores=100, key_scores=(100, 100, 0))]
+    stand_in = {"fwd": (1000, 2000, None), "bwd_dq": (2000, 3000, None),
+                "bwd_dkdv": (3000, 4000, None)}  # fmt: skip
+    row = kernel_mix.weighted(found, lambda launch, dim, dtype, kernel: stand_in[kernel], 64,
+                              "fp16", backward=True)  # fmt: skip
+    assert row["per_4k"] == 1250  # (300 x 1,000 + 100 x 2,000) / 400
+    # dQ 300 x 2,000 + 100 x 3,000, dK/dV 100 x 3,000 + 100 x 4,000, over 400
+    assert row["bwd_per_4k"] == 4000
+    assert "bwd_per_4k" not in kernel_mix.weighted(
+        found, lambda launch, dim, dtype, kernel: stand_in[kernel], 64, "fp16")  # fmt: skip
+    rows = kernel_mix.mix_rows(["dense", "xl"], 1024, [64], 2, "fp16",
+                               lambda launch, dim, dtype, kernel: stand_in[kernel],
+                               backward=True)  # fmt: skip
+    by = {(r["mechanism"], r["causal"]): r for r in rows}
+    assert by["dense", True]["bwd_ratio"] == 1.0
+    # xl's memories get no dK/dV: its backward walks fewer pairs than its forward
+    xl = by["xl", True]
+    assert xl["bwd_ratio"] == round(xl["bwd_per_4k"] / by["dense", True]["bwd_per_4k"], 2)
+
+
+def test_a_dry_run_counts_the_pairs_whose_keys_get_a_gradient():
+    """xl's stop-gradient memory: the dK/dV pass walks fewer pairs than the forward;
+    dense's walks them all."""
+    (xl,) = kernel_mix.launches("xl", True, 1024, 64, 2, torch.float16)
+    assert 0 < sum(xl.key_walks) < sum(xl.walks)
+    (dense,) = kernel_mix.launches("dense", True, 1024, 64, 2, torch.float16)
+    assert dense.key_walks == dense.walks
+
+
 def test_kernel_mix_refuses_bad_arguments_in_one_line(capsys):
     assert kernel_mix.main(["--mechanisms", "dense,nope"]) == 2
     assert capsys.readouterr().out.startswith("kernel_mix: unknown mechanism 'nope'; accepted: ")
     assert kernel_mix.main(["--dtype", "fp32"]) == 2
     assert capsys.readouterr().out.strip() == (
         "kernel_mix: unknown dtype 'fp32'; accepted: fp16, bf16")  # fmt: skip
+    assert kernel_mix.main(["--passes", "bwd"]) == 2
+    assert capsys.readouterr().out.strip() == (
+        "kernel_mix: passes 'bwd'; accepted: fwd, or fwd,bwd")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -107,7 +144,7 @@ def test_kernel_mix_compiles_each_launch_for_h100(tmp_path):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "mechanisms.json").read_text())
-    assert len(rows) == 4 and all(r["per_4k"] > 0 for r in rows)
+    assert len(rows) == 4 and all(r["per_4k"] > 0 and r["bwd_per_4k"] > 0 for r in rows)
     assert "| sparse_fixed | True | 64 |" in (tmp_path / "mechanisms.md").read_text()
 
 
