@@ -156,6 +156,18 @@ def test_gpu_tiles_give_the_reference_gradients(name, tile):
     _same_gradients(name, tile)
 
 
+@pytest.mark.parametrize("name", ["dense", "xl"])
+def test_head_dim_128_backward_programs_give_the_reference_gradients(name):
+    """At head_dim 128 a band alone walks dK/dV 64 query rows a step, xl's dQ programs
+    hold 64 rows of a 128-row block: the programs only these take."""
+    tile = Tile(128, 128, 8)
+    kind = "dense" if name == "dense" else "relative"
+    back = tuning.backward_tile(128, torch.float16, kind, tile)
+    assert back.of("bwd_dkdv")[1] == (64 if name == "dense" else 32)
+    assert back.of("bwd_dq")[0] == (128 if name == "dense" else 64)
+    _same_gradients(name, tile, dim=128)
+
+
 # The own walk (blocks holding i == j under a self bias) in narrower steps than the
 # other walks, as adaptive span's bidirectional tile runs it at head_dim 128.
 OWN_STEP_TILES = [Tile(128, 128, 8, own_step_n=64), Tile(64, 64, 4, own_step_n=32)]
