@@ -2,7 +2,7 @@
 and Algorithm 2).
 
 With O and the log-sum-exp L saved by the forward, D_i = rowsum(dO_i * O_i) once
-per row, and every tile recomputes P = exp(S - L) from the same
+per row (``_row_dots``, one pass over O and dO), and every tile recomputes P = exp(S - L) from the same
 :func:`~attn_zoo.kernels.flash._scores` as the forward (every modifier included):
 
 * ``_flash_bwd_dq``, one program per query block over the key blocks its layout
@@ -53,6 +53,40 @@ from attn_zoo.kernels.layout import Window, cached_layout
 from attn_zoo.kernels.tuning import backward_tile_for
 
 LN2 = tl.constexpr(0.6931471805599453)  # the log2-unit scale back to natural-log scores
+
+
+@triton.jit
+def _row_dots(O, DO, DLSE, DELTA, n, sob, soh, som, sdb, sdh, sdm, H,
+              HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, DLSE_IN: tl.constexpr):  # fmt: skip
+    """D_i = rowsum(dO_i * O_i) (FlashAttention-2, Algorithm 2, line 4) of ROWS rows of
+    one (batch, head), in float32, less dL_i when a gradient reaches the log-sum-exp
+    (``DLSE_IN``): one pass over O and dO, no float32 copies of either."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    inside = rows < n
+    cols = tl.arange(0, HEAD_DIM)[None, :]
+    at = rows.to(tl.int64)[:, None]  # n * D may pass 2^31 elements
+    o = tl.load(O + (bh // H) * sob + (bh % H) * soh + at * som + cols, mask=inside[:, None],
+                other=0.0)  # fmt: skip
+    do = tl.load(DO + (bh // H) * sdb + (bh % H) * sdh + at * sdm + cols, mask=inside[:, None],
+                 other=0.0)  # fmt: skip
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if DLSE_IN:
+        delta -= tl.load(DLSE + bh * n + rows, mask=inside, other=0.0)
+    tl.store(DELTA + bh * n + rows, delta, mask=inside)
+
+
+def row_dots(out: torch.Tensor, dout: torch.Tensor, dlse: torch.Tensor | None) -> torch.Tensor:
+    """D = rowsum(dO * O) - dL, [B, H, n] float32 (:func:`_row_dots`), for ``out`` and
+    ``dout`` [B, H, n, D] with unit stride along D."""
+    batch, heads, n, dim = out.shape
+    delta = torch.empty(batch, heads, n, device=out.device, dtype=torch.float32)
+    dlse = dlse.float().contiguous() if dlse is not None else delta
+    rows = 64
+    _row_dots[(triton.cdiv(n, rows), batch * heads)](
+        out, dout, dlse, delta, n, *out.stride()[:3], *dout.stride()[:3], heads,
+        HEAD_DIM=dim, ROWS=rows, DLSE_IN=dlse is not delta)  # fmt: skip
+    return delta
 
 
 @triton.jit
@@ -267,10 +301,7 @@ def backward(
     (:meth:`Part.differentiable`); tensors no pair reaches are missing."""
     batch, heads, n, dim = q.shape
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
+    delta = row_dots(out, dout, dlse)
     grads: dict[int, torch.Tensor] = {}
     dq = None
     for part in parts:
