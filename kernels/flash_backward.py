@@ -2,8 +2,9 @@
 and Algorithm 2).
 
 With O and the log-sum-exp L saved by the forward, D_i = rowsum(dO_i * O_i) once
-per row (``_row_dots``, one pass over O and dO), and every tile recomputes P = exp(S - L) from the same
-:func:`~attn_zoo.kernels.flash._scores` as the forward (every modifier included):
+per row (``_row_dots``, one pass over O and dO), and every tile recomputes
+P = exp(S - L) from the same :func:`~attn_zoo.kernels.flash._scores` as the forward
+(every modifier included):
 
 * ``_flash_bwd_dq``, one program per query block over the key blocks its layout
   lists: dS = P * (dO V^T - D) and dQ = scale * dS K. With a relative term the
@@ -296,22 +297,26 @@ def backward(
     dlse: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
     """Gradients of (out, lse) of :func:`~attn_zoo.kernels.flash.forward_with_stats`
-    (q, parts), which gave ``out`` and ``stats`` (row max, log2 sum), in float32,
-    keyed by ``id`` of q and of each part's differentiable tensors
-    (:meth:`Part.differentiable`); tensors no pair reaches are missing."""
+    (q, parts), which gave ``out`` and ``stats`` (row max, log2 sum), keyed by ``id``
+    of q and of each part's differentiable tensors (:meth:`Part.differentiable`);
+    tensors no pair reaches are missing. In float32, but dQ where :func:`_dq_in_place`:
+    its rows are written once, in q's dtype (the rounding of a float32 row cast
+    afterwards, without the float32 buffer and the cast; dK and dV stay float32: cast
+    in the dK/dV pass's epilogue they spill 8-72 bytes)."""
     batch, heads, n, dim = q.shape
     dout = dout.contiguous()
     delta = row_dots(out, dout, dlse)
     grads: dict[int, torch.Tensor] = {}
     dq = None
+    dq_dtype = q.dtype if _dq_in_place(q, parts) else torch.float32
     for part in parts:
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
         tile = backward_tile_for(q, part.kind, run.tile)
         shape = (batch, heads, run.n_q, dim)
-        dq_rows = flash.new_output(q, shape, torch.float32)
-        df_rows = flash.new_output(q, shape, torch.float32) if rel else dq_rows
-        dspans = torch.zeros(heads, device=q.device) if ramp else dq_rows
+        dq_rows = flash.new_output(q, shape, dq_dtype)
+        df_rows = flash.new_output(q, shape, torch.float32) if rel else delta  # unread
+        dspans = torch.zeros(heads, device=q.device) if ramp else delta  # unread
         rows, step, warps, stages = tile.of("bwd_dq")
         grid = (triton.cdiv(run.n_q, rows), batch * heads)
         _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, df_rows, dspans, *run.args,
@@ -337,3 +342,15 @@ def backward(
                                           tensor.shape[2])  # fmt: skip
     _add(grads, q, dq)
     return grads
+
+
+def _dq_in_place(q: torch.Tensor, parts: Sequence[Part]) -> bool:
+    """Whether each row of dQ is written once and never summed: one part, its queries
+    read in place (no gather), with no relative term or ramp (whose gradients go on
+    through float32 sums), q neither its keys nor its values (a tensor in two roles
+    sums its gradients)."""
+    if len(parts) != 1:
+        return False
+    part = parts[0]
+    rules = (part.q_index, part.relative, part.ramp)
+    return all(rule is None for rule in rules) and q is not part.k and q is not part.v

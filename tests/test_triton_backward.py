@@ -150,3 +150,26 @@ def test_no_gradient_pass_without_inputs_needing_one():
 def test_triton_gradients_on_gpu(name, causal, dtype):
     for dim in (64, 128):
         check_gradients(attn_zoo.get(name), 1024 + 17, dim, dtype, causal)
+
+
+@pytest.mark.parametrize("name", ["dense", "sparse_fixed"])
+def test_dq_written_in_the_inputs_dtype_matches_float32_rows_cast(name, monkeypatch):
+    """One part with its queries read in place (dense) writes each row of dQ once, in
+    fp16, straight from the kernel: the same values as float32 rows cast afterwards,
+    the path every mechanism of several parts (sparse_fixed) takes."""
+    from attn_zoo.kernels import flash_backward
+
+    mech = small(name)
+    q, k, v = qkv(100, heads=2, dim=32, dtype=torch.float16)
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    plan = mech.plan(q, k, v, True)
+    taken = []
+    in_place = flash_backward._dq_in_place
+    monkeypatch.setattr(flash_backward, "_dq_in_place",
+                        lambda q, parts: taken.append(in_place(q, parts)) or taken[-1])  # fmt: skip
+    direct = gradients(mech, "triton", q, k, v, True, plan, upstream)
+    assert taken == [name == "dense"]
+    monkeypatch.setattr(flash_backward, "_dq_in_place", lambda q, parts: False)
+    cast = gradients(mech, "triton", q, k, v, True, plan, upstream)
+    for got, want in zip(direct, cast, strict=True):
+        assert got.dtype == torch.float16 and torch.equal(got, want)
