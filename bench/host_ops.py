@@ -20,14 +20,21 @@ and calls are counted warm: the second of each, as in a timed loop. Plans are ma
 inside the recording too, so they take the GPU's path (lsh's hashing kernel, one
 launch there, counted as none).
 
+``--backward`` counts the backward instead (:func:`backward_work`): each recorded
+call's gradients through :func:`~attn_zoo.kernels.autograd.gradients` with its
+kernels not run, on q, k and v three tensors (as a model's projections are), the
+output, statistics and upstream gradient stand-ins made beforehand.
+
 ``python -m attn_zoo.bench.host_ops [--seq-len 8192] [--batch 4] [--heads 8]
-[--head-dim 64] [--mechanisms all]`` prints the table.
+[--head-dim 64] [--dtype float32] [--mechanisms all] [--backward]`` prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,11 +42,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import attn_zoo
-from attn_zoo.kernels.autograd import STAND_IN
+from attn_zoo.kernels import flash_backward
+from attn_zoo.kernels.autograd import STAND_IN, gradients, leaves_of
 from attn_zoo.kernels.dry_run import recorded
 from attn_zoo.kernels.flash import launch, new_output, output_rows
 
 SYNC = torch.ops.aten._local_scalar_dense.default
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: A tensor made from host values (``torch.tensor(list)``): on a GPU, a copy that waits.
 FRESH = torch.ops.aten.lift_fresh.default
 
@@ -137,23 +146,105 @@ def host_work(mech, q: torch.Tensor, causal: bool) -> HostWork:
                     planning.bytes / 1e6)  # fmt: skip
 
 
+#: The backward's kernels (module attributes of :mod:`attn_zoo.kernels.flash_backward`).
+BACKWARD_KERNELS = ("_row_dots", "_flash_bwd_dq", "_flash_bwd_dkdv")
+
+
+class _NotRun:
+    """A kernel whose launches are counted and not run (``kernel[grid](...)``)."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launched(*args, **kwargs) -> None:
+            self.launches += 1
+
+        return launched
+
+
+@contextlib.contextmanager
+def _backward_kernels_not_run() -> Iterator[list[_NotRun]]:
+    stubs = {name: _NotRun() for name in BACKWARD_KERNELS if hasattr(flash_backward, name)}
+    kept = {name: getattr(flash_backward, name) for name in stubs}
+    for name, stub in stubs.items():
+        setattr(flash_backward, name, stub)
+    try:
+        yield list(stubs.values())
+    finally:
+        for name, kernel in kept.items():
+            setattr(flash_backward, name, kernel)
+
+
+@dataclass(frozen=True)
+class BackwardWork:
+    mechanism: str
+    causal: bool
+    ops: int
+    syncs: int
+    launches: int
+    megabytes: float
+
+
+def backward_work(mech, q: torch.Tensor, causal: bool) -> BackwardWork:
+    """The host work of the backward of one call of ``mech``'s triton forward on q and
+    copies of it as k and v: every recorded call's :func:`gradients`, its kernels not
+    run, warm (the second time), with stand-ins for the forward's output, statistics
+    and the upstream gradients made outside the count."""
+    k, v = q.clone(), q.clone()
+    with torch.no_grad(), recorded() as calls:
+        plan = mech.plan(q, k, v, causal)
+        mech.impl("triton").run(mech, q, k, v, plan)
+    inputs = []
+    for query, parts in calls:
+        shape = (*query.shape[:2], output_rows(query, parts[0]))
+        out = torch.zeros(*shape, query.shape[3], dtype=query.dtype)
+        stats = (torch.zeros(shape), torch.zeros(shape))
+        inputs.append((query, parts, leaves_of(query, parts), out, stats, torch.ones_like(out),
+                       torch.zeros(shape)))  # fmt: skip
+    with torch.no_grad(), _backward_kernels_not_run():
+        for args in inputs:  # warm: cached key-major layouts
+            gradients(*args)
+        with _Counter() as count, _backward_kernels_not_run() as kernels:
+            for args in inputs:
+                gradients(*args)
+    return BackwardWork(mech.name, causal, count.ops, count.syncs,
+                        sum(k.launches for k in kernels), count.bytes / 1e6)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m attn_zoo.bench.host_ops")
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", help="of " + ", ".join(DTYPES))
     parser.add_argument("--mechanisms", default="all", help="comma-separated, or all")
+    parser.add_argument("--backward", action="store_true", help="count the backward's work")
     args = parser.parse_args(argv)
     try:
         names = attn_zoo.registry.pick(args.mechanisms)
     except ValueError as error:
         print(f"host_ops: {error}")
         return 2
-    q = torch.randn(args.batch, args.heads, args.seq_len, args.head_dim)
-    print(f"host work per triton forward call, [{args.batch}, {args.heads}, {args.seq_len}, "
-          f"{args.head_dim}] float32 (kernels not run; MB: read and written by the aten "
-          f"operations that are not views)\n")  # fmt: skip
+    if args.dtype not in DTYPES:
+        print(f"host_ops: unknown dtype {args.dtype!r}; accepted: {', '.join(DTYPES)}")
+        return 2
+    q = torch.randn(args.batch, args.heads, args.seq_len, args.head_dim).to(DTYPES[args.dtype])
+    shape = f"[{args.batch}, {args.heads}, {args.seq_len}, {args.head_dim}] {args.dtype}"
+    if args.backward:
+        print(f"host work per triton backward, {shape} (kernels not run; MB: read and "
+              "written by the aten operations that are not views)\n")  # fmt: skip
+        print("| mechanism | causal | aten ops | host syncs | MB | launches |")
+        print("|---|---|---|---|---|---|")
+        for name in names:
+            for causal in (True, False):
+                w = backward_work(attn_zoo.get(name), q, causal)
+                print(f"| {w.mechanism} | {'yes' if causal else 'no'} | {w.ops} | {w.syncs} | "
+                      f"{w.megabytes:.0f} | {w.launches} |")  # fmt: skip
+        return 0
+    print(f"host work per triton forward call, {shape} (kernels not run; MB: read and "
+          "written by the aten operations that are not views)\n")  # fmt: skip
     print("| mechanism | causal | aten ops | host syncs | host copies | MB | launches | "
           "plan: ops | plan: syncs | plan: host copies | plan: MB |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -30,10 +30,25 @@ class FlashFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor, dlse: torch.Tensor):
         out, row_max, row_logsum = ctx.saved_tensors
-        grads = backward(ctx.q, ctx.parts, out, (row_max, row_logsum), dout, dlse)
-        inputs = (ctx.q, *ctx.leaves)
-        cast = [None if id(t) not in grads else grads[id(t)].to(t.dtype) for t in inputs]
-        return None, *cast
+        stats = (row_max, row_logsum)
+        return None, *gradients(ctx.q, ctx.parts, ctx.leaves, out, stats, dout, dlse)
+
+
+def leaves_of(q: torch.Tensor, parts: Sequence[Part]) -> list[torch.Tensor]:
+    """The tensors besides q that the parts read differentiably, each once."""
+    leaves: list[torch.Tensor] = []
+    for part in parts:
+        for tensor in part.differentiable():
+            if tensor is not q and all(tensor is not seen for seen in leaves):
+                leaves.append(tensor)
+    return leaves
+
+
+def gradients(q, parts, leaves, out, stats, dout, dlse) -> list[torch.Tensor | None]:
+    """The gradients of q and of each leaf in its own dtype (None where no pair reaches
+    it), from :func:`~attn_zoo.kernels.flash_backward.backward`."""
+    grads = backward(q, parts, out, stats, dout, dlse)
+    return [None if id(t) not in grads else grads[id(t)].to(t.dtype) for t in (q, *leaves)]
 
 
 #: Set inside :func:`attn_zoo.kernels.dry_run.dry_run`: where :func:`attend` records
@@ -52,11 +67,7 @@ def attend(q: torch.Tensor, parts: Sequence[Part]) -> tuple[torch.Tensor, torch.
         n_out = output_rows(q, parts[0])
         lse = torch.zeros(*q.shape[:2], n_out, device=q.device)
         return q.new_zeros(*q.shape[:2], n_out, q.shape[3]), lse
-    leaves: list[torch.Tensor] = []
-    for part in parts:
-        for tensor in part.differentiable():
-            if tensor is not q and all(tensor is not seen for seen in leaves):
-                leaves.append(tensor)
+    leaves = leaves_of(q, parts)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, *leaves)):
         return FlashFunction.apply(parts, q, *leaves)
     return forward(q, parts)

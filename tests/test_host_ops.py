@@ -117,3 +117,24 @@ def test_memory_passes_outside_the_kernels():
     size = q.numel() * q.element_size() / 1e6
     assert dense.megabytes == 0
     assert 6 * size < xl.megabytes < 11 * size, xl.megabytes / size
+
+
+def test_the_backward_of_dense_passes_over_memory_only_to_cast_dk_and_dv():
+    """Dense's backward on fp16 inputs: D = rowsum(dO * O) is a kernel, dQ is written in
+    q's dtype, so the only passes outside the three kernels are dK's and dV's casts
+    from float32 (read 4 bytes, write 2, per element). Before, D took float32 copies of
+    O and dO, a product and a sum, and dQ a cast too: 775 MB at [4, 8, 8192, 64]."""
+    q = torch.randn(1, 2, 256, 32).half()
+    work = host_ops.backward_work(attn_zoo.get("dense"), q, True)
+    assert (work.launches, work.syncs) == (3, 0), work
+    assert work.megabytes * 1e6 == 2 * q.numel() * (4 + 2), work
+
+
+def test_the_backward_table_and_a_bad_dtype(capsys):
+    assert host_ops.main(["--backward", "--mechanisms", "dense,sparse_fixed", "--seq-len", "256",
+                          "--batch", "1", "--heads", "2", "--head-dim", "32"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| dense | yes |" in out and "| sparse_fixed | no |" in out
+    assert host_ops.main(["--dtype", "half"]) == 2
+    assert capsys.readouterr().out.strip() == (
+        "host_ops: unknown dtype 'half'; accepted: float32, float16, bfloat16")  # fmt: skip
