@@ -120,11 +120,13 @@ class Part:
 
     ``q_index`` [G|1, n_q] and ``k_index`` [G|1, n_k] (int32) read rows through a
     gather: the kernel runs over n_q = q_index.shape[-1] queries and writes row i
-    at ``q_index[i]`` when ``scatter`` (else at i). ``groups`` = (q groups [G, n_q],
-    k groups [G, n_k]) sorted along the kernel order. ``self_bias`` is added to the
-    score of the pair of equal kernel indices, the same position when q and k are
-    read in the same order (no index, or one index for both). ``keep`` [B, positions of k]
-    (bool, True = attend) hides padded keys. ``tile`` gives the launch's warps and
+    at ``q_index[i]`` when ``scatter`` (else at i; scattered, the positions must be
+    distinct, and the backward puts dQ there, and dK and dV too where ``k_index`` is
+    ``q_index``). ``groups`` = (q groups [G, n_q], k groups [G, n_k]) sorted along
+    the kernel order. ``self_bias`` is added to the score of the pair of equal kernel
+    indices, the same position when q and k are read in the same order (no index, or
+    one index for both). ``keep`` [B, positions of k] (bool, True = attend) hides
+    padded keys. ``tile`` gives the launch's warps and
     stages (:mod:`attn_zoo.kernels.tuning`; its blocks are the layout's).
     ``frozen_memory``: keys before the query's window segment (``window.step * s``)
     are stop-gradient memories (Transformer-XL, Sec. 3.2; Compressive Transformer):

@@ -20,11 +20,12 @@ P = exp(S - L) from the same :func:`~attn_zoo.kernels.flash._scores` as the forw
 A mechanism of several parts merged by log-sum-exp needs nothing more: with the
 final O and L, each part's P is already its share of the merged softmax, so
 each part runs these two kernels unchanged. A gradient reaching L itself (a
-caller that merges more keys later) enters as D - dL. Every kernel writes
-its rows in kernel order into buffers of its own; gathered parts are added back
-at their positions with ``scatter_add`` (a position may sit in several clusters).
+caller that merges more keys later) enters as D - dL. Each kernel puts its
+rows at their positions in the gradient itself, the parts after the first adding
+to it in L2 (:func:`puts`); only rows whose positions repeat within a launch (a
+token in several clusters) go through a kernel-order buffer and ``scatter_add``.
 Nothing N x N is stored; beyond q, k, v, o and the gradients the extra memory
-is D (one float per row) and the per-part row buffers.
+is D (one float per row).
 """
 
 from __future__ import annotations
@@ -106,6 +107,35 @@ def _row_grads(DO, MAX, LOGSUM, DELTA, pid_bh, b, h, o_rows, rows_in, sob, soh, 
 
 
 @triton.jit
+def _position(INDEX, offs, inside, GATHER: tl.constexpr, WIDE: tl.constexpr):
+    """The positions of kernel rows ``offs``: read from their index (``GATHER``), again
+    for the dK/dV pass's epilogue rather than held in registers through the walks
+    beside its two accumulators (held, they cost lsh at head_dim 128 an 80-byte spill
+    with Triton 3.9), int64 when offsets may pass 2^31 elements (``WIDE``:
+    :func:`~attn_zoo.kernels.flash._widen`)."""
+    at = offs
+    if GATHER:
+        tl.debug_barrier()  # a load past a barrier is not the same as one before the walks
+        at = tl.load(INDEX + offs, mask=inside, other=0)
+    if WIDE:
+        at = at.to(tl.int64)
+    return at
+
+
+@triton.jit
+def _put(rows, value, inside, ADD: tl.constexpr):
+    """Store gradient rows, or add them to the rows an earlier launch put there
+    (``ADD``). A launch puts each row once (its rows' positions are distinct), so the
+    adds of one launch never meet and launches run in stream order: the sum is the same
+    every run. The add is a reduction in L2 (RED, no value back): no registers beyond
+    the rows, no kernel-order buffer and host ``scatter_add`` after the launch."""
+    if ADD:
+        tl.atomic_add(rows, value, mask=inside, sem="relaxed")
+    else:
+        tl.store(rows, value, mask=inside)
+
+
+@triton.jit
 def _flash_bwd_dq(
     DO, MAX, LOGSUM, DELTA, DQ, DQF, DSPANS,
     Q, K, V, QIDX, KIDX, GLO, GHI, QF, KF, SPANS, RCODE, KEEP,
@@ -119,11 +149,12 @@ def _flash_bwd_dq(
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr,
-    SUB_N: tl.constexpr,
+    SUB_N: tl.constexpr, ADD_DQ: tl.constexpr,
 ):  # fmt: skip
-    """dQ of ROWS query rows of a layout block (kernel order); with REL_TERM the query
-    features' gradient in DQF; with RAMP dz_h into DSPANS. Each listed key block is
-    taken SUB_N keys at a time."""
+    """dQ of ROWS query rows of a layout block, put (:func:`_put`, ``ADD_DQ``) where
+    the forward writes their output: at the queries' positions, or in kernel order; with
+    REL_TERM the query features' gradient in DQF (kernel order); with RAMP dz_h into
+    DSPANS. Each listed key block is taken SUB_N keys at a time."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, b, h = _head(
@@ -174,8 +205,11 @@ def _flash_bwd_dq(
             if REL_TERM:
                 df += tl.dot(ds.to(k.dtype), g, input_precision=PRECISION)
     scale = qk_scale * LN2
-    rows = DQ + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(rows, dq * scale, mask=rows_in[:, None])
+    if WIDE:  # the rows' positions as read before the walks (read again, they cost more)
+        o_rows = o_rows.to(tl.int64)
+    n_rows = n_out if SCATTER_O else n_q  # at the positions, or in kernel order
+    rows = DQ + pid_bh * n_rows * HEAD_DIM + o_rows[:, None] * HEAD_DIM + offs_d[None, :]
+    _put(rows, dq * scale, rows_in[:, None], ADD_DQ)
     if REL_TERM:
         rows = DQF + pid_bh * n_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(rows, df * scale, mask=rows_in[:, None])
@@ -191,17 +225,19 @@ def _flash_bwd_dkdv(
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sgn,
     H, n_q, n_k, n_out, n_layouts, n_indexed, n_grouped, max_full, max_partial,
     lo, hi, offset, seg_len, seg_step, win_lo, win_hi, self_bias, ramp, qk_scale,
-    n_pos, dup_reach, dup_stride, keep_stride,
+    n_pos, dup_reach, dup_stride, keep_stride, n_dk,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     GATHER_Q: tl.constexpr, GATHER_K: tl.constexpr, SCATTER_O: tl.constexpr,
     WINDOW: tl.constexpr, GROUPS: tl.constexpr, SELF: tl.constexpr, RAMP: tl.constexpr,
     SYMMETRIC: tl.constexpr, REL_TERM: tl.constexpr, DUP: tl.constexpr, PADDED: tl.constexpr,
     PRECISION: tl.constexpr, RUNS: tl.constexpr, WIDE: tl.constexpr, KEYS: tl.constexpr,
-    SUB_M: tl.constexpr,
+    SUB_M: tl.constexpr, SCATTER_K: tl.constexpr, ADD_DKV: tl.constexpr,
 ):  # fmt: skip
-    """dK and dV of KEYS keys of a layout block (kernel order); FULL.. are the
-    key-major lists. Each listed query block is taken SUB_M rows at a time (fewer
-    live registers beside the two [KEYS, HEAD_DIM] accumulators)."""
+    """dK and dV of KEYS keys of a layout block, put (:func:`_put`, ``ADD_DKV``) in
+    DK and DV, [B * H, n_dk, HEAD_DIM], at the keys' positions (``SCATTER_K``) or in
+    kernel order; FULL.. are the key-major lists. Each listed query block is taken
+    SUB_M rows at a time (fewer live registers beside the two [KEYS, HEAD_DIM]
+    accumulators)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     Q, K, V, QIDX, KIDX, GLO, GHI, QF, RCODE, KEEP, b, h = _head(
@@ -250,15 +286,18 @@ def _flash_bwd_dkdv(
             dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds = p * (dp - delta[None, :])
             dk += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION)
-    rows = pid_bh * n_k * HEAD_DIM + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(DK + rows, dk * (qk_scale * LN2), mask=in_range[:, None])
-    tl.store(DV + rows, dv, mask=in_range[:, None])
+    at = _position(KIDX, offs_n, in_range, SCATTER_K, WIDE)
+    rows = pid_bh * n_dk * HEAD_DIM + at[:, None] * HEAD_DIM + offs_d[None, :]
+    _put(DK + rows, dk * (qk_scale * LN2), in_range[:, None], ADD_DKV)
+    _put(DV + rows, dv, in_range[:, None], ADD_DKV)
 
 
 def _add_rows(total: torch.Tensor | None, rows: torch.Tensor, index: torch.Tensor | None,
               n: int) -> torch.Tensor:  # fmt: skip
-    """``total`` + a kernel-order buffer [B, H, n_rows, D] added at positions
-    ``index`` [G|1, n_rows] of a [B, H, n, D] total (a new one when None)."""
+    """``total`` + a kernel-order buffer [B, H, n_rows, D] added at positions ``index``
+    [G|1, n_rows] of a [B, H, n, D] total (a new one when None): rows no kernel puts
+    itself (positions that repeat: a token in several clusters; a relative term's
+    query features)."""
     if index is None:
         return rows if total is None else total.add_(rows)
     if total is None:
@@ -266,6 +305,72 @@ def _add_rows(total: torch.Tensor | None, rows: torch.Tensor, index: torch.Tenso
     heads = rows.shape[:2] if index.shape[0] > 1 else (1, 1)  # per (batch, head) or shared
     total.scatter_add_(2, index.long().view(*heads, -1, 1).expand_as(rows), rows)
     return total
+
+
+@dataclasses.dataclass(frozen=True)
+class Puts:
+    """Where one part's two backward launches put their gradient rows: dQ at the
+    queries' positions (``dq_placed``: where the forward puts the output) and dK, dV
+    at the keys' (``keys_placed``; ``scatter_k``: through the keys' index), or else in
+    kernel order for the host to add (:func:`_add_rows`); and whether each adds to the
+    rows launches before it put (``add_dq``, ``add_dkv``) or stores them (the first
+    launch to reach a tensor, when it puts every row)."""
+
+    dq_placed: bool
+    keys_placed: bool
+    add_dq: bool
+    add_dkv: bool
+    scatter_k: bool = False
+
+    @property
+    def dq_flags(self) -> dict:
+        return {"ADD_DQ": self.add_dq}
+
+    @property
+    def dkdv_flags(self) -> dict:
+        return {"SCATTER_K": self.scatter_k, "ADD_DKV": self.add_dkv}
+
+
+def puts(q: torch.Tensor, parts: Sequence[Part]) -> list[Puts]:
+    """The :class:`Puts` of each part's launches, in order. Queries are placed where
+    the part reads them in place or scatters its output (positions distinct: the
+    forward's own contract), keys where they are read in place or through the queries'
+    scattered index; a tensor's first launch stores when it puts every row of it and
+    q's, k's and v's roles never meet in one launch (k is v: the two adds of one
+    program), else adds to zeros."""
+    reached: set[int] = set()
+
+    def adds(tensors: Sequence[torch.Tensor], placed: bool, every_row: bool) -> bool:
+        ids = [id(t) for t in tensors]
+        shared = len(set(ids)) < len(ids) or not reached.isdisjoint(ids)
+        reached.update(ids)
+        return placed and (shared or not every_row)
+
+    found = []
+    for part in parts:
+        dq_placed = part.q_index is None or part.scatter
+        n_q = q.shape[2] if part.q_index is None else part.q_index.shape[-1]
+        add_dq = adds([q], dq_placed, n_q == q.shape[2])
+        keys_placed = part.k_index is None or (part.k_index is part.q_index and part.scatter)
+        n_k = part.k.shape[2] if part.k_index is None else part.k_index.shape[-1]
+        add_dkv = adds([part.k, part.v], keys_placed, n_k == part.k.shape[2])
+        scatter_k = keys_placed and part.k_index is not None
+        found.append(Puts(dq_placed, keys_placed, add_dq, add_dkv, scatter_k))
+    return found
+
+
+def _put_into(grads: dict, tensor: torch.Tensor, placed: bool, add: bool, rows: int,
+              dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """The buffer a launch puts ``tensor``'s gradient rows in: its gradient (made here,
+    zeroed where the launch adds) when ``placed``, else a kernel-order one of ``rows``."""
+    batch, heads, _, dim = tensor.shape
+    if not placed:
+        return flash.new_output(tensor, (batch, heads, rows, dim), torch.float32)
+    if id(tensor) not in grads:
+        shape = (batch, heads, tensor.shape[2], dim)
+        grads[id(tensor)] = (torch.zeros(shape, device=tensor.device, dtype=dtype) if add
+                             else flash.new_output(tensor, shape, dtype))  # fmt: skip
+    return grads[id(tensor)]
 
 
 def key_gradient_part(part: Part, q: torch.Tensor) -> Part:
@@ -299,58 +404,61 @@ def backward(
     """Gradients of (out, lse) of :func:`~attn_zoo.kernels.flash.forward_with_stats`
     (q, parts), which gave ``out`` and ``stats`` (row max, log2 sum), keyed by ``id``
     of q and of each part's differentiable tensors (:meth:`Part.differentiable`);
-    tensors no pair reaches are missing. In float32, but dQ where :func:`_dq_in_place`:
-    its rows are written once, in q's dtype (the rounding of a float32 row cast
-    afterwards, without the float32 buffer and the cast; dK and dV stay float32: cast
-    in the dK/dV pass's epilogue they spill 8-72 bytes)."""
+    tensors no pair reaches are missing. The kernels put their rows at their
+    positions, adding to earlier launches' (:func:`puts`). In float32, but dQ where
+    :func:`_dq_in_place`: its rows are written once, in q's dtype (the rounding of a
+    float32 row cast afterwards, without the float32 buffer and the cast; dK and dV
+    stay float32: cast in the dK/dV pass's epilogue they spill 8-72 bytes)."""
     batch, heads, n, dim = q.shape
     dout = dout.contiguous()
     delta = row_dots(out, dout, dlse)
     grads: dict[int, torch.Tensor] = {}
-    dq = None
-    dq_dtype = q.dtype if _dq_in_place(q, parts) else torch.float32
-    for part in parts:
+    plan = puts(q, parts)
+    dq_dtype = q.dtype if _dq_in_place(q, parts, plan) else torch.float32
+    for part, put in zip(parts, plan, strict=True):
         run = launch(q, part, dout)
         rel, ramp = part.relative, part.ramp
         tile = backward_tile_for(q, part.kind, run.tile)
+        dq = _put_into(grads, q, put.dq_placed, put.add_dq, run.n_q, dq_dtype)
         shape = (batch, heads, run.n_q, dim)
-        dq_rows = flash.new_output(q, shape, dq_dtype)
         df_rows = flash.new_output(q, shape, torch.float32) if rel else delta  # unread
         dspans = torch.zeros(heads, device=q.device) if ramp else delta  # unread
         rows, step, warps, stages = tile.of("bwd_dq")
         grid = (triton.cdiv(run.n_q, rows), batch * heads)
-        _flash_bwd_dq[grid](dout, *stats, delta, dq_rows, df_rows, dspans, *run.args,
-                            **run.flags, ROWS=rows, SUB_N=step, num_warps=warps,
+        _flash_bwd_dq[grid](dout, *stats, delta, dq, df_rows, dspans, *run.args, **run.flags,
+                            ROWS=rows, SUB_N=step, **put.dq_flags, num_warps=warps,
                             num_stages=stages)  # fmt: skip
-        if rel is not None:  # f is read where q is
+        if not put.dq_placed:
+            grads[id(q)] = _add_rows(grads.get(id(q)), dq, part.q_index, n)
+        if rel is not None:  # f is read where q is, its rows in kernel order
             grads[id(rel.f)] = _add_rows(grads.get(id(rel.f)), df_rows, part.q_index, n)
         if ramp is not None:
             _add(grads, ramp.spans, dspans)
-        dq = _add_rows(dq, dq_rows, part.q_index, n)
 
         keyed = key_gradient_part(part, q)
         run = launch(q, keyed, dout, keyed.layout.by_key)
-        dk_rows, dv_rows = (flash.new_output(q, (batch, heads, run.n_k, dim), torch.float32)
-                            for _ in range(2))  # fmt: skip
+        dk, dv = (_put_into(grads, tensor, put.keys_placed, put.add_dkv, run.n_k, torch.float32)
+                  for tensor in (part.k, part.v))  # fmt: skip
         keys, step, warps, stages = tile.of("bwd_dkdv")
         grid = (triton.cdiv(run.n_k, keys), batch * heads)
-        _flash_bwd_dkdv[grid](dout, *stats, delta, dk_rows, dv_rows, *run.args, **run.flags,
-                              KEYS=keys, SUB_M=step, num_warps=warps,
+        _flash_bwd_dkdv[grid](dout, *stats, delta, dk, dv, *run.args, dk.shape[2], **run.flags,
+                              KEYS=keys, SUB_M=step, **put.dkdv_flags, num_warps=warps,
                               num_stages=stages)  # fmt: skip
-        for tensor, rows in ((part.k, dk_rows), (part.v, dv_rows)):
-            grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
-                                          tensor.shape[2])  # fmt: skip
-    _add(grads, q, dq)
+        if not put.keys_placed:
+            for tensor, rows in ((part.k, dk), (part.v, dv)):
+                grads[id(tensor)] = _add_rows(grads.get(id(tensor)), rows, part.k_index,
+                                              tensor.shape[2])  # fmt: skip
     return grads
 
 
-def _dq_in_place(q: torch.Tensor, parts: Sequence[Part]) -> bool:
-    """Whether each row of dQ is written once and never summed: one part, its queries
-    read in place (no gather), with no relative term or ramp (whose gradients go on
-    through float32 sums), q neither its keys nor its values (a tensor in two roles
-    sums its gradients)."""
+def _dq_in_place(q: torch.Tensor, parts: Sequence[Part], plan: Sequence[Puts]) -> bool:
+    """Whether each row of dQ is written once and never summed: one part that puts every
+    row of dQ, stored, not added (its queries read in place or scattered), with no
+    relative term or ramp (whose gradients go on through float32 sums), q neither its
+    keys nor its values (a tensor in two roles sums its gradients)."""
     if len(parts) != 1:
         return False
-    part = parts[0]
-    rules = (part.q_index, part.relative, part.ramp)
-    return all(rule is None for rule in rules) and q is not part.k and q is not part.v
+    part, put = parts[0], plan[0]
+    rules = (part.relative, part.ramp)
+    return (put.dq_placed and not put.add_dq and all(rule is None for rule in rules)
+            and q is not part.k and q is not part.v)  # fmt: skip

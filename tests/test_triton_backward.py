@@ -166,10 +166,56 @@ def test_dq_written_in_the_inputs_dtype_matches_float32_rows_cast(name, monkeypa
     taken = []
     in_place = flash_backward._dq_in_place
     monkeypatch.setattr(flash_backward, "_dq_in_place",
-                        lambda q, parts: taken.append(in_place(q, parts)) or taken[-1])  # fmt: skip
+                        lambda *args: taken.append(in_place(*args)) or taken[-1])  # fmt: skip
     direct = gradients(mech, "triton", q, k, v, True, plan, upstream)
     assert taken == [name == "dense"]
-    monkeypatch.setattr(flash_backward, "_dq_in_place", lambda q, parts: False)
+    monkeypatch.setattr(flash_backward, "_dq_in_place", lambda *args: False)
     cast = gradients(mech, "triton", q, k, v, True, plan, upstream)
     for got, want in zip(direct, cast, strict=True):
         assert got.dtype == torch.float16 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
+@pytest.mark.parametrize("name", ["sparse_strided", "sparse_fixed", "lsh", "routing"])
+def test_one_tensor_as_queries_keys_and_values(name, causal):
+    """One tensor in every role: each launch that reaches it adds into its one gradient
+    (k is v in a dK/dV launch: both onto zeros; q is k: the dK/dV launch adds to the
+    rows the dQ launch put), as autograd sums the reference's."""
+    mech = small(name)
+    x = qkv(100, heads=2, dim=32)[0]
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    plan = mech.plan(x, x, x, causal)
+    got = {}
+    for impl in ("triton", "reference"):
+        leaf = x.clone().requires_grad_()
+        out = mech(leaf, leaf, leaf, causal=causal, impl=impl, plan=plan)
+        got[impl] = torch.autograd.grad(out, leaf, upstream)[0]
+    error = oracle.rel_error(got["triton"], got["reference"])
+    assert torch.isfinite(got["triton"]).all() and error < 1e-4, error
+
+
+def test_where_each_launch_puts_its_rows():
+    """Placed at positions and added in L2 where positions are distinct (lsh's rounds,
+    strided columns, the parts after the first); a summary's or a cluster member's rows
+    in kernel order for the host to add (a subset of keys, repeated tokens)."""
+    from attn_zoo.kernels.dry_run import recorded
+    from attn_zoo.kernels.flash_backward import Puts, puts
+
+    def plan_of(name, causal, tensors=None):
+        mech = small(name)
+        q, k, v = tensors or qkv(256, heads=2, dim=32)
+        with torch.no_grad(), recorded() as calls:
+            mech.impl("triton").run(mech, q, k, v, mech.plan(q, k, v, causal))
+        return [puts(query, parts) for query, parts in calls]
+
+    first, after = Puts(True, True, False, False), Puts(True, True, True, True, True)
+    assert plan_of("dense", True) == [[first]]
+    rounds = small("lsh").config.n_hashes
+    assert plan_of("lsh", True) == [[Puts(True, True, False, False, True)] + [after] * (rounds - 1)]
+    assert plan_of("sparse_strided", False) == [[first, after]]
+    assert plan_of("sparse_fixed", True) == [[first, Puts(True, False, True, False)]]
+    routing = plan_of("routing", False)
+    assert routing[-1] == [Puts(False, False, False, False)]  # clusters' member lists
+    x = qkv(256, heads=2, dim=32)[0]
+    # q is k is v: every launch adds (the first dK/dV: k is v, both onto zeros)
+    assert plan_of("sparse_strided", True, (x, x, x)) == [[Puts(True, True, False, True), after]]
