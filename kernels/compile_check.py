@@ -35,10 +35,15 @@ from pathlib import Path
 #: last round's part, which tests the rounds before it (unrolled in the kernel).
 LSH_ROUNDS = 4
 
+#: The backward's flags of a part after the first whose keys are read through its queries'
+#: index (:func:`attn_zoo.kernels.flash_backward.puts`): dQ, dK and dV put at their
+#: positions, added to the rows the parts before put.
+ADDED = ("ADD_DQ", "SCATTER_K", "ADD_DKV")
+
 
 def _lsh(*rule: str) -> dict[str, bool | int]:
     """The flags of lsh's last round: its rule's, and the earlier rounds' test."""
-    shared = ("GATHER_Q", "GATHER_K", "SCATTER_O", "SELF", "ACCUMULATE")
+    shared = ("GATHER_Q", "GATHER_K", "SCATTER_O", "SELF", "ACCUMULATE", *ADDED)
     return dict.fromkeys(shared + rule, True) | {"DUP": LSH_ROUNDS - 1}
 
 
@@ -47,23 +52,25 @@ VARIANTS: dict[str, dict[str, bool | int]] = {
     "dense / band": {},
     "strided near, bidirectional": {"SELF": True},
     "strided columns": dict.fromkeys(
-        ("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS", "ACCUMULATE"), True
+        ("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS", "ACCUMULATE", *ADDED), True
     ),
     "fixed own block, compressive raw": {"WINDOW": True},
-    "fixed summaries": {"GATHER_K": True, "WINDOW": True, "ACCUMULATE": True},
-    "compressive slots": {"WINDOW": True, "ACCUMULATE": True},
+    "fixed summaries": {"GATHER_K": True, "WINDOW": True, "ACCUMULATE": True, "ADD_DQ": True},
+    "compressive slots": {"WINDOW": True, "ACCUMULATE": True, "ADD_DQ": True},
     "adaptive span, causal": {"RAMP": True},
     "adaptive span, bidirectional": {"RAMP": True, "SYMMETRIC": True, "SELF": True},
     "xl": {"WINDOW": True, "REL_TERM": True},
     "lsh buckets": _lsh("WINDOW", "GROUPS"),
     "lsh across buckets": _lsh("WINDOW"),
     "lsh causal": _lsh("GROUPS"),
-    "routing causal clusters": dict.fromkeys(("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS"), True),
+    "routing causal clusters": dict.fromkeys(
+        ("GATHER_Q", "GATHER_K", "SCATTER_O", "GROUPS", "SCATTER_K"), True
+    ),
     "routing member lists": dict.fromkeys(("GATHER_Q", "GATHER_K", "WINDOW"), True),
     "dense, key padding": {"PADDED": True},
 }
 FLAGS = ("GATHER_Q", "GATHER_K", "SCATTER_O", "WINDOW", "GROUPS", "SELF", "RAMP", "SYMMETRIC",
-         "REL_TERM", "DUP", "PADDED", "ACCUMULATE")  # fmt: skip
+         "REL_TERM", "DUP", "PADDED", "ACCUMULATE", *ADDED)  # fmt: skip
 #: The kernels, by report name (module attn_zoo.kernels.<module>, function).
 KERNELS = {"fwd": ("flash", "_flash_fwd"), "bwd_dq": ("flash_backward", "_flash_bwd_dq"),
            "bwd_dkdv": ("flash_backward", "_flash_bwd_dkdv")}  # fmt: skip
@@ -78,7 +85,7 @@ POINTERS = dict.fromkeys(
 #: Integer arguments that are multiples of 16 in a launch on aligned shapes: strides and
 #: lengths. The JIT marks such arguments (and every 16-byte aligned pointer) divisible.
 ALIGNED_INTS = {"sqb", "sqh", "sqm", "skb", "skh", "skn", "svb", "svh", "svn", "sob", "soh",
-                "som", "sgn", "n_q", "n_k", "n_out", "n_pos", "keep_stride"}  # fmt: skip
+                "som", "sgn", "n_q", "n_k", "n_out", "n_pos", "keep_stride", "n_dk"}  # fmt: skip
 SHARED_LIMIT = 227 * 1024  # per block on sm_90 (H100/H200)
 #: Known gaps of the fp16/bf16 kernels at head_dim >= 64 that --strict tolerates until
 #: they are fixed (kernel, variant, head_dim, what): anything else is a regression.

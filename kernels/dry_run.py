@@ -20,7 +20,7 @@ import torch
 
 from attn_zoo.kernels import autograd, compile_check, tuning
 from attn_zoo.kernels.flash import launch, output_rows, part_tile
-from attn_zoo.kernels.flash_backward import key_gradient_part
+from attn_zoo.kernels.flash_backward import key_gradient_part, puts
 from attn_zoo.kernels.tuning import Tile
 
 #: The compile-time flags that tell the core's variants apart, and whether full blocks
@@ -56,11 +56,12 @@ class Planned:
 def planned(q: torch.Tensor, parts) -> list[Planned]:
     """The :class:`Planned` launches of one :func:`attend` call on ``q``."""
     found = []
-    for i, part in enumerate(parts):
+    for i, (part, put) in enumerate(zip(parts, puts(q, parts), strict=True)):
         out = torch.empty(*q.shape[:2], output_rows(q, part), q.shape[3], dtype=q.dtype)
         run = launch(q, part, out)
         flags = {f: run.flags[f] for f in FLAGS if f in run.flags}
         flags["ACCUMULATE"] = i > 0  # merged into the parts before it
+        flags |= put.dq_flags | put.dkdv_flags  # where the backward puts its rows
         walks = _walks(q, part.layout, flags["SELF"])
         keyed = key_gradient_part(part, q)
         key_walks = walks if keyed is part else _walks(q, keyed.layout, flags["SELF"])

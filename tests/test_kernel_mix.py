@@ -162,3 +162,30 @@ def test_bench_report_links_the_kernel_reports(tmp_path):
     (folder / "mechanisms.json").write_text("{not json")
     assert "unreadable" in kernel_mix.report_section(tmp_path, folder)[2]
     assert "write it" in kernel_mix.report_section(tmp_path, tmp_path / "none")[2]
+
+
+def test_the_report_compiles_flag_sets_the_mechanisms_launch():
+    """Each variant of the compile report is the flag set of a launch some mechanism
+    makes, backward flags included (where each backward launch puts its rows): lsh's
+    last round, the trax option across buckets, dense with padded keys among them."""
+    import dataclasses
+
+    from attn_zoo.kernels.compile_check import VARIANTS
+
+    def flag_sets(mech, causal, keep=None):
+        q = torch.randn(1, 1, 2048, 64, generator=torch.Generator().manual_seed(0)).half()
+        plan = mech.plan(q, q, q, causal)
+        plan = plan if keep is None else dataclasses.replace(plan, keep=keep)
+        with torch.no_grad(), dry_run() as found:
+            mech.impl("triton").run(mech, q, q.clone(), q.clone(), plan)
+        return {frozenset((f, v) for f, v in launch.flags if v and f != "RUNS")
+                for launch in found}  # fmt: skip
+
+    launched = set()
+    for name in attn_zoo.registry.pick("all"):
+        for causal in (True, False):
+            launched |= flag_sets(attn_zoo.get(name), causal)
+    launched |= flag_sets(attn_zoo.get("lsh", attend_across_buckets=True), False)
+    launched |= flag_sets(attn_zoo.get("dense"), True, torch.rand(1, 2048) < 0.9)
+    for variant, flags in VARIANTS.items():
+        assert frozenset((f, v) for f, v in flags.items() if v) in launched, variant
