@@ -295,7 +295,10 @@ def float32_backward_tile(head_dim: int, triton: tuple[int, int] | None = None) 
       default): with Triton 3.9, 1 (96,640; 2 spilled 164-472 bytes), before it 2
       (none spill there, 1 spills 4-8 bytes).
 
-    Nothing else spills, but Triton 3.6's dQ of lsh at 128 (16 bytes; 8 warps none).
+    Nothing else spills, but Triton 3.6's dQ of lsh at 128 (16 bytes; 8 warps none)
+    and, since the dK/dV pass puts its rows at lsh's positions, lsh's dK/dV at 32 with
+    Triton 3.9 (8 and 24 bytes: 6 local loads and stores a program, none in its walks;
+    16 keys a program spill none at 10-12% more instructions per score).
     Scoring dK/dV's tiles transposed took 7-9% off its instructions per score (dense:
     25,824, 60,800 and 105,344 before at 32, 64 and 128).
 
