@@ -91,7 +91,8 @@ def _cost(found: list[Planned], figures: Figures, head_dim: int, dtype: str,
     its figure (dK/dV's walks: the pairs whose keys get a gradient)."""
     cost = 0.0
     for launch in found:
-        walks = launch.key_walks if kernel == "bwd_dkdv" else launch.walks
+        walks = {"fwd": launch.forward_walks, "bwd_dq": launch.walks,
+                 "bwd_dkdv": launch.key_walks}[kernel]  # fmt: skip
         for scores, figure in zip(walks, figures(launch, head_dim, dtype, kernel), strict=True):
             if scores and figure is None:  # a walk the SASS analysis did not find
                 raise ValueError(f"kernel_mix: no {kernel} instruction count for a walk of "

@@ -42,8 +42,9 @@ ADDED = ("ADD_DQ", "SCATTER_K", "ADD_DKV")
 
 
 def _lsh(*rule: str) -> dict[str, bool | int]:
-    """The flags of lsh's last round: its rule's, and the earlier rounds' test."""
-    shared = ("GATHER_Q", "GATHER_K", "SCATTER_O", "SELF", "ACCUMULATE", *ADDED)
+    """The flags of lsh's last round: its rule's, and the earlier rounds' test (no self
+    test: round 0 shows every pair i == j, so later rounds hide it as seen before)."""
+    shared = ("GATHER_Q", "GATHER_K", "SCATTER_O", "ACCUMULATE", *ADDED)
     return dict.fromkeys(shared + rule, True) | {"DUP": LSH_ROUNDS - 1}
 
 
@@ -254,7 +255,9 @@ def write_report(rows: list[dict], out: Path, triton_version: str) -> None:
         "`loop_instructions` and `warp_instr_per_4k` are the full-block walk's, "
         "`masked_loop_instructions` and `masked_per_4k` the masked walk's; with a bias on "
         "the pair i == j (`SELF`), the masked blocks that hold it are walked last, "
-        "`own_loop_instructions` and `own_per_4k`. How each mechanism's scores split "
+        "`own_loop_instructions` and `own_per_4k`. A tile `BMxBN by S` walks S keys a step "
+        "in its masked walk: pieces of a block, or (S > BN, lsh's) several listed blocks; "
+        "the full walk at most a block a step. How each mechanism's scores split "
         "between the walks, and the weighted figure it is judged by: "
         "[mechanisms.md](mechanisms.md) (`python -m attn_zoo.bench.kernel_mix`). No GPU "
         "was used: this is the evidence between GPU runs, not a timing.",
@@ -427,6 +430,8 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
     kind = kind_of(bool(flags.get("REL_TERM")), bool(flags.get("DUP")), band_only,
                    bool(flags.get("RAMP") and flags.get("SYMMETRIC")))  # fmt: skip
     tile = tile or default_tile(dim, torch_dtype, kind)
+    if flags.get("SELF"):  # the forward walks one block a step there (flash.forward_tile)
+        tile = tile.in_blocks()
     back = backward_tile(dim, torch_dtype, kind, tile)
     constants = {flag: flags.get(flag, False) for flag in FLAGS if flag in kernel.arg_names}
     constants["DUP"] = int(flags.get("DUP", 0))
@@ -436,17 +441,16 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
     if kernel_name == "fwd":
         options = {"num_warps": tile.warps, "num_stages": tile.stages}
         constants |= {"STEP_N": tile.step, "OWN_STEP": tile.own_step}
-        scores = tile.block_m * tile.step
-        own_scores = tile.block_m * tile.own_step
+        walked = [tile.block_m * keys for keys in (tile.full_step, tile.step, tile.own_step)]
         shape = f"{tile.block_m}x{tile.block_n}"
         shape += f" by {tile.step}" if tile.step != tile.block_n else ""
-        shape += f" (own by {tile.own_step})" if tile.own_step != tile.step else ""
+        shape += f" (own by {tile.own_step})" if tile.own_step != tile.full_step else ""
     else:
         program, step, warps, stages = back.of(kernel_name)
         options = {"num_warps": warps, "num_stages": stages}
         names = ("ROWS", "SUB_N") if kernel_name == "bwd_dq" else ("KEYS", "SUB_M")
         constants |= dict(zip(names, (program, step), strict=True))
-        scores = own_scores = program * step
+        walked = [program * step] * 3
         shape = f"{program}x{step} of {tile.block_m}x{tile.block_n}"
     sig, attrs = signature(kernel, dtype), aligned_attrs(kernel)
     if unit:
@@ -458,11 +462,12 @@ def compile_variant(kernel_name: str, flags: dict, dtype: str, dim: int, arch: i
            "stages": compiled.metadata.num_stages,
            "shared_kib": round(compiled.metadata.shared / 1024, 1)}  # fmt: skip
     row |= analyze(compiled, arch)
-    for walk, figure, walked in (("loop_instructions", "warp_instr_per_4k", scores),
-                                 ("masked_loop_instructions", "masked_per_4k", scores),
-                                 ("own_loop_instructions", "own_per_4k", own_scores)):  # fmt: skip
+    for walk, figure, scores in zip(("loop_instructions", "masked_loop_instructions",
+                                     "own_loop_instructions"),
+                                    ("warp_instr_per_4k", "masked_per_4k", "own_per_4k"),
+                                    walked, strict=True):  # fmt: skip
         if row.get(walk):
-            row[figure] = round(row[walk] * row["warps"] * 4096 / walked)
+            row[figure] = round(row[walk] * row["warps"] * 4096 / scores)
     return row
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from attn_zoo.kernels import autograd, compile_check, tuning
-from attn_zoo.kernels.flash import launch, output_rows, part_tile
+from attn_zoo.kernels.flash import forward_tile, launch, output_rows
 from attn_zoo.kernels.flash_backward import key_gradient_part, puts
 from attn_zoo.kernels.tuning import Tile
 
@@ -41,11 +41,21 @@ class Planned:
     own_scores: int = 0  # in those that do (the third walk, with SELF)
     #: (full, masked, own) scores of the dK/dV pass; None: the same as the forward's
     key_scores: tuple[int, int, int] | None = None
+    #: scores the forward's masked walk visits when it walks several blocks a step
+    #: (the last step of a row may pass its list: :attr:`Tile.span`); None: masked_scores
+    stepped_scores: int | None = None
 
     @property
     def walks(self) -> tuple[int, int, int]:
-        """Scores in the (full, masked, own) walks of the forward and the dQ pass."""
+        """Scores in the (full, masked, own) walks of the dQ pass (and of the forward,
+        but for :attr:`stepped_scores`)."""
         return self.full_scores, self.masked_scores, self.own_scores
+
+    @property
+    def forward_walks(self) -> tuple[int, int, int]:
+        """Scores the forward visits in its (full, masked, own) walks."""
+        stepped = self.masked_scores if self.stepped_scores is None else self.stepped_scores
+        return self.full_scores, stepped, self.own_scores
 
     @property
     def key_walks(self) -> tuple[int, int, int]:
@@ -65,9 +75,20 @@ def planned(q: torch.Tensor, parts) -> list[Planned]:
         walks = _walks(q, part.layout, flags["SELF"])
         keyed = key_gradient_part(part, q)
         key_walks = walks if keyed is part else _walks(q, keyed.layout, flags["SELF"])
-        found.append(Planned(tuple(sorted(flags.items())), part_tile(q, part), *walks,
-                             key_scores=key_walks))  # fmt: skip
+        tile = forward_tile(q, part)
+        found.append(Planned(tuple(sorted(flags.items())), tile, *walks, key_scores=key_walks,
+                             stepped_scores=_stepped(q, part.layout, tile)))  # fmt: skip
     return found
+
+
+def _stepped(q: torch.Tensor, layout, tile: Tile) -> int | None:
+    """Scores of the forward's masked walk taking ``tile.span`` blocks a step (None for
+    one block a step): each row's list in steps of span blocks, the last one whole."""
+    if tile.span == 1:
+        return None
+    per_row = q.shape[0] * q.shape[1] // layout.full.shape[0]
+    steps = int(((layout.partial_count + tile.span - 1) // tile.span).sum())
+    return steps * layout.block_m * tile.step * per_row
 
 
 def _walks(q: torch.Tensor, layout, self_bias: bool) -> tuple[int, int, int]:

@@ -416,17 +416,35 @@ def _block_at(blocks, first, t, RUN: tl.constexpr):
 
 
 @triton.constexpr_function
-def _walk_step(walk, step, own_step):
-    """Keys per inner-loop step of ``walk``: ``own_step`` in the own walk (2), where
+def _walk_step(walk, step, own_step, block):
+    """Keys per inner-loop step of ``walk``: at most one block in the full walk (0),
+    whose blocks have no element mask to hide what lies past them; ``step`` in the
+    masked walk (1): pieces of a block, or several listed blocks a step
+    (:class:`~attn_zoo.kernels.tuning.Tile`); ``own_step`` in the own walk (2), where
     the self test and a symmetric ramp's |x| hold more values per pair, so that a
     narrower step keeps a wide tile's other walks free of spills."""
-    return own_step if walk == 2 else step
+    if walk == 2:
+        return own_step
+    return min(step, block) if walk == 0 else step
+
+
+@triton.jit
+def _step_count(count, BLOCK: tl.constexpr, STEP: tl.constexpr):
+    """Steps over ``count`` listed blocks of BLOCK indices walked STEP at a time."""
+    if STEP > BLOCK:
+        return (count + STEP // BLOCK - 1) // (STEP // BLOCK)
+    return count * (BLOCK // STEP)
 
 
 @triton.jit
 def _step_start(blocks, first, t, RUN: tl.constexpr, BLOCK: tl.constexpr, STEP: tl.constexpr):
-    """The first index of step t when each listed block of BLOCK indices is walked
-    STEP at a time (STEP divides BLOCK; equal, it is the block's start)."""
+    """The first index of step t when the listed blocks of BLOCK indices are walked
+    STEP at a time: STEP divides BLOCK (equal, it is the block's start), or STEP is
+    a multiple of BLOCK and step t starts at the (t * STEP / BLOCK)-th listed block,
+    the list holding runs of STEP / BLOCK consecutive blocks
+    (:meth:`~attn_zoo.kernels.layout.BlockLayout.walks_in_steps`)."""
+    if STEP > BLOCK:
+        return _block_at(blocks, first, t * (STEP // BLOCK), RUN) * BLOCK
     block = _block_at(blocks, first, t // (BLOCK // STEP), RUN)
     return block * BLOCK + (t % (BLOCK // STEP)) * STEP
 
@@ -520,10 +538,11 @@ def _flash_fwd(
         key_lo, keys, at = _key_interval(offs_m, n_k, lo, hi, offset, seg_len, seg_step,
                                          win_lo, win_hi, SPANS, h, ramp, GLO, GHI, n_q,
                                          WINDOW, RAMP, SYMMETRIC, GROUPS)  # fmt: skip
-        for t in range(0, count * (BLOCK_N // _walk_step(walk, STEP_N, OWN_STEP))):
+        for t in range(0, _step_count(count, BLOCK_N, _walk_step(walk, STEP_N, OWN_STEP,
+                                                                   BLOCK_N))):  # fmt: skip
             start = _step_start(blocks, first, t, RUNS and walk == 0, BLOCK_N,
-                                _walk_step(walk, STEP_N, OWN_STEP))  # fmt: skip
-            offs_n = start + tl.arange(0, _walk_step(walk, STEP_N, OWN_STEP))
+                                _walk_step(walk, STEP_N, OWN_STEP, BLOCK_N))  # fmt: skip
+            offs_n = start + tl.arange(0, _walk_step(walk, STEP_N, OWN_STEP, BLOCK_N))
             in_range = offs_n < n_k
             k_pos, k, v = _load_keys(K, V, KIDX, offs_n, in_range, skn, svn, HEAD_DIM,
                                      walk > 0, GATHER_K)  # fmt: skip
@@ -692,6 +711,20 @@ def part_tile(q: torch.Tensor, part: Part) -> Tile:
     return Tile(part.layout.block_m, part.layout.block_n, tile.warps, tile.stages)
 
 
+def forward_tile(q: torch.Tensor, part: Part) -> Tile:
+    """The tile ``part``'s forward runs: :func:`part_tile`, but one key block a step
+    where its masked walk cannot take several (:attr:`Tile.span`): under a self bias
+    (the blocks holding i == j are walked apart, so the masked list skips them) or
+    where the layout's masked lists are not runs of a step's blocks
+    (:meth:`~attn_zoo.kernels.layout.BlockLayout.walks_in_steps`). The same pairs
+    either way, in fewer, wider steps."""
+    tile = part_tile(q, part)
+    if tile.span > 1 and (part.self_bias is not None
+                          or not part.layout.walks_in_steps(tile.span)):  # fmt: skip
+        return tile.in_blocks()
+    return tile
+
+
 def output_rows(q: torch.Tensor, part: Part) -> int:
     """Rows of the output: q's positions, or the kernel order when not scattered."""
     return q.shape[2] if part.scatter or part.q_index is None else part.q_index.shape[-1]
@@ -705,11 +738,11 @@ def forward_with_stats(q: torch.Tensor, parts: Sequence[Part]):
     out = new_output(q, (batch, heads, n_out, dim), q.dtype)
     row_max, row_logsum = (new_output(q, (batch, heads, n_out), torch.float32) for _ in range(2))
     for i, part in enumerate(parts):
-        run = launch(q, part, out)
+        run, tile = launch(q, part, out), forward_tile(q, part)
         grid = (triton.cdiv(run.n_q, part.layout.block_m), batch * heads)
         _flash_fwd[grid](out, row_max, row_logsum, *run.args, **run.flags,
-                         STEP_N=run.tile.step, OWN_STEP=run.tile.own_step, ACCUMULATE=i > 0,
-                         num_warps=run.tile.warps, num_stages=run.tile.stages)  # fmt: skip
+                         STEP_N=tile.step, OWN_STEP=tile.own_step, ACCUMULATE=i > 0,
+                         num_warps=tile.warps, num_stages=tile.stages)  # fmt: skip
     return out, row_max, row_logsum
 
 

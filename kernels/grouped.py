@@ -119,27 +119,33 @@ def sorted_parts(q, k, v, groups, chunk: int, mode: str, self_bias,
     # chunks c - 1 and c of sorted places (a segment window), or a sorted-place band
     window = None if mode == "window" else Window(chunk, chunk, lo=-chunk, hi=chunk - 1)
     band = Band(lo=0, hi=chunk) if mode == "window" else Band()
-    self_pairs = self_bias is not None
     by_group = mode != "chunks"  # "chunks": whatever the groups, a layout of positions only
     per_round = by_group and prune
     if by_group:
         ordered = groups.gather(-1, perm).to(torch.int32).contiguous()
-    if per_round:
-        layout = build_layout(n, n, band, window, q_groups=ordered, k_groups=ordered,
-                              self_pairs=self_pairs, block_m=tile.block_m,
-                              block_n=tile.block_n, device=q.device)  # fmt: skip
-    else:
-        layout = cached_layout(n, n, band, window, tile.blocks, q.device, self_pairs=self_pairs,
-                               partial_only=by_group)  # fmt: skip
+
+    def layout_of(self_pairs: bool):
+        if per_round:
+            return build_layout(n, n, band, window, q_groups=ordered, k_groups=ordered,
+                                self_pairs=self_pairs, block_m=tile.block_m,
+                                block_n=tile.block_n, device=q.device)  # fmt: skip
+        return cached_layout(n, n, band, window, tile.blocks, q.device, self_pairs=self_pairs,
+                             partial_only=by_group)  # fmt: skip
+
+    # Reformer's self penalty in round 0 only when Eq. 7 holds: every round shows the
+    # pair i == j (code_i - code_i = 0), so a later round hides it as seen before
+    biases = [self_bias if r == 0 or duplicates is None else None for r in range(rounds)]
+    layouts = {pairs: layout_of(pairs) for pairs in {bias is not None for bias in biases}}
     perm = perm.to(torch.int32).contiguous()
     parts = []
-    for r in range(rounds):
+    for r, bias in enumerate(biases):
         rows = slice(r * b * h, (r + 1) * b * h)
+        layout = layouts[bias is not None]
         index = perm[rows]  # one tensor for q and k: the same order
         grouped = dict(groups=(ordered[rows],) * 2) if by_group else {}
         dup = duplicates.for_round(r) if duplicates is not None else None
         parts.append(Part(k, v, layout.rows(rows) if per_round else layout, band, window,
-                          q_index=index, k_index=index, self_bias=self_bias, duplicates=dup,
+                          q_index=index, k_index=index, self_bias=bias, duplicates=dup,
                           keep=keep, tile=tile, **grouped))  # fmt: skip
     return parts
 

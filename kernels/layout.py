@@ -99,6 +99,18 @@ class BlockLayout:
                            self.partial[pick], self.partial_count[pick], self.n_kb, own,
                            self.full_runs, self.bound)  # fmt: skip
 
+    def walks_in_steps(self, span: int) -> bool:
+        """Whether every row's masked list can be walked ``span`` blocks a step, the
+        step starting at every span-th entry (the forward's wide steps,
+        :attr:`~attn_zoo.kernels.tuning.Tile.span`): each step's blocks cover the
+        row's masked blocks, no block twice and none of its full blocks (a step past
+        the list's last block reaches blocks the row does not visit: the element mask
+        hides them). Read from the device once per layout and span."""
+        known = self.__dict__.setdefault("_walks_in_steps", {})
+        if span not in known:
+            known[span] = span == 1 or _in_steps(self, span)
+        return known[span]
+
     @property
     def blocks_visited(self) -> int:
         return int(self.full_count.sum() + self.partial_count.sum())
@@ -157,6 +169,22 @@ def _runs(packed: torch.Tensor, counts: torch.Tensor) -> bool:
         return True
     last = packed.gather(-1, (counts.long() - 1).clamp(min=0)[..., None])[..., 0]
     return bool(((counts == 0) | (last - packed[..., 0] + 1 == counts)).all())
+
+
+def _in_steps(layout: BlockLayout, span: int) -> bool:
+    """:meth:`BlockLayout.walks_in_steps` for ``span`` > 1."""
+    partial, n_kb = layout.partial, layout.n_kb
+    leads = torch.arange(partial.shape[-1], device=partial.device)
+    leads = (leads % span == 0) & (leads < layout.partial_count[..., None])
+    covered = torch.zeros(*partial.shape[:2], n_kb + span, dtype=torch.int32,
+                          device=partial.device)  # fmt: skip
+    for j in range(span):  # the j-th block of each step
+        at = torch.where(leads, partial + j, n_kb + span - 1).long()
+        covered.scatter_add_(2, at, leads.to(torch.int32))
+    covered = covered[..., :n_kb]
+    listed, full = _unpack(partial, n_kb), _unpack(layout.full, n_kb)
+    return bool((covered <= 1).all() and (covered.bool() >= listed).all()
+                and not (covered.bool() & full).any())  # fmt: skip
 
 
 def _unpack(packed: torch.Tensor, width: int) -> torch.Tensor:

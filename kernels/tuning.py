@@ -62,9 +62,14 @@ KINDS = ("dense", "plain", "ramp", "relative", "duplicates")
 @dataclass(frozen=True)
 class Tile:
     """The forward's blocks (what the layout is built for), warps and stages,
-    ``step_n``: keys per inner-loop step when the forward walks a key block in
-    pieces (None: the whole block), and ``own_step_n``: the same for the own walk,
-    the blocks holding a pair i == j under a self bias (None: ``step``)."""
+    ``step_n``: keys per inner-loop step of the masked walk, either a divisor of
+    block_n (each key block walked in pieces) or a multiple of it (each step walks
+    ``step_n // block_n`` consecutive blocks of the list, where the list allows:
+    :meth:`~attn_zoo.kernels.layout.BlockLayout.walks_in_steps`; None: one block), and
+    ``own_step_n``: keys per step of the own walk, the blocks holding a pair i == j
+    under a self bias (None: ``step``, at most one block). The full walk takes at
+    most one block a step: its blocks have no element mask, so a step must not pass
+    them."""
 
     block_m: int
     block_n: int
@@ -74,10 +79,15 @@ class Tile:
     own_step_n: int | None = None
 
     def __post_init__(self):
-        for name, keys in (("step_n", self.step_n), ("own_step_n", self.own_step_n)):
-            if keys is not None and (keys < 16 or self.block_n % keys):
+        for name, keys, multiple in (("step_n", self.step_n, True),
+                                     ("own_step_n", self.own_step_n, False)):  # fmt: skip
+            spans = multiple and keys is not None and keys > self.block_n
+            if keys is not None and (keys < 16 or (keys % self.block_n if spans
+                                                   else self.block_n % keys)):  # fmt: skip
+                accepted = ("16 or more dividing block_n, or a multiple of it" if multiple
+                            else "16 or more dividing block_n")  # fmt: skip
                 raise ValueError(f"tile: {name} {keys} with block_n {self.block_n}; "
-                                 "accepted: None, or 16 or more dividing block_n")  # fmt: skip
+                                 f"accepted: None, or {accepted}")  # fmt: skip
 
     @property
     def blocks(self) -> tuple[int, int]:
@@ -86,13 +96,27 @@ class Tile:
 
     @property
     def step(self) -> int:
-        """Keys per step of the forward's inner loop (it divides block_n)."""
+        """Keys per step of the forward's masked walk."""
         return self.step_n or self.block_n
+
+    @property
+    def span(self) -> int:
+        """Key blocks per step of the masked walk (1: a block or a piece of one)."""
+        return max(1, self.step // self.block_n)
+
+    @property
+    def full_step(self) -> int:
+        """Keys per step of the full walk (it divides block_n)."""
+        return min(self.step, self.block_n)
 
     @property
     def own_step(self) -> int:
         """Keys per step of the own walk (it divides block_n)."""
-        return self.own_step_n or self.step
+        return self.own_step_n or self.full_step
+
+    def in_blocks(self) -> Tile:
+        """The same tile walking at most one key block a step."""
+        return dataclasses.replace(self, step_n=None) if self.span > 1 else self
 
     def __str__(self) -> str:
         step = f" step {self.step_n}" if self.step_n else ""
@@ -236,8 +260,14 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       is rescaled once per 128 keys, not per 64; with 128 x 64, 8 warps and 2 stages,
       1,780 and 2,260. Triton 3.6 spills 40 bytes on 64 x 128, none on 128 x 64: before
       3.9, 128 x 64;
-    * lsh: 64 x 64 with 4 warps at every head_dim (2,232 and 2,596; with 8 warps, or
-      128 x 64, more per score or more pairs scored than its 64-place chunks need);
+    * lsh: 64 x 64 with 4 warps at every head_dim (with 8 warps, or 128 x 64, more
+      per score or more pairs scored than its 64-place chunks need); up to head_dim
+      64 its masked walk takes a chunk's two blocks, c - 1 and c, in one step of 128
+      keys (``step_n``), which halves the per-step work of the online softmax: its
+      last round's masked walk 2,338 and 2,530 at head_dim 32 and 64, against 2,536
+      and 2,764 a block a step (Triton 3.6: 3,136 and 3,304 against 3,736 and 4,004).
+      At 128 that step spills 60 bytes (4 warps, 2 to 4 stages; 8 warps take twice
+      the instructions per score): one block a step there;
     * float32: :func:`float32_tile`.
     """
     _check_kind(kind)
@@ -248,7 +278,7 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     if kind == "relative":
         return Tile(64, 128, 4, 2) if _newer() else Tile(128, 64, 8, 2)
     if kind == "duplicates":
-        return Tile(64, 64, 4)
+        return Tile(64, 64, 4, step_n=128 if head_dim <= 64 else None)
     if kind == "ramp" and head_dim > 64:
         return Tile(128, 128, 8, own_step_n=64)
     if kind == "ramp" and head_dim == 64:
@@ -319,7 +349,9 @@ def interpreter_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> 
     every dtype (the interpreter's cost is per program and step, so the GPU's smaller
     float32 tiles would only slow the tests; ``GPU_TILES`` in the tests runs those)."""
     tile = default_tile(head_dim, torch.float16, kind)
-    return Tile(min(tile.block_m, 64), min(tile.block_n, 64), tile.warps, 1)
+    block_n = min(tile.block_n, 64)
+    wide = tile.span * block_n if tile.span > 1 else None  # steps of several blocks stay
+    return Tile(min(tile.block_m, 64), block_n, tile.warps, 1, step_n=wide)
 
 
 def fits(tile: Tile, head_dim: int, itemsize: int, kind: str = "plain") -> bool:
@@ -338,7 +370,8 @@ def fits(tile: Tile, head_dim: int, itemsize: int, kind: str = "plain") -> bool:
 
 def candidates(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> list[Tile]:
     """The autotuner's configs that :func:`fits`, the default first; for float32
-    (FMA dots) only tiles of at most 64 x 64, the larger spill."""
+    (FMA dots) only tiles of at most 64 x 64, the larger spill; for lsh also its
+    chunks' two blocks a step at every stage count."""
     _check_kind(kind)
     configs = [default_tile(head_dim, dtype, kind)]
     if dtype == torch.float32:
@@ -349,6 +382,8 @@ def candidates(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> list[T
     configs += [Tile(m, n, w, s) for m, n, w in shapes for s in (2, 3, 4)]
     if dtype != torch.float32:
         configs += [Tile(64, 64, 8, s, step_n=32) for s in (2, 3)]
+    if kind == "duplicates" and dtype != torch.float32:  # a chunk's two blocks a step
+        configs += [Tile(64, 64, 4, s, step_n=128) for s in (2, 3, 4)]
     itemsize = torch.empty((), dtype=dtype).element_size()
     found: list[Tile] = []
     for tile in configs:

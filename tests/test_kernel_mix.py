@@ -50,14 +50,24 @@ def test_a_self_bias_walks_the_blocks_holding_i_j_apart():
 def test_lsh_launches_a_part_per_round_all_masked():
     """Reformer's default 4 rounds: 4 launches, round r testing the r rounds before it
     (Eq. 7), merged into the ones before (ACCUMULATE); its buckets of about half a
-    chunk leave no block full."""
+    chunk leave no block full. Only round 0 tests the self penalty (every round shows
+    the pair i == j, so later ones hide it as seen before); they walk each chunk's
+    two 64-key blocks in one step of 128 (at head_dim 64), so the forward's masked
+    walk visits the listed blocks plus half a step for the first chunk of each row."""
     found = kernel_mix.launches("lsh", False, 1024, 64, 2, torch.float16)
     flags = [dict(launch.flags) for launch in found]
     assert [f["DUP"] for f in flags] == [0, 1, 2, 3]
     assert [f["ACCUMULATE"] for f in flags] == [False, True, True, True]
     assert sum(launch.full_scores for launch in found) < sum(
         launch.masked_scores + launch.own_scores for launch in found) / 20  # fmt: skip
-    assert all(launch.own_scores for launch in found)  # shared-QK: the self penalty
+    assert [f["SELF"] for f in flags] == [True, False, False, False]
+    assert found[0].own_scores and not any(launch.own_scores for launch in found[1:])
+    first, later = found[0], found[1]
+    assert first.tile.span == 1 and first.stepped_scores is None
+    assert later.tile.step == 128 and later.tile.blocks == (64, 64)
+    # 16 chunks of 64 rows: blocks c - 1 and c for c >= 1 (31 listed), one step each
+    block = 64 * 64 * 2  # both heads share the layout row
+    assert later.masked_scores == 31 * block and later.stepped_scores == 16 * 2 * block
 
 
 def test_weighting_and_the_ratio_to_dense_with_stand_in_figures():

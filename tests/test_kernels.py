@@ -360,11 +360,43 @@ def test_a_partial_only_layout_lists_every_visited_block_as_partial():
         assert listed[:own] == plain.partial[0, row, :own].tolist()
 
 
+def test_a_layout_walks_in_steps_of_several_blocks_only_where_its_lists_allow():
+    """The forward's wide steps (Tile.span) start at every span-th masked entry of a
+    row: lsh's chunk windows list blocks c - 1 and c, one step; listed own block first
+    (self pairs), a gap, or a last step reaching a full block would not be walked
+    right, and the forward then takes a block a step (flash.forward_tile)."""
+    from attn_zoo.kernels.layout import BlockLayout, Window
+
+    chunks = dict(band=Band(), window=Window(16, 16, -16, 15), partial_only=True,
+                  block_m=16, block_n=16)  # fmt: skip
+    assert build_layout(150, 150, **chunks).walks_in_steps(2)
+    assert not build_layout(150, 150, self_pairs=True, **chunks).walks_in_steps(2)
+    # causal: the diagonal block is a row's only masked one, the step past it unseen
+    causal = build_layout(150, 150, Band(lo=0), block_m=16, block_n=16)
+    assert causal.walks_in_steps(2) and causal.walks_in_steps(1)
+    # keys at or after the query: the step past the diagonal block reaches a full one
+    ahead = build_layout(150, 150, Band(hi=0), block_m=16, block_n=16)
+    assert not ahead.walks_in_steps(2)
+
+    def listing(partial: list[int]) -> BlockLayout:
+        none = torch.full((1, 1, 1), -1, dtype=torch.int32)
+        return BlockLayout(16, 16, none, torch.zeros(1, 1, dtype=torch.int32),
+                           torch.tensor([[partial]], dtype=torch.int32),
+                           torch.tensor([[len(partial)]], dtype=torch.int32), 8)  # fmt: skip
+
+    assert listing([2, 3, 6]).walks_in_steps(2) and not listing([2, 4]).walks_in_steps(2)
+    assert not listing([3, 2]).walks_in_steps(2)  # descending: the step from 3 misses 2
+    assert listing([0, 1, 2, 5]).walks_in_steps(3) and not listing([0, 1, 3]).walks_in_steps(3)
+
+
 def test_lsh_builds_no_layout_per_call(monkeypatch):
-    """lsh's parts read one cached layout of positions (its groups tested in every
-    block), so a warm call builds none; causal routing still builds its clusters'."""
+    """lsh's parts read cached layouts of positions (its groups tested in every
+    block), so a warm call builds none: round 0's, with its blocks holding i == j
+    first (the self penalty), and the later rounds' one; causal routing still builds
+    its clusters'."""
     import attn_zoo.kernels.grouped as grouped
     import attn_zoo.kernels.layout as layout_module
+    from attn_zoo.kernels.dry_run import recorded
 
     q = torch.randn(1, 2, 256, 32)
     built = []
@@ -373,14 +405,15 @@ def test_lsh_builds_no_layout_per_call(monkeypatch):
     for name, config in (("lsh", {"bucket_size": 16}), ("routing", {})):
         mech = attn_zoo.get(name, **config)
         plan = mech.plan(q, q, q, True)
-        with torch.no_grad(), attn_zoo.kernels.dry_run.recorded() as calls:
+        with torch.no_grad(), recorded() as calls:
             mech.impl("triton").run(mech, q, q, q, plan)
             built.clear()
             mech.impl("triton").run(mech, q, q, q, plan)
         parts = calls[-1][1]
         if name == "lsh":
-            assert built == [] and len({id(p.layout) for p in parts}) == 1
-            assert int(parts[0].layout.full_count.sum()) == 0
+            assert built == [] and len({id(p.layout) for p in parts[1:]}) == 1
+            assert parts[0].layout.own_count is not None and parts[1].layout.own_count is None
+            assert all(int(p.layout.full_count.sum()) == 0 for p in parts)
         else:
             assert len(built) == 1
 

@@ -130,10 +130,11 @@ def test_scattered_full_blocks_are_not_a_run():
 
 # The tiles a GPU launch runs, in the interpreter: 128-row and rectangular blocks, wider
 # or taller (the backward's programs then split each layout block; 64 x 128 is xl's at
-# head_dim 128), and a forward that walks each key block in two steps (an autotuner
-# candidate), forward and gradients.
+# head_dim 128), a forward that walks each key block in two steps (an autotuner
+# candidate) and one whose masked walk takes two blocks a step where the lists allow
+# (lsh's), forward and gradients.
 GPU_TILES = [Tile(128, 128, 8), Tile(128, 64, 4), Tile(64, 128, 4, 2), Tile(64, 32, 4),
-             Tile(64, 64, 8, step_n=32)]  # fmt: skip
+             Tile(64, 64, 8, step_n=32), Tile(32, 32, 4, step_n=64)]  # fmt: skip
 
 
 @pytest.mark.parametrize("tile", GPU_TILES, ids=str)
@@ -186,12 +187,28 @@ def test_own_walk_in_narrower_steps_gives_the_reference_gradients(name, tile):
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(step_n=48), "step_n 48 with block_n 128; accepted: None, or 16 or more dividing"),
+    (dict(step_n=48), "step_n 48 with block_n 128; accepted: None, or 16 or more dividing "
+                      "block_n, or a multiple of it"),
+    (dict(step_n=192), "step_n 192 with block_n 128; accepted: None, or 16 or more"),
     (dict(own_step_n=8), "own_step_n 8 with block_n 128; accepted: None, or 16 or more"),
+    (dict(own_step_n=256), "own_step_n 256 with block_n 128; accepted: None, or 16 or more "
+                           "dividing block_n$"),
 ])  # fmt: skip
 def test_a_step_that_does_not_divide_the_block_is_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         Tile(128, 128, 8, **fields)
+
+
+def test_a_step_of_several_blocks_applies_to_the_masked_walk_only():
+    """step_n a multiple of block_n: the masked walk takes that many blocks a step, the
+    full and own walks one block at most; lsh's tile at head_dim 64 (at 128 it spills
+    60 bytes with Triton 3.9), kept by the interpreter's tile."""
+    tile = Tile(64, 64, 4, step_n=128)
+    assert (tile.span, tile.step, tile.full_step, tile.own_step) == (2, 128, 64, 64)
+    assert tile.in_blocks() == Tile(64, 64, 4) and Tile(64, 64, 4).in_blocks().span == 1
+    assert tuning.default_tile(64, torch.float16, "duplicates") == tile
+    assert tuning.default_tile(128, torch.float16, "duplicates").span == 1
+    assert tuning.interpreter_tile(64, torch.float32, "duplicates") == Tile(64, 64, 4, 1, 128)
 
 
 @pytest.mark.parametrize("kind", tuning.KINDS)
