@@ -253,7 +253,7 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       steps of 64 keys: full 1,108, masked 1,928, own 2,668, no spill on Triton 3.6 or
       3.9; whole 128-key steps there too spill 32 bytes (reloaded in the masked and
       own walks); 128 x 64 (1,472 and 2,320) was the tile before (causally the ramp is
-      plain, 1,108);
+      plain, 1,108; at 128 Triton 3.6 spills 4 bytes there, 3.9 none);
     * xl: 128 x 128 with 8 warps up to head_dim 64 (1,050, against 1,408 with 64 x 64);
       at 128 (128 x 128 needs 256 KiB of shared memory with 2 stages) 64 x 128 with one
       warpgroup and 2 stages (224 KiB), 1,450 and 1,990 in the masked walk: its output
