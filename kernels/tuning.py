@@ -79,13 +79,14 @@ class Tile:
     own_step_n: int | None = None
 
     def __post_init__(self):
-        for name, keys, multiple in (("step_n", self.step_n, True),
-                                     ("own_step_n", self.own_step_n, False)):  # fmt: skip
-            spans = multiple and keys is not None and keys > self.block_n
-            if keys is not None and (keys < 16 or (keys % self.block_n if spans
-                                                   else self.block_n % keys)):  # fmt: skip
-                accepted = ("16 or more dividing block_n, or a multiple of it" if multiple
-                            else "16 or more dividing block_n")  # fmt: skip
+        for name, keys, accepted in (
+            ("step_n", self.step_n, "16 or more dividing block_n, or a multiple of it"),
+            ("own_step_n", self.own_step_n, "16 or more dividing block_n"),
+        ):
+            if keys is None:
+                continue
+            spans = name == "step_n" and keys % self.block_n == 0  # whole blocks a step
+            if keys < 16 or not (spans or self.block_n % keys == 0):
                 raise ValueError(f"tile: {name} {keys} with block_n {self.block_n}; "
                                  f"accepted: None, or {accepted}")  # fmt: skip
 
