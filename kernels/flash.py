@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from attn_zoo.kernels.layout import BIG, Band, BlockLayout, Window
-from attn_zoo.kernels.tuning import Tile, default_tile, kind_of
+from attn_zoo.kernels.tuning import Tile, default_tile, kind_of, masked_walk_tile
 
 LOG2E = 1.4426950408889634
 
@@ -713,16 +713,18 @@ def part_tile(q: torch.Tensor, part: Part) -> Tile:
 
 def forward_tile(q: torch.Tensor, part: Part) -> Tile:
     """The tile ``part``'s forward runs: :func:`part_tile`, but one key block a step
-    where its masked walk cannot take several (:attr:`Tile.span`): under a self bias
-    (the blocks holding i == j are walked apart, so the masked list skips them) or
-    where the layout's masked lists are not runs of a step's blocks
+    where its masked walk cannot take several (:attr:`Tile.span`): under a self bias,
+    in an lsh round testing many earlier ones
+    (:func:`~attn_zoo.kernels.tuning.masked_walk_tile`), or where the layout's masked
+    lists are not runs of a step's blocks
     (:meth:`~attn_zoo.kernels.layout.BlockLayout.walks_in_steps`). The same pairs
     either way, in fewer, wider steps."""
     tile = part_tile(q, part)
-    if tile.span > 1 and (part.self_bias is not None
-                          or not part.layout.walks_in_steps(tile.span)):  # fmt: skip
-        return tile.in_blocks()
-    return tile
+    if tile.span == 1:
+        return tile
+    earlier = part.duplicates.round if part.duplicates is not None else 0
+    tile = masked_walk_tile(tile, q.shape[-1], part.self_bias is not None, earlier)
+    return tile if tile.span == 1 or part.layout.walks_in_steps(tile.span) else tile.in_blocks()
 
 
 def output_rows(q: torch.Tensor, part: Part) -> int:

@@ -262,13 +262,15 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
       1,780 and 2,260. Triton 3.6 spills 40 bytes on 64 x 128, none on 128 x 64: before
       3.9, 128 x 64;
     * lsh: 64 x 64 with 4 warps at every head_dim (with 8 warps, or 128 x 64, more
-      per score or more pairs scored than its 64-place chunks need); up to head_dim
-      64 its masked walk takes a chunk's two blocks, c - 1 and c, in one step of 128
-      keys (``step_n``), which halves the per-step work of the online softmax: its
-      last round's masked walk 2,338 and 2,530 at head_dim 32 and 64, against 2,536
-      and 2,764 a block a step (Triton 3.6: 3,136 and 3,304 against 3,736 and 4,004).
-      At 128 that step spills 60 bytes (4 warps, 2 to 4 stages; 8 warps take twice
-      the instructions per score): one block a step there;
+      per score or more pairs scored than its 64-place chunks need); its masked walk
+      takes a chunk's two blocks, c - 1 and c, in one step of 128 keys (``step_n``),
+      which halves the per-step work of the online softmax: its last round's masked
+      walk 2,338 and 2,530 at head_dim 32 and 64, against 2,536 and 2,764 a block a
+      step (Triton 3.6: 3,136 and 3,304 against 3,736 and 4,004); at 128 the rounds
+      with 1 and 2 earlier rounds 2,270 and 2,530 against 2,680 and 2,900 (3.6, with
+      2 stages: 2,978 and 3,270 against 3,628 and 3,944 on 3 stages, where the wide
+      step spills 4-8 bytes). Rounds testing more earlier rounds than
+      :func:`wide_step_rounds` walk a block a step (:func:`masked_walk_tile`);
     * float32: :func:`float32_tile`.
     """
     _check_kind(kind)
@@ -279,12 +281,31 @@ def default_tile(head_dim: int, dtype: torch.dtype, kind: str = "plain") -> Tile
     if kind == "relative":
         return Tile(64, 128, 4, 2) if _newer() else Tile(128, 64, 8, 2)
     if kind == "duplicates":
-        return Tile(64, 64, 4, step_n=128 if head_dim <= 64 else None)
+        return Tile(64, 64, 4, 3 if head_dim <= 64 or _newer() else 2, step_n=128)
     if kind == "ramp" and head_dim > 64:
         return Tile(128, 128, 8, own_step_n=64)
     if kind == "ramp" and head_dim == 64:
         return Tile(128, 128, 8, 2 if _newer() else 3)
     return Tile(128, 128, 8)
+
+
+def wide_step_rounds(head_dim: int) -> int:
+    """The most earlier rounds an lsh round can test (Eq. 7: a code per key and round
+    beside the scores) while its masked walk takes several blocks a step without
+    spilling, fp16/bf16 on sm_90 with Triton 3.6 and 3.9 on :func:`default_tile`'s
+    stages, measured up to 7 (8 hashes): 7 up to head_dim 32, 6 at 64 (7 spill 20
+    bytes with 3.9), 2 at 128 (3 spill 56-60 bytes with 3.9, 8 with 3.6)."""
+    return 7 if head_dim <= 32 else 6 if head_dim <= 64 else 2
+
+
+def masked_walk_tile(tile: Tile, head_dim: int, self_test: bool, earlier: int = 0) -> Tile:
+    """``tile`` as a part's forward walks it: one block a step (:meth:`Tile.in_blocks`)
+    under a self test (the blocks holding i == j are walked apart, so the masked list
+    skips them) or where lsh's round tests more ``earlier`` rounds than
+    :func:`wide_step_rounds` allows. The same pairs either way."""
+    if self_test or earlier > wide_step_rounds(head_dim):
+        return tile.in_blocks()
+    return tile
 
 
 def float32_tile(head_dim: int, kind: str = "plain") -> Tile:

@@ -68,6 +68,9 @@ def test_lsh_launches_a_part_per_round_all_masked():
     # 16 chunks of 64 rows: blocks c - 1 and c for c >= 1 (31 listed), one step each
     block = 64 * 64 * 2  # both heads share the layout row
     assert later.masked_scores == 31 * block and later.stepped_scores == 16 * 2 * block
+    # at head_dim 128 the wide step leaves no registers for a third earlier round's codes
+    wide = kernel_mix.launches("lsh", False, 1024, 128, 2, torch.float16)
+    assert [launch.tile.span for launch in wide] == [1, 2, 2, 1]
 
 
 def test_weighting_and_the_ratio_to_dense_with_stand_in_figures():

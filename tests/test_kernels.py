@@ -141,6 +141,16 @@ def test_core_compiles_for_h100_without_a_gpu(kernels, dtypes, dims, tmp_path):
     report, _, targets = (tmp_path / "compile.md").read_text().partition("## Targets")
     assert report.count("\n| ") == len(rows) + 1
     assert "| met |" in targets
+    if "fwd" in kernels and "fp16" in dtypes:  # lsh's floor: its rules' cost apart
+        floor = json.loads((tmp_path / "lsh-floor.json").read_text())
+        assert "## lsh's floor" in targets and len(floor) == 2 * 5  # at 64 and 128
+        for dim in (64, 128):
+            walks = [r for r in floor if r["head_dim"] == dim]
+            assert walks[0]["walk"] == "dense, element mask only"
+            # Eq. 7's tests cost instructions: a DUP the kernel ignored would not
+            assert walks[1]["masked_per_4k"] < walks[2]["masked_per_4k"] < walks[4]["masked_per_4k"]
+            if strict():  # where the spills were measured
+                assert all(r["spill_store_bytes"] == 0 for r in walks)
 
 
 def test_core_compiles_where_an_integer_argument_is_one():
