@@ -719,11 +719,8 @@ def forward_tile(q: torch.Tensor, part: Part) -> Tile:
     lists are not runs of a step's blocks
     (:meth:`~attn_zoo.kernels.layout.BlockLayout.walks_in_steps`). The same pairs
     either way, in fewer, wider steps."""
-    tile = part_tile(q, part)
-    if tile.span == 1:
-        return tile
     earlier = part.duplicates.round if part.duplicates is not None else 0
-    tile = masked_walk_tile(tile, q.shape[-1], part.self_bias is not None, earlier)
+    tile = masked_walk_tile(part_tile(q, part), q.shape[-1], part.self_bias is not None, earlier)
     return tile if tile.span == 1 or part.layout.walks_in_steps(tile.span) else tile.in_blocks()
 
 
